@@ -1,0 +1,61 @@
+"""`relay` command line. Each area registers its own subcommands:
+
+    relay.server.cli     serve, status
+    relay.store.cli      user ..., quota ...
+    relay.directory.cli  participant ..., directory ...
+    relay.gateway.cli    gateway ...
+
+A module's `register(subparsers)` adds parsers whose `func(args) -> int` does the work.
+Every subcommand takes --config FILE (added here, on every parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from relay import __version__
+from relay.config import ConfigError
+
+AREAS = ("relay.server.cli", "relay.store.cli", "relay.directory.cli", "relay.gateway.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Adds --config to every (sub)parser, so `relay user add --config F` and
+    `relay --config F user add` both work."""
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                          help="TOML configuration file (default: the embedded default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="relay", description="Central mail server for DICOM e-mail networks.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in AREAS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        rc = args.func(args)
+    except ConfigError as e:
+        print(f"relay: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The running relay: owns the config, the store, the policy and every listener."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from relay.config import Config
+from relay.log import get_logger
+from relay.server.listener import SessionRegistry, bound_addresses, make_server_ssl_context
+
+log = get_logger("app")
+
+
+class Relay:
+    def __init__(self, config: Config) -> None:
+        from relay.store import Store
+
+        self.config = config
+        self.store = Store.open(config)
+        self.sessions = SessionRegistry()
+        self.ssl_ctx = make_server_ssl_context(config)
+        self.policy: Any = None           # relay.policy.backpressure (issue 4)
+        self.directory: Any = None        # relay.directory service (issue 7)
+        self.bound: dict[str, list[tuple[str, int]]] = {}
+        self.started_at = time.time()
+        self._servers: dict[str, list[asyncio.Server]] = {}
+        self._stopping = False
+
+    async def start(self) -> None:
+        from relay.server import imap, pop3, smtp
+
+        self.store.recover()
+        c = self.config
+        plan: list[tuple[str, Any, tuple[str, ...], bool]] = [
+            ("smtp", smtp, c.smtp.listen, False),
+            ("imap", imap, c.imap.listen, False),
+            ("imap_tls", imap, c.imap.listen_tls, True),
+            ("pop3", pop3, c.pop3.listen, False),
+            ("pop3_tls", pop3, c.pop3.listen_tls, True),
+        ]
+        for key, module, addrs, implicit in plan:
+            if not addrs:
+                continue
+            if implicit and self.ssl_ctx is None:
+                raise SystemExit(f"{key}: implicit-TLS listeners need [tls] cert and key")
+            servers = await module.start(self, addrs, self.ssl_ctx, implicit_tls=implicit)
+            self._servers[key] = servers
+            self.bound[key] = bound_addresses(servers)
+        if c.metrics.listen:
+            from relay import metrics
+
+            servers = await metrics.start(self, c.metrics.listen)
+            self._servers["metrics"] = servers
+            self.bound["metrics"] = bound_addresses(servers)
+        log.info("listening", **{k: " ".join(f"{h}:{p}" for h, p in v) for k, v in self.bound.items()})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let sessions in progress finish (bounded), then close them."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.config.grace_period if grace is None else grace
+        self.sessions.accepting = False
+        for key, servers in self._servers.items():
+            if key == "metrics":
+                continue
+            for s in servers:
+                s.close()
+        live = len(self.sessions.live())
+        log.info("stopping", live_sessions=live, grace=grace)
+        if live and not await self.sessions.wait_empty(grace):
+            for s in self.sessions.live():
+                if s.closer is not None:
+                    s.closer()
+            await self.sessions.wait_empty(2.0)
+        for s in self._servers.get("metrics", []):
+            s.close()
+        self.store.close()
+        log.info("stopped")
+
+    def write_runfiles(self) -> None:
+        run = Path(self.config.data_dir) / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "listeners.json").write_text(json.dumps(self.bound))
+        (run / "relay.pid").write_text(str(os.getpid()))
+
+
+async def serve(config: Config) -> int:
+    relay = Relay(config)
+    await relay.start()
+    relay.write_runfiles()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await relay.stop()
+    return 0

@@ -1,0 +1,132 @@
+"""Listeners, TLS contexts and the registry of live sessions.
+
+The registry is the one place that knows every session: it caps concurrency (total and per
+client address, answered by the protocol with 421 4.7.0 / BYE / -ERR), counts sessions for
+metrics, and lets shutdown wait for sessions in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relay.config import Config, parse_hostport
+
+_sid_counter = itertools.count(1)
+_sid_prefix = os.urandom(3).hex()
+
+
+def new_session_id() -> str:
+    """Short, unique within this process and across restarts (random prefix)."""
+    return f"{_sid_prefix}{next(_sid_counter):06x}"
+
+
+def make_server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+    return ctx
+
+
+@dataclass
+class Session:
+    registry: "SessionRegistry"
+    protocol: str
+    peer: str
+    sid: str = field(default_factory=new_session_id)
+    started: float = field(default_factory=time.monotonic)
+    closer: Callable[[], Any] | None = None      # set by the server: closes the transport
+    _done: bool = False
+
+    def close(self, outcome: str = "ok") -> None:
+        """Idempotent: counts the session's end once."""
+        if not self._done:
+            self._done = True
+            self.registry._closed(self, outcome)
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    current: dict[str, int]                       # protocol -> live sessions
+    total: dict[tuple[str, str], int]             # (protocol, outcome) -> ended sessions
+    refused: dict[str, int]                       # protocol -> refused for limits
+
+
+class SessionRegistry:
+    def __init__(self) -> None:
+        self._live: dict[str, Session] = {}
+        self._per_peer: Counter[tuple[str, str]] = Counter()
+        self._per_proto: Counter[str] = Counter()
+        self._total: Counter[tuple[str, str]] = Counter()
+        self._refused: Counter[str] = Counter()
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.accepting = True
+
+    def open(self, protocol: str, peer: str, max_total: int = 0, max_per_peer: int = 0) -> Session | None:
+        """A new session, or None when a limit (0 = none) or shutdown forbids it."""
+        if (not self.accepting
+                or (max_total and self._per_proto[protocol] >= max_total)
+                or (max_per_peer and self._per_peer[(protocol, peer)] >= max_per_peer)):
+            self._refused[protocol] += 1
+            return None
+        s = Session(self, protocol, peer)
+        self._live[s.sid] = s
+        self._per_peer[(protocol, peer)] += 1
+        self._per_proto[protocol] += 1
+        self._empty.clear()
+        return s
+
+    def _closed(self, s: Session, outcome: str) -> None:
+        self._live.pop(s.sid, None)
+        self._per_peer[(s.protocol, s.peer)] -= 1
+        if self._per_peer[(s.protocol, s.peer)] <= 0:
+            del self._per_peer[(s.protocol, s.peer)]
+        self._per_proto[s.protocol] -= 1
+        self._total[(s.protocol, outcome)] += 1
+        if not self._live:
+            self._empty.set()
+
+    def live(self) -> list[Session]:
+        return list(self._live.values())
+
+    async def wait_empty(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def statistics(self) -> SessionStats:
+        return SessionStats(current={p: n for p, n in self._per_proto.items() if n},
+                            total=dict(self._total), refused=dict(self._refused))
+
+
+async def create_servers(factory: Callable[[], asyncio.BaseProtocol], addrs: tuple[str, ...] | list[str],
+                         key: str, ssl_ctx: ssl.SSLContext | None = None) -> list[asyncio.Server]:
+    """Bind each "HOST:PORT" (port 0 = any free port)."""
+    loop = asyncio.get_running_loop()
+    servers = []
+    for addr in addrs:
+        host, port = parse_hostport(addr, key)
+        servers.append(await loop.create_server(factory, host or None, port, ssl=ssl_ctx,
+                                                reuse_address=True, backlog=256))
+    return servers
+
+
+def bound_addresses(servers: list[asyncio.Server]) -> list[tuple[str, int]]:
+    out = []
+    for s in servers:
+        for sock in s.sockets:
+            name = sock.getsockname()
+            out.append((name[0], name[1]))
+    return out
