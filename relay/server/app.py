@@ -27,6 +27,9 @@ class Relay:
         self.ssl_ctx = make_server_ssl_context(config)
         self.policy: Any = None           # relay.policy.backpressure (issue 4)
         self.directory: Any = None        # relay.directory service (issue 7)
+        # Read-only HTTP routes served on the metrics listener: path prefix ->
+        # handler(path) -> (status, content_type, body). "/metrics" is the metrics module's.
+        self.http_routes: dict[str, Any] = {}
         self.bound: dict[str, list[tuple[str, int]]] = {}
         self.started_at = time.time()
         self._servers: dict[str, list[asyncio.Server]] = {}
