@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -80,15 +80,14 @@ class Histogram:
 
 @dataclass(frozen=True)
 class Spec:
-    """One metric: `name` (counters without `_total`, the exposition adds it), kind
-    (counter | gauge | histogram), help text, the component it comes from, the field of that
-    component's statistics(), and its labels. A labelled field is a dict keyed by the label
-    value (one label) or by a tuple of label values."""
+    """One exported metric. `name` of a counter is given without `_total` (the exposition adds
+    it). A labelled value is a dict keyed by the label value (one label) or by a tuple of label
+    values; a histogram value is a HistogramSnapshot-like object (or a dict of them).
+    `source` says where it comes from (docs/metrics.md shows it)."""
     name: str
-    kind: str
+    kind: str                     # counter | gauge | histogram
     help: str
     source: str
-    field: str
     labels: tuple[str, ...] = ()
 
     @property
@@ -96,19 +95,77 @@ class Spec:
         return self.name + "_total" if self.kind == "counter" else self.name
 
 
+_MB = ("mailbox",)
 SPECS: tuple[Spec, ...] = (
-    # sessions (relay.server.listener.SessionRegistry)
-    Spec("relay_sessions_current", "gauge", "Sessions open now.", "sessions", "current",
-         ("protocol",)),
+    # process and host
+    Spec("relay_build_info", "gauge", "Version of the running relay; always 1.", "relay",
+         ("version", "python")),
+    Spec("relay_start_time_seconds", "gauge", "Unix time the relay started.", "relay"),
+    Spec("relay_disk_free_bytes", "gauge",
+         "Bytes available to the relay on the data_dir file system.", "statvfs"),
+    Spec("relay_disk_total_bytes", "gauge", "Size of the data_dir file system.", "statvfs"),
+    # sessions
+    Spec("relay_sessions_current", "gauge", "Sessions open now.", "sessions", ("protocol",)),
     Spec("relay_sessions", "counter", "Sessions ended, by protocol and outcome.", "sessions",
-         "total", ("protocol", "outcome")),
+         ("protocol", "outcome")),
     Spec("relay_sessions_refused", "counter",
-         "Connections refused for session limits or shutdown.", "sessions", "refused",
+         "Connections refused for session limits or shutdown.", "sessions", ("protocol",)),
+    # SMTP ingest
+    Spec("relay_messages_received", "counter", "Messages accepted with 250 over SMTP.", "smtp"),
+    Spec("relay_received_bytes", "counter", "Bytes of messages accepted over SMTP.", "smtp"),
+    Spec("relay_smtp_replies", "counter",
+         "SMTP replies to MAIL/RCPT/DATA/BDAT, by code class (2xx/4xx/5xx) and reason.", "smtp",
+         ("class", "reason")),
+    Spec("relay_ingest_duration_seconds", "histogram",
+         "From DATA/first BDAT to the final reply, per message.", "smtp"),
+    Spec("relay_message_size_bytes", "histogram", "Size of messages accepted over SMTP.",
+         "smtp"),
+    # store
+    Spec("relay_accounts", "gauge", "Accounts (local mailboxes).", "store"),
+    Spec("relay_messages_stored", "counter",
+         "Messages delivered into mailboxes (one per recipient).", "store"),
+    Spec("relay_stored_bytes", "counter", "Bytes delivered into mailboxes (per recipient).",
+         "store"),
+    Spec("relay_messages_deleted", "counter", "Messages expunged/deleted from mailboxes.",
+         "store"),
+    Spec("relay_deleted_bytes", "counter", "Bytes expunged/deleted from mailboxes.", "store"),
+    Spec("relay_backlog_bytes", "gauge", "Undrained bytes in all mailboxes.", "store"),
+    Spec("relay_backlog_messages", "gauge", "Undrained messages in all mailboxes.", "store"),
+    Spec("relay_delivery_to_fetch_seconds", "histogram",
+         "From delivery to the first complete fetch of a message.", "store"),
+    Spec("relay_delivery_to_delete_seconds", "histogram",
+         "From delivery to the deletion of a message.", "store"),
+    # per mailbox (bounded by the number of accounts; [metrics] per_mailbox = false drops them)
+    Spec("relay_mailbox_backlog_bytes", "gauge", "Undrained bytes in the mailbox.", "store", _MB),
+    Spec("relay_mailbox_backlog_messages", "gauge", "Undrained messages in the mailbox.",
+         "store", _MB),
+    Spec("relay_mailbox_oldest_message_age_seconds", "gauge",
+         "Age of the oldest message in the mailbox (0 when empty).", "store", _MB),
+    Spec("relay_mailbox_quota_bytes", "gauge", "Byte quota of the mailbox (0 = none).", "store",
+         _MB),
+    Spec("relay_mailbox_quota_messages", "gauge", "Message quota of the mailbox (0 = none).",
+         "store", _MB),
+    Spec("relay_mailbox_last_poll_timestamp_seconds", "gauge",
+         "Unix time of the receiver's last IMAP/POP3 login (0 = never).", "store", _MB),
+    Spec("relay_mailbox_drain_rate_bytes_per_second", "gauge",
+         "Measured drain rate of the mailbox (EWMA) used for pacing.", "policy", _MB),
+    # IMAP / POP3
+    Spec("relay_messages_fetched", "counter", "Messages fetched completely, by protocol.",
+         "imap, pop3", ("protocol",)),
+    Spec("relay_fetched_bytes", "counter", "Message bytes sent to receivers, by protocol.",
+         "imap, pop3", ("protocol",)),
+    Spec("relay_fetch_duration_seconds", "histogram",
+         "Time to send one whole message to a receiver, by protocol.", "imap, pop3",
          ("protocol",)),
+    # backpressure
+    Spec("relay_backpressure_paced_seconds", "counter",
+         "Seconds SMTP intake was paused to pace senders to receivers' drain.", "policy"),
+    Spec("relay_backpressure_deferrals", "counter",
+         "Recipients or messages deferred by the policy, by reason.", "policy", ("reason",)),
+    Spec("relay_backpressure_congested_mailboxes", "gauge",
+         "Mailboxes above their soft backlog (intake paced).", "policy"),
 )
-
-# Per-mailbox figures: field of the store's per-mailbox record -> (name, help).
-MAILBOX_SPECS: tuple[tuple[str, str, str], ...] = ()
+SPEC_BY_NAME = {s.name: s for s in SPECS}
 
 
 def _statistics(component: Any) -> Any:
@@ -124,10 +181,15 @@ def _statistics(component: Any) -> Any:
         return None
 
 
-def _field(stats: Any, name: str) -> Any:
-    if isinstance(stats, Mapping):
-        return stats.get(name)
-    return getattr(stats, name, None)
+def _field(stats: Any, *names: str) -> Any:
+    """The first of `names` that `stats` (dataclass or dict) has, else None."""
+    if stats is None:
+        return None
+    for name in names:
+        v = stats.get(name) if isinstance(stats, Mapping) else getattr(stats, name, None)
+        if v is not None:
+            return v
+    return None
 
 
 def _label_values(key: Any, n: int) -> list[str]:
@@ -139,81 +201,75 @@ def _label_values(key: Any, n: int) -> list[str]:
 
 def _histogram_buckets(h: Any) -> tuple[list[tuple[str, float]], float]:
     buckets, acc = [], 0
-    for bound, count in zip(list(h.bounds) + [float("inf")], h.counts):
+    for bound, count in zip([*h.bounds, float("inf")], h.counts, strict=True):
         acc += count
         buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
     return buckets, float(h.sum)
 
 
 def family(spec: Spec, value: Any) -> Metric:
-    """The metric family for one spec from the statistics field's value."""
+    """The metric family for one spec from its value (see Spec)."""
     labels = list(spec.labels)
+    items = sorted(value.items(), key=lambda kv: str(kv[0])) if labels else [((), value)]
+    fam: Metric
     if spec.kind == "histogram":
-        fam: Metric = HistogramMetricFamily(spec.name, spec.help, labels=labels)
-        items = value.items() if labels else [((), value)]
-        for key, h in sorted(items, key=lambda kv: str(kv[0])):
+        fam = HistogramMetricFamily(spec.name, spec.help, labels=labels)
+        for key, h in items:
             buckets, total = _histogram_buckets(h)
             fam.add_metric(_label_values(key, len(labels)) if labels else [], buckets, total)
         return fam
     cls = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
     fam = cls(spec.name, spec.help, labels=labels)
-    if not labels:
-        fam.add_metric([], float(value))
-    else:
-        for key, v in sorted(value.items(), key=lambda kv: str(kv[0])):
-            fam.add_metric(_label_values(key, len(labels)), float(v))
+    for key, v in items:
+        fam.add_metric(_label_values(key, len(labels)) if labels else [], float(v))
     return fam
+
+
+def _merge(into: dict[str, Any], name: str, key: str, value: Any) -> None:
+    """values[name][key] = value, for metrics assembled from several components."""
+    if value is not None:
+        into.setdefault(name, {})[key] = value
 
 
 class RelayCollector(Collector):
     def __init__(self, relay: Any) -> None:
         self.relay = relay
 
-    def sources(self) -> dict[str, Any]:
-        """Each component's statistics() (None when absent), read once per scrape."""
+    def values(self) -> dict[str, Any]:
+        """Metric name -> value, from each component's statistics() read once per scrape.
+        Absent components and fields simply leave names out."""
         r = self.relay
-        return {
-            "sessions": _statistics(getattr(r, "sessions", None)),
+        v: dict[str, Any] = {
+            "relay_build_info": {(__version__, platform.python_version()): 1},
+            "relay_start_time_seconds": float(getattr(r, "started_at", time.time())),
         }
+        try:
+            sv = os.statvfs(r.config.data_dir)
+            v["relay_disk_free_bytes"] = sv.f_bavail * sv.f_frsize
+            v["relay_disk_total_bytes"] = sv.f_blocks * sv.f_frsize
+        except OSError:
+            pass
+        st = _statistics(getattr(r, "sessions", None))
+        v["relay_sessions_current"] = _field(st, "current")
+        v["relay_sessions"] = _field(st, "total")
+        v["relay_sessions_refused"] = _field(st, "refused")
+        return v
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.sources()
-        yield from self._build_info()
-        for spec in SPECS:
-            src = stats.get(spec.source)
-            value = None if src is None else _field(src, spec.field)
+        for name, value in self.values().items():
             if value is None:
                 continue
             try:
-                yield family(spec, value)
-            except (TypeError, ValueError, AttributeError) as e:
-                log.warning("metric_skipped", metric=spec.name, error=repr(e))
-        yield from self._disk()
-
-    def _build_info(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily("relay_build_info", "Version of the running relay; always 1.",
-                                 labels=["version", "python"])
-        info.add_metric([__version__, platform.python_version()], 1)
-        yield info
-        yield GaugeMetricFamily("relay_start_time_seconds",
-                                "Unix time the relay process started its listeners.",
-                                value=float(getattr(self.relay, "started_at", time.time())))
-
-    def _disk(self) -> Iterator[Metric]:
-        try:
-            sv = os.statvfs(self.relay.config.data_dir)
-        except OSError:
-            return
-        yield GaugeMetricFamily("relay_disk_free_bytes",
-                                "Bytes available to the relay on the data_dir file system.",
-                                value=sv.f_bavail * sv.f_frsize)
-        yield GaugeMetricFamily("relay_disk_total_bytes", "Size of the data_dir file system.",
-                                value=sv.f_blocks * sv.f_frsize)
+                yield family(SPEC_BY_NAME[name], value)
+            except (TypeError, ValueError, AttributeError, KeyError) as e:
+                log.warning("metric_skipped", metric=name, error=repr(e))
 
 
 def make_registry(relay: Any) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RelayCollector(relay))
+    # relay_process_*: CPU, memory and file descriptors of this process (from /proc).
+    ProcessCollector(namespace="relay", registry=registry)
     return registry
 
 

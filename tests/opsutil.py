@@ -1,0 +1,45 @@
+"""Helpers for the operations tests: documented metric names, names used in PromQL."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS_MD = ROOT / "docs" / "metrics.md"
+
+_HIST_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def documented_metrics() -> dict[str, str]:
+    """name -> type, from the table rows of docs/metrics.md."""
+    out = {}
+    for m in re.finditer(r"^\| `([a-z_:][a-z0-9_:]*)` \| (counter|gauge|histogram) \|",
+                         METRICS_MD.read_text(), re.MULTILINE):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def base_name(series: str, documented: dict[str, str]) -> str:
+    """relay_x_bucket -> relay_x when relay_x is a documented histogram."""
+    for suffix in _HIST_SUFFIXES:
+        if series.endswith(suffix) and documented.get(series[: -len(suffix)]) == "histogram":
+            return series[: -len(suffix)]
+    return series
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: relay_* identifiers and Prometheus' own `up`.
+    (Label names inside {} and by()/on() never start with relay_ here.)"""
+    expr = re.sub(r'"[^"]*"', '""', expr)          # label values and strings
+    names = set(re.findall(r"\brelay_[a-z0-9_]+", expr))
+    if re.search(r"(?<![a-z_])up\s*[{\[]", expr) or re.search(r"(?<![a-z_])up\s*$", expr):
+        names.add("up")
+    return names
+
+
+def run(cmd: list[str], timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run a tool, capture its text output; the caller asserts on returncode and output."""
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                          **kw)  # type: ignore[call-overload]
