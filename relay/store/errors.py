@@ -1,0 +1,28 @@
+"""The store's exceptions. Each names what went wrong in words an operator can act on."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """A store operation failed (I/O, database). Temporary: SMTP answers 451 4.3.0."""
+
+
+class AddressError(StoreError, ValueError):
+    """A malformed e-mail address."""
+
+
+class AccountExists(StoreError):
+    """`accounts.add` of an address that already has an account."""
+
+
+class NoSuchAccount(StoreError):
+    """An operation on an address without an account."""
+
+
+class QuotaExceeded(StoreError):
+    """A reservation would take a recipient over its byte or message quota (452 4.2.2)."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"{address}: over quota ({reason})")
+        self.address = address
+        self.reason = reason          # "bytes" | "messages"
