@@ -1,0 +1,121 @@
+"""The gateway's local state: sqlite under its state dir.
+
+sent       each study sent, until its MDN arrives (`relay gateway status`)
+received   each message imported (a retry after a lost mailbox delete imports nothing twice)
+partials   message/partial parts held on disk until their set is complete
+downloads  mailbox messages being fetched (resume from the size on disk) or held
+meta       e.g. the highest directory serial seen (never go back to an older document)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sent (
+    message_id TEXT PRIMARY KEY, study_uid TEXT NOT NULL, recipient TEXT NOT NULL,
+    files INTEGER NOT NULL, bytes INTEGER NOT NULL, parts INTEGER NOT NULL,
+    sent_at REAL NOT NULL, confirmed_at REAL, disposition TEXT);
+CREATE TABLE IF NOT EXISTS received (
+    message_id TEXT PRIMARY KEY, study_uid TEXT NOT NULL, sender TEXT NOT NULL,
+    files INTEGER NOT NULL, imported_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS partials (
+    pid TEXT NOT NULL, number INTEGER NOT NULL, total INTEGER, path TEXT NOT NULL,
+    mailbox_key TEXT NOT NULL, sender TEXT NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (pid, number));
+CREATE TABLE IF NOT EXISTS downloads (
+    mailbox_key TEXT PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL,
+    state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Sent:
+    message_id: str
+    study_uid: str
+    recipient: str
+    files: int
+    bytes: int
+    parts: int
+    sent_at: float
+    confirmed_at: float | None
+    disposition: str | None
+
+
+class State:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # sent / MDN
+    def add_sent(self, message_id: str, study_uid: str, recipient: str, files: int, nbytes: int,
+                 parts: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO sent VALUES (?,?,?,?,?,?,?,NULL,NULL)",
+                        (message_id, study_uid, recipient, files, nbytes, parts, time.time()))
+
+    def confirm(self, message_id: str, reporter: str, disposition: str) -> bool:
+        """Mark a sent study confirmed by an MDN from its recipient. False if unknown."""
+        cur = self.db.execute(
+            "UPDATE sent SET confirmed_at=?, disposition=? WHERE message_id=? AND recipient=?"
+            " AND confirmed_at IS NULL", (time.time(), disposition, message_id, reporter))
+        return cur.rowcount == 1
+
+    def sent(self, unconfirmed_only: bool = False) -> list[Sent]:
+        q = "SELECT * FROM sent" + (" WHERE confirmed_at IS NULL" if unconfirmed_only else "")
+        return [Sent(*row) for row in self.db.execute(q + " ORDER BY sent_at")]
+
+    # received
+    def was_imported(self, message_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM received WHERE message_id=?", (message_id,)).fetchone() is not None
+
+    def add_received(self, message_id: str, study_uid: str, sender: str, files: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO received VALUES (?,?,?,?,?)",
+                        (message_id, study_uid, sender, files, time.time()))
+
+    # partials
+    def add_partial(self, pid: str, number: int, total: int | None, path: Path, mailbox_key: str,
+                    sender: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO partials VALUES (?,?,?,?,?,?,?)",
+                        (pid, number, total, str(path), mailbox_key, sender, time.time()))
+
+    def partial_set(self, pid: str) -> list[tuple[int, int | None, Path, str, str, float]]:
+        return [(n, t, Path(p), k, s, at) for n, t, p, k, s, at in self.db.execute(
+            "SELECT number, total, path, mailbox_key, sender, received_at FROM partials"
+            " WHERE pid=? ORDER BY number", (pid,))]
+
+    def partial_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT pid FROM partials")]
+
+    def drop_partials(self, pid: str) -> None:
+        self.db.execute("DELETE FROM partials WHERE pid=?", (pid,))
+
+    def held_keys(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT mailbox_key FROM partials")}
+
+    # downloads
+    def download(self, key: str) -> tuple[Path, int, str] | None:
+        row = self.db.execute("SELECT path, size, state FROM downloads WHERE mailbox_key=?", (key,)).fetchone()
+        return (Path(row[0]), row[1], row[2]) if row else None
+
+    def set_download(self, key: str, path: Path, size: int, state: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO downloads VALUES (?,?,?,?)", (key, str(path), size, state))
+
+    def drop_download(self, key: str) -> None:
+        self.db.execute("DELETE FROM downloads WHERE mailbox_key=?", (key,))
+
+    # meta
+    def get_meta(self, key: str, default: str = "") -> str:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
