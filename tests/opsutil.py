@@ -43,3 +43,19 @@ def run(cmd: list[str], timeout: float = 60, **kw: object) -> subprocess.Complet
     """Run a tool, capture its text output; the caller asserts on returncode and output."""
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
                           **kw)  # type: ignore[call-overload]
+
+
+DASHBOARD = ROOT / "grafana" / "dashboards" / "relay.json"
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target in the dashboard, Grafana variables replaced by
+    what Grafana sends to Prometheus."""
+    import json
+
+    out = []
+    for p in json.loads(DASHBOARD.read_text())["panels"]:
+        for t in p.get("targets", []):
+            expr = t["expr"].replace("$__rate_interval", "1m").replace("$instance", ".*")
+            out.append((p["title"], expr))
+    return out
