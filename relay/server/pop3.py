@@ -1,0 +1,325 @@
+"""POP3 server: asyncio glue around relay.protocol.pop3 (read, feed, act, write).
+
+- One POP3 session per mailbox at a time (RFC 1939 8: the maildrop lock); a second login gets
+  -ERR [IN-USE]. The maildrop is the snapshot `mailbox.messages()` taken at login.
+- DELE only marks; QUIT in TRANSACTION enters UPDATE and removes the marked messages through
+  `mailbox.expunge` (which frees quota). A dropped connection or an idle timeout removes nothing.
+- RETR streams the file: 1 MiB preads (the next one read in a thread while the current one is
+  being sent), dot-stuffed by `DotStuffer`, written with flow control (`drain()` after each
+  chunk, a bounded write buffer). Server memory is a few MiB per session whatever the size.
+- STLS (RFC 2595) via StreamWriter.start_tls; implicit TLS listeners get the TLS context at bind.
+- Counters: `relay.pop3.statistics()` -> Pop3Stats (messages/bytes fetched, fetch
+  durations, logins), read by relay/metrics.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from relay.auth import plaintext_allowed
+from relay.log import get_logger
+from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.protocol import pop3 as proto
+from relay.server.listener import Session, create_servers
+
+log = get_logger("pop3")
+
+RETR_CHUNK = 1024 * 1024          # pread size for RETR (FACTS: big chunks, few syscalls)
+TOP_CHUNK = 64 * 1024             # TOP reads only as far as the header and n lines reach
+READ_SIZE = 4096                  # commands are short (255 octets, RFC 2449 4)
+WRITE_HIGH_WATER = 2 * RETR_CHUNK  # transport buffer bound before drain() waits
+LOGIN_FAILURE_DELAY = 0.5         # slows password guessing; RFC 1939 8 suggests a delay
+
+
+@dataclass(frozen=True)
+class Pop3Stats:
+    messages_fetched: int          # complete RETRs
+    fetched_bytes: int             # message bytes sent by RETR and TOP (before stuffing)
+    fetch_duration: HistogramSnapshot   # seconds per complete RETR
+    logins: int
+    login_failures: int
+    in_use_refusals: int
+    messages_deleted: int          # removed in the UPDATE state
+
+
+class Pop3Service:
+    """One relay's POP3 state shared by its sessions: the maildrop locks and the counters
+    (`statistics()` is their frozen view). Lives at `relay.pop3`."""
+
+    def __init__(self) -> None:
+        self.locks: set[str] = set()      # addresses with a session in TRANSACTION
+        self.messages_fetched = 0
+        self.fetched_bytes = 0
+        self.fetch_duration = Histogram(TRANSFER_SECONDS)
+        self.logins = 0
+        self.login_failures = 0
+        self.in_use_refusals = 0
+        self.messages_deleted = 0
+
+    def statistics(self) -> Pop3Stats:
+        return Pop3Stats(self.messages_fetched, self.fetched_bytes,
+                         self.fetch_duration.snapshot(), self.logins, self.login_failures,
+                         self.in_use_refusals, self.messages_deleted)
+
+
+def service(relay: Any) -> Pop3Service:
+    """relay.pop3, created on first use."""
+    svc = getattr(relay, "pop3", None)
+    if svc is None:
+        svc = relay.pop3 = Pop3Service()
+    return svc
+
+
+def statistics(relay: Any) -> Pop3Stats:
+    return service(relay).statistics()
+
+
+async def start(relay: Any, addrs: tuple[str, ...] | list[str], ssl_ctx: ssl.SSLContext | None = None,
+                implicit_tls: bool = False) -> list[asyncio.Server]:
+    service(relay)
+
+    def factory() -> asyncio.BaseProtocol:
+        reader = asyncio.StreamReader(limit=64 * 1024)
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await Pop3Session(relay, r, w, ssl_ctx, implicit_tls).run()
+
+        return asyncio.StreamReaderProtocol(reader, handle)
+
+    return await create_servers(factory, addrs, "pop3.listen_tls" if implicit_tls else "pop3.listen",
+                                ssl_ctx if implicit_tls else None)
+
+
+class Pop3Session:
+    def __init__(self, relay: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 ssl_ctx: ssl.SSLContext | None, implicit_tls: bool) -> None:
+        self.relay = relay
+        self.store = relay.store
+        self.reader, self.writer = reader, writer
+        self.ssl_ctx = ssl_ctx
+        self.stats = service(relay)
+        peer = writer.get_extra_info("peername")
+        self.peer_ip: str = peer[0] if peer else ""
+        self.conn = proto.Pop3Connection(
+            relay.config.hostname, tls_available=ssl_ctx is not None and not implicit_tls,
+            tls_active=implicit_tls,
+            plaintext_allowed=plaintext_allowed(relay.config, self.peer_ip, implicit_tls))
+        self.address: str | None = None       # the logged-in user
+        self.locked: str | None = None        # the maildrop this session holds the lock of
+        self.mailbox: Any = None
+        self.session: Session | None = None
+        self.sent = 0
+
+    async def run(self) -> None:
+        self.session = self.relay.sessions.open("pop3", self.peer_ip)
+        if self.session is None:
+            self.writer.write(proto.err("Too many connections or shutting down, try later",
+                                        "SYS/TEMP"))
+            await self._close()
+            return
+        self.session.closer = self.writer.close
+        outcome = "dropped"
+        try:
+            self.writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+            self.writer.write(self.conn.greeting())
+            outcome = await self._loop()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as e:
+            log.info("connection_lost", sid=self.session.sid, error=type(e).__name__)
+        except Exception as e:  # one session's bug must not kill the listener
+            outcome = "error"
+            log.error("session_failed", sid=self.session.sid, exc_info=e)
+        finally:
+            self._unlock()
+            await self._close()
+            log.info("session", sid=self.session.sid, peer=self.peer_ip, user=self.address or "",
+                     outcome=outcome, bytes=self.sent)
+            self.session.close(outcome)
+
+    async def _close(self) -> None:
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+        except (TimeoutError, OSError, ssl.SSLError):
+            pass
+
+    async def _write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await asyncio.wait_for(self.writer.drain(), self.relay.config.pop3.idle_timeout)
+
+    async def _loop(self) -> str:
+        conn = self.conn
+        idle = self.relay.config.pop3.idle_timeout
+        while True:
+            ev = conn.next_event()
+            if ev is proto.NEED_DATA:
+                await self.writer.drain()
+                try:
+                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), idle)
+                except TimeoutError:
+                    # RFC 1939 3: autologout; nothing is deleted.
+                    self.writer.write(proto.err("Idle timeout, closing the connection"))
+                    return "timeout"
+                if not data:
+                    return "dropped"
+                conn.receive_data(data)
+            elif isinstance(ev, proto.Respond):
+                self.writer.write(ev.data)
+                if ev.close:
+                    return "ok"
+            elif isinstance(ev, proto.Authenticate):
+                self.writer.write(await self._authenticate(ev))
+            elif isinstance(ev, proto.Retrieve):
+                await self._retrieve(ev)
+            elif isinstance(ev, proto.StartTls):
+                await self._write(ev.reply)
+                assert self.ssl_ctx is not None
+                await self.writer.start_tls(self.ssl_ctx)
+                conn.tls_started()
+            elif isinstance(ev, proto.Quit):
+                await self._write(await self._update(ev))
+                return "ok"
+
+    # --- AUTHORIZATION -> TRANSACTION ---------------------------------------------------
+    async def _authenticate(self, ev: proto.Authenticate) -> bytes:
+        store = self.store
+        try:
+            ok = await store.accounts.verify_async(ev.user, ev.password)
+            account = store.accounts.get(ev.user) if ok else None
+        except Exception as e:  # store failure: temporary
+            log.error("auth_store_error", sid=self.sid, exc_info=e)
+            return self.conn.auth_failed("temp")
+        if account is None:
+            self.stats.login_failures += 1
+            log.info("auth_failed", sid=self.sid, user=ev.user[:64], mechanism=ev.mechanism)
+            await asyncio.sleep(LOGIN_FAILURE_DELAY)
+            return self.conn.auth_failed("auth")
+        address = account.address
+        locks = self.stats.locks
+        if address in locks:
+            self.stats.in_use_refusals += 1
+            return self.conn.auth_failed("in-use")
+        locks.add(address)
+        self.locked = self.address = address
+        try:
+            mb = store.mailbox(address)
+            snapshot = [proto.Message(m.uid, m.size) for m in mb.messages()]
+            uidvalidity = mb.uidvalidity
+            note_poll = getattr(store, "note_poll", None)
+            if note_poll is not None:
+                note_poll(address)
+        except Exception as e:
+            log.error("maildrop_error", sid=self.sid, exc_info=e)
+            self._unlock()
+            return self.conn.auth_failed("temp")
+        self.mailbox = mb
+        self.stats.logins += 1
+        log.info("login", sid=self.sid, user=address, mechanism=ev.mechanism,
+                 messages=len(snapshot), tls=self.conn.tls_active)
+        return self.conn.auth_succeeded(address, uidvalidity, snapshot)
+
+    def _unlock(self) -> None:
+        if self.locked:
+            self.stats.locks.discard(self.locked)
+            self.locked = None
+
+    @property
+    def sid(self) -> str:
+        return self.session.sid if self.session else "-"
+
+    # --- TRANSACTION -------------------------------------------------------------------
+    async def _retrieve(self, ev: proto.Retrieve) -> None:
+        try:
+            fd = os.open(self.mailbox.path(ev.uid), os.O_RDONLY)
+        except (OSError, LookupError, ValueError):  # expunged meanwhile (IMAP) or unreadable
+            self.writer.write(proto.err(f"Message {ev.msgno} is no longer available", "SYS/PERM"))
+            return
+        started = time.monotonic()
+        stuffer = proto.DotStuffer()
+        top = proto.TopFilter(ev.top_lines) if ev.top_lines is not None else None
+        reader = _Prefetcher(fd, RETR_CHUNK if top is None else TOP_CHUNK)
+        try:
+            self.writer.write(ev.head)
+            while True:
+                data = await reader.next()
+                if not data:
+                    break
+                if top is not None:
+                    data = top.feed(data)
+                self.sent += len(data)
+                self.stats.fetched_bytes += len(data)
+                self.writer.write(stuffer.feed(data))
+                await asyncio.wait_for(self.writer.drain(), self.relay.config.pop3.idle_timeout)
+                if top is not None and top.done:
+                    break
+            self.writer.write(stuffer.finish())
+        finally:
+            reader.close()
+        if top is None:
+            self.stats.messages_fetched += 1
+            self.stats.fetch_duration.observe(time.monotonic() - started)
+            try:
+                self.mailbox.note_fetched(ev.uid)
+            except Exception as e:  # bookkeeping must not break the session
+                log.error("note_fetched_failed", sid=self.sid, uid=ev.uid, exc_info=e)
+
+    # --- UPDATE ------------------------------------------------------------------------
+    async def _update(self, ev: proto.Quit) -> bytes:
+        failed = 0
+        if ev.expunge:
+            try:
+                self.mailbox.expunge(list(ev.expunge))
+                self.stats.messages_deleted += len(ev.expunge)
+            except Exception as e:  # report, keep the messages
+                log.error("expunge_failed", sid=self.sid, uids=len(ev.expunge), exc_info=e)
+                failed = len(ev.expunge)
+        return self.conn.update_done(failed)
+
+
+class _Prefetcher:
+    """Reads a file chunk by chunk in the default executor, one chunk ahead of the sender, so
+    that disk reads overlap the socket writes and never block the loop. The fd is closed when
+    the last read in flight has finished (never under a running pread)."""
+
+    def __init__(self, fd: int, chunk: int) -> None:
+        self._fd, self._chunk, self._offset = fd, chunk, 0
+        self._loop = asyncio.get_running_loop()
+        self._inflight: concurrent.futures.Future[bytes] | None = None
+        self._submit()
+
+    def _submit(self) -> None:
+        executor = _executor()
+        self._inflight = executor.submit(os.pread, self._fd, self._chunk, self._offset)
+
+    async def next(self) -> bytes:
+        assert self._inflight is not None
+        data = await asyncio.wrap_future(self._inflight, loop=self._loop)
+        self._offset += len(data)
+        if data:
+            self._submit()
+        else:
+            self._inflight = None
+        return data
+
+    def close(self) -> None:
+        fd, inflight, self._inflight = self._fd, self._inflight, None
+        if inflight is None:
+            os.close(fd)
+        else:
+            inflight.add_done_callback(lambda _f: os.close(fd))
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    """A small pool of our own: file reads must not queue behind argon2 hashing."""
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pop3-read")
+    return _pool
