@@ -1,0 +1,563 @@
+"""SMTP server: asyncio glue around relay.protocol.smtp (read, feed, act, write).
+
+Bytes go from the socket into one 1 MiB receive buffer (BufferedProtocol, no per-read
+allocation), the protocol cuts them into dot-unstuffed memoryviews, and each view is written
+to the delivery's tmp file with os.write on the loop. At the end of the message reading is
+paused, `delivery.commit()` fsyncs in a thread, and only then is 250 sent; reading resumes
+and pipelined commands already in the buffer are answered in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from relay import auth as authmod
+from relay.log import get_logger
+from relay.metrics import SIZE_BYTES, TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.protocol import smtp as P
+from relay.protocol.smtp import NEED_DATA, PAUSED, Reply
+from relay.server.listener import Session, create_servers
+from relay.store import (
+    AddressError,
+    QuotaExceeded,
+    StoreError,
+    normalize_address,
+)
+
+if TYPE_CHECKING:
+    from relay.server.app import Relay
+    from relay.store import Delivery, Reservation
+
+log = get_logger("smtp")
+
+BUFFER_SIZE = 1024 * 1024            # one receive buffer per session (FACTS: large reads)
+
+R_MAIL_OK = Reply(250, "2.1.0", "Sender OK")
+R_RCPT_OK = Reply(250, "2.1.5", "Recipient OK")
+R_UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
+R_NO_RELAY = Reply(550, "5.7.1", "Relaying denied")
+R_OVER_QUOTA = Reply(452, "4.2.2", "Mailbox full, try again later")
+R_STORE = Reply(451, "4.3.0", "Temporary local problem, try again later")
+R_BUSY = Reply(421, "4.7.0", "Too many connections, try again later")
+R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down")
+
+
+# --- statistics ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SmtpStats:
+    sessions: int                             # sessions served (refused ones: relay.sessions)
+    messages_received: int                    # accepted with 250 (after the fsync)
+    received_bytes: int                       # message octets of those
+    messages_rejected: int                    # data received (or drained) but not accepted
+    rejected_bytes: int
+    replies: dict[tuple[str, str], int]       # (code class "2xx", enhanced code) -> count
+    ingest_duration: HistogramSnapshot        # DATA/first BDAT -> final reply, seconds
+    message_size: HistogramSnapshot           # accepted messages, bytes
+
+
+class SmtpCounters:
+    """The SMTP servers' figures (one per Relay): `relay.smtp_stats.statistics()`."""
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.accepted = 0
+        self.accepted_bytes = 0
+        self.rejected = 0
+        self.rejected_bytes = 0
+        self.replies: Counter[tuple[str, str]] = Counter()
+        self.duration = Histogram(TRANSFER_SECONDS)
+        self.size = Histogram(SIZE_BYTES)
+
+    def reply(self, r: Reply) -> None:
+        if r.enhanced:                        # EHLO/HELO, 354, 334, banner carry none
+            self.replies[(f"{r.code // 100}xx", r.enhanced)] += 1
+
+    def statistics(self) -> SmtpStats:
+        return SmtpStats(self.sessions, self.accepted, self.accepted_bytes, self.rejected,
+                         self.rejected_bytes, dict(self.replies), self.duration.snapshot(),
+                         self.size.snapshot())
+
+
+# --- one session -----------------------------------------------------------------------------
+class _Message:
+    """The transaction in progress: envelope, reservations, delivery, pacer."""
+
+    def __init__(self, mail: P.MailFrom) -> None:
+        self.mail = mail
+        self.recipients: list[str] = []
+        self.reservations: list[Reservation] = []
+        self.delivery: Delivery | None = None
+        self.pacer: Any = None
+        self.started = 0.0
+        self.size = 0
+
+    def release(self) -> None:
+        for r in self.reservations:
+            r.release()
+        self.reservations.clear()
+        if self.pacer is not None:
+            self.pacer.close()
+            self.pacer = None
+
+    def abort(self) -> None:
+        if self.delivery is not None:
+            self.delivery.abort()
+            self.delivery = None
+        self.release()
+
+
+class SmtpSession(asyncio.BufferedProtocol):
+    def __init__(self, relay: Relay, ssl_ctx: ssl.SSLContext | None, implicit_tls: bool,
+                 counters: SmtpCounters) -> None:
+        self.relay = relay
+        self.config = relay.config
+        self.ssl_ctx = ssl_ctx
+        self.implicit_tls = implicit_tls
+        self.counters = counters
+        self.loop = asyncio.get_running_loop()
+        self.transport: Any = None
+        self.session: Session | None = None
+        self.conn: P.SmtpConnection | None = None
+        self.peer = ""
+        self.msg: _Message | None = None
+        self._buf = bytearray(BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._paused: set[str] = set()        # reasons reading is paused: "task", "pace"
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last = 0.0
+        self._bytes = 0
+        self._messages = 0
+        self._outcome = "ok"
+        self._closing = False
+
+    # --- connection ------------------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        c = self.config.smtp
+        self.session = self.relay.sessions.open("smtp", self.peer, c.max_sessions,
+                                                c.max_sessions_per_client)
+        if self.session is None:
+            reply = R_BUSY if self.relay.sessions.accepting else R_SHUTDOWN
+            self.counters.reply(reply)
+            transport.write(reply.render())
+            transport.close()
+            return
+        self.counters.sessions += 1
+        self.session.closer = self._shutdown
+        self.conn = P.SmtpConnection(
+            self.config.hostname, c.max_message_size, max_recipients=c.max_recipients,
+            max_errors=c.max_errors, tls_available=self.ssl_ctx is not None and not self.implicit_tls,
+            tls_active=self.implicit_tls,
+            auth_allowed=authmod.plaintext_allowed(self.config, self.peer, self.implicit_tls),
+            on_reply=self.counters.reply)
+        self._flush()
+        self._last = self.loop.time()
+        self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.session is None:
+            return
+        if self.msg is not None and self._task is None:
+            if self.msg.delivery is not None:
+                self._outcome = "dropped-in-message"
+            self._end_message(None, "connection lost")
+        if exc is not None and self._outcome == "ok":
+            self._outcome = "error"
+        elif self.conn is not None and not self.conn.closed and self._outcome == "ok":
+            self._outcome = "dropped"
+        log.info("session", sid=self.session.sid, peer=self.peer, outcome=self._outcome,
+                 messages=self._messages, bytes=self._bytes,
+                 seconds=round(time.monotonic() - self.session.started, 3),
+                 tls=bool(self.conn and self.conn.tls_active),
+                 user=(self.conn.authenticated if self.conn else None) or "")
+        session, outcome = self.session, self._outcome
+        if self._task is not None:            # a commit in progress finishes first (never
+            self._task.add_done_callback(lambda t: session.close(outcome))   # cancelled)
+        else:
+            session.close(outcome)
+
+    def _shutdown(self) -> None:
+        """Called by Relay.stop() after the grace period."""
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close_with(R_SHUTDOWN)
+            self._flush()
+        self._outcome = "shutdown"
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- flow control ----------------------------------------------------------------------
+    def _pause(self, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason not in self._paused:
+            return
+        self._paused.discard(reason)
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self._last = self.loop.time()
+            self.transport.resume_reading()
+
+    def _arm_timer(self) -> None:
+        """RFC 5321 4.5.3.2: command timeout between commands; data timeout between reads
+        of a message (reset by every read, unlike aiosmtpd)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self.conn is not None
+        c = self.config.smtp
+        timeout = c.data_timeout if self.conn.in_message else c.command_timeout
+        self._timer = self.loop.call_at(self._last + timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.conn is None or self.conn.closed:
+            return
+        if self._paused or self._task is not None:    # our turn (commit, pacing): not idle
+            self._last = self.loop.time()
+            self._arm_timer()
+            return
+        c = self.config.smtp
+        timeout = c.data_timeout if self.conn.in_message else c.command_timeout
+        if self.loop.time() - self._last < timeout:
+            self._arm_timer()
+            return
+        self._outcome = "timeout"
+        self.conn.close_with(Reply(421, "4.4.2", f"{self.config.hostname} Timeout, closing"))
+        self._flush()
+
+    # --- reading ---------------------------------------------------------------------------
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.conn is None:                 # refused session, closing
+            return
+        self._last = self.loop.time()
+        self._bytes += nbytes
+        self.conn.receive_data(self._buf, nbytes)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def _flush(self) -> None:
+        assert self.conn is not None
+        out = self.conn.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+        if self.conn.closed and self.transport is not None:
+            self.transport.close()
+
+    def _process(self) -> None:
+        """Handle events until the protocol needs data or an event needs to wait."""
+        conn = self.conn
+        assert conn is not None
+        written = 0
+        while self._task is None:
+            ev = conn.next_event()
+            if ev is NEED_DATA or ev is PAUSED:
+                break
+            if isinstance(ev, P.DataChunk):
+                written += len(ev.data)
+                self._write_chunk(ev.data)
+                continue
+            handler = _HANDLERS.get(type(ev))
+            if handler is not None:
+                handler(self, ev)
+        self._flush()
+        if written and self.msg is not None and self.msg.pacer is not None:
+            delay = self.msg.pacer.on_data(written)
+            if delay > 0:
+                self._pause("pace")
+                self.loop.call_later(delay, self._resume, "pace")
+        if self._task is None and not conn.closed:
+            self._arm_timer()
+
+    def _spawn(self, coro: Any) -> None:
+        """Run an awaitable step with reading paused; then go on with buffered input. The
+        step is never cancelled: a commit that started completes (nothing half-stored)."""
+        self._pause("task")
+        self._task = self.loop.create_task(self._run(coro))
+
+    async def _run(self, coro: Any) -> None:
+        try:
+            await coro
+        except Exception as e:
+            log.error("session-error", exc_info=e, sid=self.session.sid if self.session else "")
+            self._outcome = "error"
+            if self.conn is not None and not self.conn.closed:
+                self.conn.close_with(Reply(421, "4.3.0", "Internal error, closing"))
+        finally:
+            self._task = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        self._process()
+        self._resume("task")
+
+    # --- events ----------------------------------------------------------------------------
+    def _reset(self, ev: Any = None) -> None:
+        if self.msg is not None:
+            self._end_message(None, "reset")
+
+    def _on_mail(self, ev: P.MailFrom) -> None:
+        assert self.conn is not None
+        self.msg = _Message(ev)
+        self.conn.reply(R_MAIL_OK)
+
+    def _on_rcpt(self, ev: P.RcptTo) -> None:
+        assert self.conn is not None and self.msg is not None
+        self.conn.reply(self._check_rcpt(ev.address))
+
+    def _check_rcpt(self, address: str) -> Reply:
+        store = self.relay.store
+        msg = self.msg
+        assert msg is not None
+        if address.lower() == "postmaster":       # RFC 5321 4.5.1
+            address = f"postmaster@{self.config.hostname}"
+        try:
+            addr = normalize_address(address)
+        except AddressError:
+            return P.R_BAD_RCPT
+        domain = addr.rpartition("@")[2]
+        try:
+            if store.accounts.get(addr) is None:
+                return R_UNKNOWN_USER if store.is_local_domain(domain) else R_NO_RELAY
+            if addr in msg.recipients:
+                return R_RCPT_OK
+            if self.relay.policy is not None:
+                refusal = self.relay.policy.check_rcpt(addr, msg.mail.size)
+                if refusal is not None:
+                    return refusal  # type: ignore[no-any-return]
+            msg.reservations.append(store.quota.reserve(addr, msg.mail.size or 0))
+        except QuotaExceeded:
+            return R_OVER_QUOTA
+        except StoreError as e:
+            log.warning("rcpt-store-error", sid=self._sid, error=str(e))
+            return R_STORE
+        msg.recipients.append(addr)
+        return R_RCPT_OK
+
+    def _begin(self) -> Reply | None:
+        """Open the delivery (DATA / first BDAT); a reply when that fails."""
+        msg, conn = self.msg, self.conn
+        assert msg is not None and conn is not None
+        msg.started = time.monotonic()
+        try:
+            msg.delivery = self.relay.store.begin_delivery(
+                msg.mail.address, msg.recipients, session_id=self._sid, helo=conn.client_name,
+                peer=self.peer, protocol=self._protocol_name())
+        except StoreError as e:
+            log.warning("begin-delivery-failed", sid=self._sid, error=str(e))
+            return R_STORE
+        if self.relay.policy is not None:
+            msg.pacer = self.relay.policy.pacer(list(msg.recipients))
+        return None
+
+    def _protocol_name(self) -> str:
+        """RFC 3848 with-protocol types."""
+        assert self.conn is not None
+        name = "ESMTP" if self.conn.esmtp else "SMTP"
+        if self.conn.tls_active:
+            name += "S"
+        if self.conn.authenticated is not None:
+            name += "A"
+        return name
+
+    def _on_data_start(self, ev: P.DataStart) -> None:
+        assert self.conn is not None
+        self.conn.reply(self._begin() or P.R_354)
+
+    def _on_bdat_start(self, ev: P.BdatStart) -> None:
+        assert self.conn is not None
+        if ev.first:
+            failure = self._begin()
+            if failure is not None:
+                self.conn.fail_message(failure)
+
+    def _write_chunk(self, data: memoryview) -> None:
+        msg = self.msg
+        if msg is None or msg.delivery is None:
+            return
+        msg.size += len(data)
+        try:
+            msg.delivery.write(data)
+        except StoreError as e:
+            log.warning("write-failed", sid=self._sid, error=str(e))
+            msg.delivery.abort()
+            msg.delivery = None
+            assert self.conn is not None
+            self.conn.fail_message(R_STORE)
+
+    def _on_aborted(self, ev: P.DataAborted) -> None:
+        if self.msg is not None:
+            self.msg.started = self.msg.started or time.monotonic()
+            self._end_message(ev.reply, "too-big" if ev.reply.code == 552 else "failed")
+
+    def _on_bdat_end(self, ev: P.BdatEnd) -> None:
+        assert self.conn is not None
+        if not ev.last:
+            self.conn.reply(Reply(250, "2.0.0", f"{ev.size} octets received"))
+            return
+        self._spawn(self._finish(ev.total))
+
+    def _on_data_end(self, ev: P.DataEnd) -> None:
+        self._spawn(self._finish(ev.size))
+
+    async def _finish(self, size: int) -> None:
+        """End of the message: policy and quota checks, fsync and link, then the reply."""
+        conn, msg = self.conn, self.msg
+        assert conn is not None
+        if msg is None or msg.delivery is None:
+            conn.reply(R_STORE)
+            return
+        msg.size = size
+        reply = self._end_checks(msg, size)
+        if reply is None:
+            try:
+                name = await msg.delivery.commit()
+            except (StoreError, OSError) as e:
+                log.warning("commit-failed", sid=self._sid, error=str(e))
+                reply = R_STORE
+            else:
+                msg.delivery = None
+                reply = Reply(250, "2.0.0", f"Ok: queued as {name.split(',')[0]}")
+        self._end_message(reply, "accepted" if reply.code == 250 else "refused")
+        conn.reply(reply)
+
+    def _end_checks(self, msg: _Message, size: int) -> Reply | None:
+        """Quota crossed while streaming (size larger than declared), policy veto."""
+        if self.relay.policy is not None:
+            refusal = self.relay.policy.check_end_of_data(list(msg.recipients), size)
+            if refusal is not None:
+                return refusal  # type: ignore[no-any-return]
+        declared = msg.mail.size or 0
+        if size > declared:
+            quota = self.relay.store.quota
+            for r in msg.reservations:
+                r.release()
+            msg.reservations.clear()
+            try:
+                for addr in msg.recipients:
+                    msg.reservations.append(quota.reserve(addr, size))
+            except QuotaExceeded:
+                return R_OVER_QUOTA
+            except StoreError:
+                return R_STORE
+        return None
+
+    def _end_message(self, reply: Reply | None, outcome: str) -> None:
+        """Every terminal outcome of a transaction: log, count, release, abort."""
+        msg = self.msg
+        if msg is None:
+            return
+        self.msg = None
+        accepted = reply is not None and reply.code == 250
+        seconds = time.monotonic() - msg.started if msg.started else 0.0
+        if msg.started:
+            if accepted:
+                self.counters.accepted += 1
+                self.counters.accepted_bytes += msg.size
+                self.counters.size.observe(msg.size)
+                self._messages += 1
+            else:
+                self.counters.rejected += 1
+                self.counters.rejected_bytes += msg.size
+            self.counters.duration.observe(seconds)
+            log.info("message", sid=self._sid, sender=msg.mail.address,
+                     rcpts=len(msg.recipients), size=msg.size, outcome=outcome,
+                     reply=f"{reply.code} {reply.enhanced}" if reply else "",
+                     seconds=round(seconds, 3))
+        msg.abort()
+
+    def _on_auth(self, ev: P.AuthPlain | P.AuthLogin) -> None:
+        self._spawn(self._auth(ev))
+
+    async def _auth(self, ev: P.AuthPlain | P.AuthLogin) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            if isinstance(ev, P.AuthPlain):
+                _, user, password = authmod.decode_plain(ev.response)
+            else:
+                user = authmod.decode_login_field(ev.username)
+                password = authmod.decode_login_field(ev.password)
+        except authmod.AuthError:
+            conn.reply(P.R_AUTH_B64)
+            return
+        try:
+            ok = await self.relay.store.accounts.verify_async(user, password)
+        except StoreError:
+            ok = False
+        if ok:
+            conn.authenticated = user
+            conn.reply(P.R_AUTH_OK)
+        else:
+            log.info("auth-failed", sid=self._sid, user=user, peer=self.peer)
+            conn.reply(P.R_AUTH_FAILED)
+
+    def _on_starttls(self, ev: P.StartTls) -> None:
+        self._flush()                         # the 220 goes out in clear
+        self._spawn(self._starttls())
+
+    async def _starttls(self) -> None:
+        assert self.conn is not None and self.ssl_ctx is not None
+        try:
+            self.transport = await self.loop.start_tls(self.transport, self, self.ssl_ctx,
+                                                       server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as e:
+            log.info("tls-failed", sid=self._sid, error=str(e))
+            self._outcome = "tls-failed"
+            self.conn.close_with(Reply(421, "4.7.0", "TLS negotiation failed"))
+            self.transport.close()
+            return
+        self.conn.tls_started()
+        self.transport.pause_reading()        # the new transport reads at once; "task" holds
+
+    @property
+    def _sid(self) -> str:
+        return self.session.sid if self.session is not None else ""
+
+
+_HANDLERS: dict[type, Any] = {
+    P.MailFrom: SmtpSession._on_mail,
+    P.RcptTo: SmtpSession._on_rcpt,
+    P.DataStart: SmtpSession._on_data_start,
+    P.BdatStart: SmtpSession._on_bdat_start,
+    P.DataEnd: SmtpSession._on_data_end,
+    P.BdatEnd: SmtpSession._on_bdat_end,
+    P.DataAborted: SmtpSession._on_aborted,
+    P.AuthPlain: SmtpSession._on_auth,
+    P.AuthLogin: SmtpSession._on_auth,
+    P.StartTls: SmtpSession._on_starttls,
+    P.Rset: SmtpSession._reset,
+    P.Ehlo: SmtpSession._reset,
+    P.Helo: SmtpSession._reset,
+    P.Quit: SmtpSession._reset,
+}
+
+
+async def start(relay: Relay, addrs: tuple[str, ...] | list[str], ssl_ctx: ssl.SSLContext | None = None,
+                implicit_tls: bool = False) -> list[asyncio.Server]:
+    """Listen on `addrs`; with implicit_tls the TLS handshake comes first (smtps style)."""
+    counters = getattr(relay, "smtp_stats", None)
+    if counters is None:
+        counters = SmtpCounters()
+        relay.smtp_stats = counters  # type: ignore[attr-defined]
+    return await create_servers(lambda: SmtpSession(relay, ssl_ctx, implicit_tls, counters),
+                                addrs, "smtp.listen", ssl_ctx if implicit_tls else None)
+
+
+def statistics(relay: Relay) -> SmtpStats | None:
+    counters = getattr(relay, "smtp_stats", None)
+    return counters.statistics() if counters is not None else None
