@@ -1,0 +1,312 @@
+"""The report of a run: DIR/report.json (every figure), DIR/report.md and PNG plots.
+
+Input is what the run recorded (see `Record` and `Event`); every figure is computed here, so
+the report can be re-made from report.json's `raw` section. Times are recorded in wall seconds
+since the start; simulated time = sim_start + wall x speedup. Full-scale figures divide bytes
+by the byte scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PLOTS = ("throughput.png", "backlog.png", "latency.png", "deferrals.png")
+
+
+@dataclass
+class Record:
+    """One message of the run."""
+    id: str
+    sender: str
+    recipient: str
+    size: int
+    due: float                        # wall seconds at which the model submits it
+    attempts: int = 0
+    accepted: float | None = None     # wall seconds of the 250
+    refused: str | None = None        # the 5xx reply, if any
+    delivered: float | None = None    # wall seconds of the first verified download
+    deliveries: int = 0               # verified downloads (more than 1 = duplicated)
+
+
+@dataclass
+class Event:
+    t: float                          # wall seconds since the start
+    kind: str                         # accepted | deferred | refused | delivered | corrupted | duplicated | error
+    nbytes: int = 0
+    who: str = ""                     # the recipient (or sender for errors)
+    detail: str = ""
+
+
+@dataclass
+class RunData:
+    meta: dict[str, Any]              # profile, period, speedup, scale, sim_start, ...
+    records: list[Record] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    interrupted: bool = False
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def figures(data: RunData) -> dict[str, Any]:
+    """Every figure of the report, JSON-ready."""
+    m = data.meta
+    speedup, scale = float(m["speedup"]), float(m["scale"])
+    recs = data.records
+    ev = data.events
+    count = defaultdict(int)
+    for e in ev:
+        count[e.kind] += 1
+    sent = sum(1 for r in recs if r.attempts > 0)
+    accepted = [r for r in recs if r.accepted is not None]
+    delivered = [r for r in recs if r.deliveries > 0]
+    lost = sum(1 for r in accepted if r.deliveries == 0)
+    duplicated = sum(max(0, r.deliveries - 1) for r in recs) + count["duplicated"]
+    wall = max(data.wall_seconds, 1e-9)
+
+    # throughput: accepted bytes per wall-time bin
+    nbins = max(1, min(200, int(wall / 0.25)))
+    width = wall / nbins
+    acc_bins = [0] * nbins
+    dl_bins = [0] * nbins
+    for e in ev:
+        i = min(nbins - 1, int(e.t / width))
+        if e.kind == "accepted":
+            acc_bins[i] += e.nbytes
+        elif e.kind == "delivered":
+            dl_bins[i] += e.nbytes
+    peak_mbs = max(acc_bins) / width / 1e6
+    peak_dl_mbs = max(dl_bins) / width / 1e6
+
+    # backlog per receiver: accepted for it and not yet downloaded
+    backlog: dict[str, int] = defaultdict(int)
+    peak_per: dict[str, int] = defaultdict(int)
+    total = 0
+    peak_total = 0
+    for e in sorted(ev, key=lambda e: (e.t, e.kind != "delivered")):
+        if e.kind == "accepted":
+            backlog[e.who] += e.nbytes
+            total += e.nbytes
+        elif e.kind == "delivered":
+            backlog[e.who] -= e.nbytes
+            total -= e.nbytes
+        else:
+            continue
+        peak_per[e.who] = max(peak_per[e.who], backlog[e.who])
+        peak_total = max(peak_total, total)
+
+    lat: dict[str, list[float]] = defaultdict(list)
+    for r in delivered:
+        if r.delivered is not None:
+            lat[r.recipient].append((r.delivered - r.due) * speedup)
+    all_lat = [x for v in lat.values() for x in v]
+    per_receiver = {
+        who: {"messages": len(v), "latency_p50_seconds": _pct(v, 0.5),
+              "latency_p95_seconds": _pct(v, 0.95), "latency_max_seconds": max(v),
+              "peak_backlog_bytes": peak_per.get(who, 0),
+              "peak_backlog_full_scale_bytes": int(peak_per.get(who, 0) / scale)}
+        for who, v in sorted(lat.items())}
+    slowest = max(per_receiver.items(), key=lambda kv: (kv[1]["latency_p95_seconds"], kv[0]),
+                  default=(None, None))
+    largest = max((r.size for r in recs), default=0)
+    sim_hourly: dict[int, int] = defaultdict(int)
+    for e in ev:
+        if e.kind == "accepted":
+            sim_hourly[int(e.t * speedup // 3600)] += e.nbytes
+    peak_sim_hour = max(sim_hourly.values(), default=0) / scale
+    planned = len(recs)
+    return {
+        "profile": m.get("profile"), "period": m.get("period"), "speedup": speedup,
+        "scale": scale, "seed": m.get("seed"), "participants": m.get("participants"),
+        "server": m.get("server"),
+        "planned": planned,
+        "sent": sent,
+        "accepted": len(accepted),
+        "deferred": count["deferred"],
+        "retried": sum(max(0, r.attempts - 1) for r in recs),
+        "refused": sum(1 for r in recs if r.refused),
+        "errors": count["error"],
+        "delivered": len(delivered),
+        "lost": lost,
+        "duplicated": duplicated,
+        "corrupted": count["corrupted"],
+        "not_sent": planned - sent,
+        "complete": len(delivered) == planned and not data.interrupted,
+        "interrupted": data.interrupted,
+        "bytes_sent": sum(r.size for r in accepted),
+        "bytes_delivered": sum(r.size for r in delivered),
+        "wall_seconds": round(data.wall_seconds, 3),
+        "simulated_seconds": round(data.wall_seconds * speedup, 1),
+        "mean_mb_per_s": sum(r.size for r in accepted) / wall / 1e6,
+        "peak_mb_per_s": peak_mbs,
+        "peak_download_mb_per_s": peak_dl_mbs,
+        "peak_backlog_bytes": peak_total,
+        "peak_backlog_full_scale_bytes": int(peak_total / scale),
+        "disk_needed_bytes": int((peak_total + largest) / scale),
+        "peak_simulated_hour_full_scale_mbit_per_s": peak_sim_hour * 8 / 3600 / 1e6,
+        "latency_p50_seconds": _pct(all_lat, 0.5),
+        "latency_p95_seconds": _pct(all_lat, 0.95),
+        "latency_max_seconds": max(all_lat, default=0.0),
+        "slowest_receiver": ({"address": slowest[0], **slowest[1]} if slowest[0] else None),
+        "per_receiver": per_receiver,
+    }
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _dur(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def plot(data: RunData, fig: dict[str, Any], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speedup = float(data.meta["speedup"])
+    sim0 = float(data.meta.get("sim_start", 0.0))
+    unit, div = ("h", 3600.0) if data.wall_seconds * speedup <= 4 * 86400 else ("days", 86400.0)
+
+    def sim(t: float) -> float:
+        return (sim0 + t * speedup) / div
+
+    wall = max(data.wall_seconds, 1e-9)
+    nbins = max(1, min(120, int(wall / 0.25)))
+    width = wall / nbins
+    xs = [sim((i + 0.5) * width) for i in range(nbins)]
+    series: dict[str, list[float]] = {k: [0.0] * nbins for k in ("accepted", "delivered", "deferred", "refused")}
+    for e in data.events:
+        if e.kind in series:
+            i = min(nbins - 1, int(e.t / width))
+            series[e.kind][i] += e.nbytes / width / 1e6 if e.kind in ("accepted", "delivered") else 1
+
+    f, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(xs, series["accepted"], label="accepted (SMTP 250)")
+    ax.plot(xs, series["delivered"], label="downloaded and verified")
+    ax.set_xlabel(f"simulated time ({unit} from the start of the month)")
+    ax.set_ylabel("MB/s (wall clock)")
+    ax.set_title(f"Throughput - {fig['profile']}, {fig['period']}, x{speedup:g}, scale {fig['scale']:g}")
+    ax.legend()
+    f.tight_layout()
+    f.savefig(out / "throughput.png", dpi=90)
+    plt.close(f)
+
+    f, ax = plt.subplots(figsize=(8, 4))
+    top = sorted(fig["per_receiver"].items(), key=lambda kv: -kv[1]["peak_backlog_bytes"])[:6]
+    for who, _ in top:
+        pts_t, pts_b, b = [0.0], [0.0], 0
+        for e in sorted(data.events, key=lambda e: e.t):
+            if e.who == who and e.kind in ("accepted", "delivered"):
+                b += e.nbytes if e.kind == "accepted" else -e.nbytes
+                pts_t.append(sim(e.t))
+                pts_b.append(b / 1e6)
+        ax.step(pts_t, pts_b, where="post", label=who)
+    ax.set_xlabel(f"simulated time ({unit})")
+    ax.set_ylabel("backlog on the server (MB, as run)")
+    ax.set_title("Backlog per receiver (the 6 largest)")
+    if top:
+        ax.legend(fontsize=7)
+    f.tight_layout()
+    f.savefig(out / "backlog.png", dpi=90)
+    plt.close(f)
+
+    f, ax = plt.subplots(figsize=(8, 4))
+    lats = sorted((r.delivered - r.due) * speedup / 60 for r in data.records if r.delivered is not None)
+    if lats:
+        ax.step(lats, [(i + 1) / len(lats) for i in range(len(lats))], where="post")
+    ax.set_xlabel("latency from submission to verified download (simulated minutes)")
+    ax.set_ylabel("share of messages")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Latency (CDF)")
+    f.tight_layout()
+    f.savefig(out / "latency.png", dpi=90)
+    plt.close(f)
+
+    f, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(xs, series["deferred"], width=(xs[1] - xs[0]) if nbins > 1 else 0.1, label="deferred (4xx)")
+    ax.bar(xs, series["refused"], width=(xs[1] - xs[0]) if nbins > 1 else 0.1,
+           bottom=series["deferred"], label="refused (5xx)")
+    ax.set_xlabel(f"simulated time ({unit})")
+    ax.set_ylabel("replies")
+    ax.set_title("Deferrals and refusals")
+    ax.legend()
+    f.tight_layout()
+    f.savefig(out / "deferrals.png", dpi=90)
+    plt.close(f)
+
+
+def markdown(fig: dict[str, Any]) -> str:
+    sr = fig["slowest_receiver"]
+    verdict = "PASS" if fig["lost"] == fig["duplicated"] == fig["corrupted"] == 0 and fig["complete"] else "FAIL"
+    lines = [
+        f"# Load run: {fig['profile']} ({fig['period']}) - {verdict}",
+        "",
+        f"Speed-up x{fig['speedup']:g}, byte scale {fig['scale']:g}, {fig['participants']} participants, "
+        f"seed {fig['seed']}, server: {fig['server']}. Wall time {fig['wall_seconds']:.1f} s for "
+        f"{_dur(fig['simulated_seconds'])} simulated."
+        + (" **Interrupted** (Ctrl-C): senders stopped, accepted mail drained." if fig["interrupted"] else ""),
+        "",
+        "## Integrity",
+        "",
+        "| planned | sent | accepted | deferred | retried | refused | delivered | lost | duplicated | corrupted |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        (f"| {fig['planned']} | {fig['sent']} | {fig['accepted']} | {fig['deferred']} | {fig['retried']} | "
+        f"{fig['refused']} | {fig['delivered']} | {fig['lost']} | {fig['duplicated']} | {fig['corrupted']} |"),
+        "",
+        "## Throughput (as run, on this machine)",
+        "",
+        f"- {_fmt(fig['bytes_sent'])} accepted, {_fmt(fig['bytes_delivered'])} downloaded and verified",
+        (f"- mean {fig['mean_mb_per_s']:.1f} MB/s; peak {fig['peak_mb_per_s']:.1f} MB/s accepted, "
+        f"{fig['peak_download_mb_per_s']:.1f} MB/s downloaded"),
+        "",
+        "## Capacity summary (full scale, simulated time)",
+        "",
+        f"- peak hour of intake: {fig['peak_simulated_hour_full_scale_mbit_per_s']:.1f} Mbit/s",
+        (f"- peak backlog on the server: {_fmt(fig['peak_backlog_full_scale_bytes'])}; "
+        f"disk needed (peak backlog + the largest message): {_fmt(fig['disk_needed_bytes'])}"),
+        (f"- latency submission -> verified download: median {_dur(fig['latency_p50_seconds'])}, "
+        f"95% {_dur(fig['latency_p95_seconds'])}, max {_dur(fig['latency_max_seconds'])}"),
+    ]
+    if sr:
+        lines.append(f"- slowest receiver: {sr['address']} (95% latency {_dur(sr['latency_p95_seconds'])}); "
+                     f"it costs the server {_fmt(sr['peak_backlog_full_scale_bytes'])} of backlog at its peak")
+    lines += ["", "## Figures", ""]
+    for name in PLOTS:
+        lines.append(f"![{name.removesuffix('.png')}]({name})")
+        lines.append("")
+    lines += ["## Receivers", "", "| receiver | messages | p50 | p95 | max | peak backlog (full scale) |",
+              "|---|---|---|---|---|---|"]
+    for who, r in fig["per_receiver"].items():
+        lines.append(f"| {who} | {r['messages']} | {_dur(r['latency_p50_seconds'])} | "
+                     f"{_dur(r['latency_p95_seconds'])} | {_dur(r['latency_max_seconds'])} | "
+                     f"{_fmt(r['peak_backlog_full_scale_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(data: RunData, out: str | Path) -> dict[str, Any]:
+    """Write report.json, report.md and the plots into `out`; returns the figures."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = figures(data)
+    plot(data, fig, out)
+    (out / "report.md").write_text(markdown(fig))
+    doc = dict(fig, meta=data.meta, raw={"records": [asdict(r) for r in data.records],
+                                         "events": [asdict(e) for e in data.events]})
+    (out / "report.json").write_text(json.dumps(doc, indent=1))
+    return fig

@@ -1,0 +1,100 @@
+"""DICOM e-mails from the pool: valid MIME and DICOM (stdlib email parser, pydicom, dcmtk's
+dcmdump), digests that catch a changed byte, message/partial pieces that reassemble."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import itertools
+import os
+import random
+import subprocess
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from loadgen.message import Pool, build_study, crc32_combine, verify_file
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Pool:
+    return Pool.build(tmp_path_factory.mktemp("pool"), 300_000)
+
+
+def _write(path: Path, msg, trace: bytes = b"Return-Path: <x@y.test>\r\nReceived: by relay.test\r\n") -> Path:  # type: ignore[no-untyped-def]
+    path.write_bytes(trace + b"".join(msg.chunks()))
+    return path
+
+
+def test_crc32_combine_matches_zlib() -> None:
+    rng = random.Random(3)
+    for n1, n2 in [(0, 5), (1, 1), (1000, 3333), (70000, 1), (5, 200000)]:
+        a, b = rng.randbytes(n1), rng.randbytes(n2)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+def test_pool_parts_step_up_by_four(pool: Pool) -> None:
+    sizes = [p.size for p in pool.parts]
+    assert len(sizes) == 4 and sizes[0] < 5000   # 4 KiB .. 256 KiB for messages up to 300 kB
+    assert all(3.5 < b / a < 4.5 for a, b in itertools.pairwise(sizes))
+    for p in pool.parts:
+        assert os.path.getsize(p.path) == p.size and zlib.crc32(p.path.read_bytes()) == p.crc
+
+
+def test_message_is_multipart_mixed_with_valid_dicom_parts(pool: Pool, tmp_path: Path) -> None:
+    (msg,) = build_study("run1", 7, "ct@hosp.test", "tele@centre.test", "CT", 200_000, 1, pool)
+    assert abs(msg.size - 200_000) < 5000
+    parsed = email.message_from_bytes(b"".join(msg.chunks()), policy=email.policy.default)
+    assert parsed.get_content_type() == "multipart/mixed"
+    assert parsed["X-Loadgen-Id"] == "run1.7.1" and parsed["To"] == "tele@centre.test"
+    parts = list(parsed.iter_attachments())
+    assert len(parts) >= 2
+    for i, part in enumerate(parts):
+        assert part.get_content_type() == "application/dicom"
+        assert part.get_filename().endswith(".dcm") and len(part.get_filename()) == 12   # IM000003.dcm
+        raw = part.get_content()
+        path = tmp_path / f"obj{i}.dcm"
+        path.write_bytes(raw)
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert len(ds.PixelData) == ds.Rows * ds.Columns * ds.NumberOfFrames * 2
+        dump = subprocess.run(["dcmdump", "-q", str(path)], capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+        assert "LOADGEN^SYNTHETIC" in dump
+
+
+def test_digest_verifies_and_catches_one_changed_byte(pool: Pool, tmp_path: Path) -> None:
+    (msg,) = build_study("run1", 8, "a@x.test", "b@x.test", "CR", 90_000, 1, pool)
+    path = _write(tmp_path / "m.eml", msg)
+    v = verify_file(path)
+    assert v.ok and v.id == "run1.8.1" and v.size == msg.body_size
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    bad = verify_file(path)
+    assert not bad.ok and bad.id == "run1.8.1" and "digest" in bad.reason
+    path.write_bytes(bytes(data[:-10]))
+    assert not verify_file(path).ok                   # truncated
+    path.write_bytes(b"Subject: hello\r\n\r\nbody\r\n")
+    assert verify_file(path).id is None and not verify_file(path).ok
+
+
+def test_big_study_goes_as_message_partial_pieces_that_reassemble(pool: Pool, tmp_path: Path) -> None:
+    msgs = build_study("run2", 3, "a@x.test", "b@x.test", "XA", 900_000, 3, pool)
+    assert [m.piece for m in msgs] == [1, 2, 3] and len({m.id for m in msgs}) == 3
+    inner = b""
+    for m in msgs:
+        assert verify_file(_write(tmp_path / f"{m.id}.eml", m)).ok
+        outer = email.message_from_bytes(b"".join(m.chunks()), policy=email.policy.default)
+        assert outer.get_content_type() == "message/partial"
+        assert outer.get_param("number") == str(m.piece) and outer.get_param("total") == "3"
+        inner += b"".join(m.chunks())[len(m.header):]
+    whole = email.message_from_bytes(inner, policy=email.policy.default)
+    assert whole.get_content_type() == "multipart/mixed"
+    parts = list(whole.iter_attachments())
+    assert sum(len(base64.b64decode(p.get_payload())) for p in parts) > 600_000
+    sizes = [m.size for m in msgs]
+    assert max(sizes) < 2 * min(sizes)                 # pieces are balanced by bytes
