@@ -1,9 +1,207 @@
-"""`relay` subcommands of this area (see relay/cli.py)."""
+"""`relay gateway send|receive|status|directory|pacs-listen|pacs-push` (docs/gateway.md)."""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from relay import log as logmod
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add this area's subcommands. Filled in by the area's owner."""
+def _gateway(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from relay.config import ConfigError
+    from relay.gateway.config import load
+    from relay.gateway.core import Gateway
+
+    if not args.config:
+        raise ConfigError("relay gateway needs --config GW.toml (the gateway's own file)")
+    logmod.setup("text", "DEBUG" if getattr(args, "verbose", False) else "INFO")
+    return Gateway(load(args.config))
+
+
+def _send(args: argparse.Namespace) -> int:
+    from relay.gateway import send
+    from relay.gateway.core import GatewayError
+    from relay.gateway.dicommime import NotDicom
+    from relay.gateway.pgp import PgpError
+    from relay.gateway.transport import TransportError
+
+    with _gateway(args) as gw:
+        try:
+            reports = send.send_paths(gw, args.to, args.paths)
+        except (GatewayError, NotDicom, PgpError, TransportError, FileNotFoundError) as e:
+            print(f"relay gateway send: {e}", file=sys.stderr)
+            return 1
+        for r in reports:
+            print(f"sent study {r.study_uid} to {args.to}: {r.files} files, {r.dicom_bytes} bytes, "
+                  f"{r.parts} message(s), message-id {r.message_id}")
+    return 0
+
+
+def _receiver(gw, pacs: bool = True):  # type: ignore[no-untyped-def]
+    from relay.gateway import transport
+    from relay.gateway.receive import Receiver
+
+    push = None
+    if pacs and gw.cfg.pacs:
+        from relay.gateway.pacs import push_study
+
+        def push(folder: Path) -> None:
+            try:
+                push_study(gw.cfg, folder)
+            except Exception as e:  # noqa: BLE001  (imported already; the PACS push is retried by hand)
+                logmod.get_logger("gateway.pacs").error("pacs_push_failed", study=folder.name, error=str(e))
+                return
+            if not gw.cfg.keep_after_store:
+                import shutil
+                shutil.rmtree(folder, ignore_errors=True)
+    return Receiver(gw, transport.open_source(gw.cfg), push)
+
+
+def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
+    print(f"imported {len(s.imported)} stud{'y' if len(s.imported) == 1 else 'ies'}, "
+          f"quarantined {len(s.quarantined)}, MDNs {s.mdns}, parts held {s.parts_held}, "
+          f"directory updates {s.directory_updates}")
+    for study in s.imported:
+        print(f"  imported {study}")
+    for folder, reason in s.quarantined:
+        print(f"  quarantined {folder}: {reason}")
+
+
+def _receive(args: argparse.Namespace) -> int:
+    from relay.gateway.transport import TransportError
+
+    with _gateway(args) as gw:
+        try:
+            rc = _receiver(gw)
+        except TransportError as e:
+            print(f"relay gateway receive: {e}", file=sys.stderr)
+            return 1
+        try:
+            if args.once:
+                s = rc.run_once()
+                _print_summary(s)
+                return 1 if s.quarantined else 0
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            rc.run_forever(stop.is_set)
+            _print_summary(rc.summary)
+            return 0
+        finally:
+            rc.source.close()
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _gateway(args) as gw:
+        rows = gw.state.sent(unconfirmed_only=not args.all)
+        if not rows:
+            print("all sent studies are confirmed" if not args.all else "nothing sent yet")
+        for r in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.sent_at))
+            state = f"confirmed {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.confirmed_at))}" \
+                if r.confirmed_at else "UNCONFIRMED"
+            print(f"{when}  {state:<30} {r.recipient:<28} {r.files:>5} files  {r.study_uid}  {r.message_id}")
+    return 0
+
+
+def _directory(args: argparse.Namespace) -> int:
+    from relay.gateway import transport
+
+    with _gateway(args) as gw:
+        before = gw.directory.serial
+        if args.file:
+            data = Path(args.file).read_bytes()
+            sig = Path(args.file + ".asc").read_bytes()
+            gw.directory.accept(data, sig)
+        else:
+            cmd = f"GET SINCE {before}" if before >= 0 else "GET"
+            raw = (f"From: {gw.cfg.address}\r\nTo: {gw.cfg.directory_mailbox}\r\nSubject: GET\r\n"
+                   f"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n{cmd}\r\n").encode()
+            with transport.smtp_session(gw.cfg) as smtp:
+                smtp.send(gw.cfg.address, gw.cfg.directory_mailbox, [raw], size=len(raw))
+            rc = _receiver(gw, pacs=False)
+            try:
+                deadline = time.monotonic() + args.wait
+                while rc.summary.directory_updates == 0 and time.monotonic() < deadline:
+                    rc.run_once()
+                    if rc.summary.directory_updates == 0:
+                        time.sleep(0.2)
+            finally:
+                rc.source.close()
+        print(f"directory serial {gw.directory.serial} (was {before}), "
+              f"{len(gw.directory.peers)} participants")
+        return 0 if gw.directory.serial >= 0 else 1
+
+
+def _pacs_listen(args: argparse.Namespace) -> int:
+    from relay.gateway import send
+    from relay.gateway.pacs import StorageScp
+
+    with _gateway(args) as gw:
+        to = args.to or gw.cfg.send_to
+        if not to:
+            print("relay gateway pacs-listen: no recipient (--to or send_to in the config)", file=sys.stderr)
+            return 2
+
+        def forward(folder: Path) -> None:
+            for r in send.send_paths(gw, to, [folder]):
+                print(f"sent study {r.study_uid} to {to}: {r.files} files", flush=True)
+
+        scp = StorageScp(gw.cfg, forward)
+        scp.start()
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        stop.wait()
+        scp.stop()
+    return 0
+
+
+def _pacs_push(args: argparse.Namespace) -> int:
+    from relay.gateway.core import GatewayError
+    from relay.gateway.pacs import push_study
+
+    with _gateway(args) as gw:
+        try:
+            n = push_study(gw.cfg, Path(args.folder))
+        except GatewayError as e:
+            print(f"relay gateway pacs-push: {e}", file=sys.stderr)
+            return 1
+    print(f"pushed {n} files to {gw.cfg.pacs_ae}@{gw.cfg.pacs}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = sub.add_parser("gateway", help="the DICOM e-mail gateway (send, receive, status, PACS link)")
+    gsub = g.add_subparsers(dest="gateway_command", metavar="COMMAND", parser_class=type(g))
+    gsub.required = True
+
+    p = gsub.add_parser("send", help="send DICOM files or folders, one message per study")
+    p.add_argument("--to", required=True, metavar="ADDRESS", help="the receiving gateway's address")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders")
+    p.set_defaults(func=_send)
+
+    p = gsub.add_parser("receive", help="fetch, verify, decrypt and import studies; send MDNs")
+    p.add_argument("--once", action="store_true", help="handle what is waiting and exit")
+    p.set_defaults(func=_receive)
+
+    p = gsub.add_parser("status", help="sent studies still waiting for their MDN")
+    p.add_argument("--all", action="store_true", help="confirmed ones too")
+    p.set_defaults(func=_status)
+
+    p = gsub.add_parser("directory", help="fetch the signed directory by e-mail (or adopt a file)")
+    p.add_argument("--file", metavar="JSON", help="adopt this directory.json (+ .asc beside it)")
+    p.add_argument("--wait", type=float, default=60.0, metavar="S", help="how long to wait for the reply")
+    p.set_defaults(func=_directory)
+
+    p = gsub.add_parser("pacs-listen", help="DICOM Storage SCP: forward studies pushed by a PACS")
+    p.add_argument("--to", metavar="ADDRESS", help="recipient (default: send_to from the config)")
+    p.set_defaults(func=_pacs_listen)
+
+    p = gsub.add_parser("pacs-push", help="C-STORE a received study folder to the PACS")
+    p.add_argument("folder", metavar="FOLDER")
+    p.set_defaults(func=_pacs_push)

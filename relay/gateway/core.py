@@ -41,7 +41,7 @@ class Gateway:
         self.ring.close()
         self.state.close()
 
-    def __enter__(self) -> Gateway:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,

@@ -163,6 +163,8 @@ def extract_study(mime_path: Path, out_dir: Path) -> list[ExtractedFile]:
                 out.writelines(dec.feed(c) if dec else c for c in chunks)
                 if dec:
                     dec.finish()
+                out.flush()
+                os.fsync(out.fileno())      # it leaves the mailbox once imported
             inst = read_instance(target)
             result.append(ExtractedFile(target, name, inst))
 

@@ -1,0 +1,330 @@
+"""`relay gateway receive`: mailbox -> disk -> reassemble -> decrypt+verify -> DICOM check ->
+inbox/<StudyInstanceUID>/ (and the PACS) -> delete from the mailbox -> MDN to the sender.
+
+Order matters: a message leaves the mailbox only once its result (imported files, or the
+quarantine folder with the reason) is on disk, and the MDN goes out only after that.
+Refused messages go to quarantine/<id>/ with `message.eml` (or the parts) and `reason.txt`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay.gateway import dicommime, message, transport
+from relay.gateway.core import Gateway, remove_tree
+from relay.gateway.mime import MimeError, read_headers
+from relay.gateway.peers import DirectoryError
+from relay.log import get_logger
+
+log = get_logger("gateway.receive")
+
+# quarantine reasons (the first line of reason.txt)
+NOT_ENCRYPTED = "not-encrypted"
+UNSIGNED = "unsigned"
+UNKNOWN_KEY = "unknown-key"
+WRONG_KEY = "wrong-key"
+BAD_SIGNATURE = "bad-signature"
+UNDECRYPTABLE = "undecryptable"
+UNKNOWN_SENDER = "unknown-sender"
+INCOMPLETE = "incomplete"
+NOT_DICOM = "not-dicom"
+MALFORMED = "malformed"
+
+
+@dataclass
+class Summary:
+    imported: list[str] = field(default_factory=list)        # study UIDs
+    quarantined: list[tuple[str, str]] = field(default_factory=list)   # (folder, reason)
+    mdns: int = 0
+    parts_held: int = 0
+    directory_updates: int = 0
+    bytes_fetched: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)   # fetch, decrypt, import
+
+    def add_time(self, stage: str, t0: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.monotonic() - t0
+
+
+class Quarantined(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _addr(value: str | None) -> str:
+    return email.utils.parseaddr(value or "")[1].lower()
+
+
+class Receiver:
+    def __init__(self, gw: Gateway, source: transport.MailSource,
+                 pacs_push: Callable[[Path], None] | None = None) -> None:
+        self.gw = gw
+        self.cfg = gw.cfg
+        self.source = source
+        self.pacs_push = pacs_push
+        self.summary = Summary()
+        self.downloads = self.cfg.state_dir / "downloads"
+        self.downloads.mkdir(parents=True, exist_ok=True)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run_once(self) -> Summary:
+        held = self.gw.state.held_keys()
+        for key, size in self.source.messages():
+            if key in held:
+                continue
+            try:
+                self.handle(key, size)
+            except (OSError, transport.TransportError) as e:
+                # temporary: the message stays in the mailbox and is retried next round
+                log.error("receive_failed", key=key, error=str(e))
+        self.expire_partials()
+        return self.summary
+
+    def run_forever(self, stop: Callable[[], bool] = lambda: False) -> None:
+        while not stop():
+            self.run_once()
+            self.source.wait(self.cfg.idle_timeout if self.cfg.pop3 == "" else self.cfg.poll_interval)
+
+    # --- one mailbox message --------------------------------------------------------------
+
+    def download(self, key: str, size: int) -> Path:
+        name = hashlib.sha256(key.encode()).hexdigest()[:24] + ".eml"
+        path = self.downloads / name
+        rec = self.gw.state.download(key)
+        offset = path.stat().st_size if rec is not None and path.exists() else 0
+        if offset != size:
+            self.gw.state.set_download(key, path, size, "downloading")
+            t = time.monotonic()
+            if offset > size:
+                offset = 0
+            if offset:
+                log.info("download_resumed", key=key, offset=offset, size=size)
+            self.source.fetch(key, path, offset)
+            self.summary.add_time("fetch", t)
+            self.summary.bytes_fetched += size - offset
+        if path.stat().st_size != size:
+            raise transport.TransportError(f"{key}: fetched {path.stat().st_size} of {size} bytes")
+        self.gw.state.set_download(key, path, size, "done")
+        return path
+
+    def handle(self, key: str, size: int) -> None:
+        path = self.download(key, size)
+        with open(path, "rb") as fp:
+            head, _ = read_headers(fp)
+        sender = _addr(head.get("From"))
+        try:
+            info = message.partial_info(head)
+        except MimeError as e:
+            self.quarantine([path], [key], MALFORMED, str(e))
+            return
+        if info is not None:
+            self.hold_partial(key, path, info, sender)
+            return
+        mdn = None
+        try:
+            mdn = message.parse_mdn(path)
+        except MimeError as e:
+            self.quarantine([path], [key], MALFORMED, str(e))
+            return
+        if mdn is not None:
+            self.take_mdn(mdn, sender)
+            self.finish([key], [path])
+            return
+        if sender == self.cfg.directory_mailbox.lower() and self.take_directory(path):
+            self.finish([key], [path])
+            return
+        self.process(path, [key], [path])
+
+    def finish(self, keys: list[str], files: list[Path]) -> None:
+        """Done with these mailbox messages: delete them there, then forget the local copies."""
+        self.source.delete(keys)
+        for k in keys:
+            self.gw.state.drop_download(k)
+        for f in files:
+            f.unlink(missing_ok=True)
+
+    # --- MDNs and directory documents ------------------------------------------------------
+
+    def take_mdn(self, mdn: message.Mdn, sender: str) -> None:
+        if sender != mdn.reporter or not self.gw.state.confirm(mdn.original_id, sender, mdn.disposition):
+            log.warning("mdn_unmatched", original_id=mdn.original_id, sender=sender)
+            return
+        self.summary.mdns += 1
+        log.info("mdn_received", original_id=mdn.original_id, sender=sender, disposition=mdn.disposition)
+
+    def take_directory(self, path: Path) -> bool:
+        """A signed directory document from the directory address (a GET reply or a push)."""
+        from relay.gateway.mime import MultipartReader, param
+        found: dict[str, bytes] = {}
+        with open(path, "rb") as fp:
+            head, _ = read_headers(fp)
+            boundary = param(head, "boundary")
+            if head.get_content_type() != "multipart/mixed" or not boundary:
+                return False
+            if os.fstat(fp.fileno()).st_size > 64 * 1024**2:
+                return False
+            for h, chunks in MultipartReader(fp, boundary).parts():
+                name = param(h, "filename", "content-disposition") or param(h, "name") or ""
+                body = b"".join(chunks)
+                if (h.get("content-transfer-encoding") or "").strip().lower() == "base64":
+                    import base64
+                    body = base64.b64decode(body)
+                found[name] = body
+        if "directory.json" not in found or "directory.json.asc" not in found:
+            return False
+        try:
+            self.gw.directory.accept(found["directory.json"], found["directory.json.asc"])
+            self.summary.directory_updates += 1
+        except DirectoryError as e:
+            log.warning("directory_refused", reason=str(e))
+        return True
+
+    # --- message/partial -------------------------------------------------------------------
+
+    def hold_partial(self, key: str, path: Path, info: message.PartialInfo, sender: str) -> None:
+        pdir = self.cfg.state_dir / "partials" / hashlib.sha256(info.id.encode()).hexdigest()[:24]
+        pdir.mkdir(parents=True, exist_ok=True)
+        target = pdir / f"{info.number:05d}.eml"
+        os.replace(path, target)
+        self.gw.state.add_partial(info.id, info.number, info.total, target, key, sender)
+        self.gw.state.set_download(key, target, target.stat().st_size, "held")
+        self.summary.parts_held += 1
+        parts = self.gw.state.partial_set(info.id)
+        total = next((t for _, t, *_ in parts if t), None)
+        if total is None or [n for n, *_ in parts] != list(range(1, total + 1)):
+            log.info("partial_held", id=info.id, number=info.number, have=len(parts), total=total)
+            return
+        whole = pdir / "whole.eml"
+        message.reassemble([p for _, _, p, *_ in parts], whole)
+        keys = [k for _, _, _, k, _, _ in parts]
+        files = [p for _, _, p, *_ in parts]
+        log.info("partial_complete", id=info.id, total=total)
+        try:
+            self.process(whole, keys, files + [whole])
+        finally:
+            self.gw.state.drop_partials(info.id)
+            remove_tree(pdir)
+
+    def expire_partials(self) -> None:
+        now = time.time()
+        for pid in self.gw.state.partial_ids():
+            parts = self.gw.state.partial_set(pid)
+            if parts and now - min(at for *_, at in parts) > self.cfg.reassembly_timeout:
+                total = next((t for _, t, *_ in parts if t), None)
+                self.quarantine([p for _, _, p, *_ in parts], [k for _, _, _, k, _, _ in parts],
+                                INCOMPLETE, f"message/partial id {pid}: have parts "
+                                f"{[n for n, *_ in parts]} of {total or '?'} after "
+                                f"{self.cfg.reassembly_timeout:.0f} s")
+                self.gw.state.drop_partials(pid)
+
+    # --- the study message ------------------------------------------------------------------
+
+    def process(self, path: Path, keys: list[str], files: list[Path]) -> None:
+        with open(path, "rb") as fp:
+            head, _ = read_headers(fp)
+        mid = (head.get("Message-ID") or "").strip()
+        sender = _addr(head.get("From"))
+        if mid and self.gw.state.was_imported(mid):
+            log.info("duplicate_dropped", message_id=mid, sender=sender)
+            self.finish(keys, files)
+            return
+        work = self.gw.workdir("incoming")
+        try:
+            study_uid, count = self.verify_and_import(path, head, sender, work)
+        except Quarantined as q:
+            self.quarantine(files, keys, q.reason, q.detail, sender=sender, message_id=mid)
+            return
+        finally:
+            remove_tree(work)
+        self.gw.state.add_received(mid, study_uid, sender, count)
+        self.finish(keys, files)
+        if head.get("Disposition-Notification-To") and mid:
+            mdn = message.build_mdn(self.cfg.address, sender, mid,
+                                    f"{count} DICOM objects of one study were verified and imported.")
+            with transport.smtp_session(self.cfg) as smtp:
+                smtp.send(self.cfg.address, sender, [mdn], size=len(mdn))
+        self.summary.imported.append(study_uid)
+        log.info("study_imported", study=study_uid, sender=sender, files=count, message_id=mid)
+
+    def verify_and_import(self, path: Path, head: object, sender: str, work: Path) -> tuple[str, int]:
+        peer = self.gw.directory.peer(sender)
+        try:
+            message.extract_encrypted(path, work / "encrypted.asc")
+        except MimeError as e:
+            raise Quarantined(NOT_ENCRYPTED, str(e)) from None
+        t = time.monotonic()
+        v = self.gw.ring.decrypt_verify(work / "encrypted.asc", work / "plain.mime")
+        self.summary.add_time("decrypt", t)
+        if not v.decrypted:
+            raise Quarantined(UNDECRYPTABLE, "not decryptable with this gateway's key\n" + v.status)
+        if not v.signed:
+            raise Quarantined(UNSIGNED, "encrypted but not signed\n" + v.status)
+        if not v.good:
+            if v.key_id and "BADSIG" not in v.status:
+                raise Quarantined(UNKNOWN_KEY, f"signed by key {v.key_id}, not in the directory\n" + v.status)
+            raise Quarantined(BAD_SIGNATURE, "the signature does not verify\n" + v.status)
+        if peer is None:
+            signer = self.gw.directory.by_fingerprint(v.signer)
+            raise Quarantined(UNKNOWN_SENDER, f"sender {sender} is not in the directory (signed by "
+                                              f"{signer.address if signer else v.signer})")
+        if v.signer != peer.fingerprint:
+            signer = self.gw.directory.by_fingerprint(v.signer)
+            raise Quarantined(WRONG_KEY, f"From: {sender} but signed by {v.signer}"
+                                         f" ({signer.address if signer else 'not in the directory'});"
+                                         f" {sender}'s key is {peer.fingerprint}")
+        t = time.monotonic()
+        try:
+            files = dicommime.extract_study(work / "plain.mime", work / "files")
+        except dicommime.NotDicom as e:
+            raise Quarantined(NOT_DICOM, str(e)) from None
+        except MimeError as e:
+            raise Quarantined(MALFORMED, str(e)) from None
+        studies = {f.instance.study_uid for f in files}
+        if len(studies) != 1:
+            raise Quarantined(MALFORMED, f"one message must carry one study, found {len(studies)}")
+        study_uid = studies.pop()
+        dest = self.cfg.inbox / study_uid
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            target = dest / f"{f.instance.sop_uid}.dcm"
+            os.replace(f.path, target)
+        _fsync_dir(dest)
+        self.summary.add_time("import", t)
+        if self.pacs_push is not None:
+            self.pacs_push(dest)
+        return study_uid, len(files)
+
+    # --- quarantine --------------------------------------------------------------------------
+
+    def quarantine(self, files: list[Path], keys: list[str], reason: str, detail: str,
+                   sender: str = "", message_id: str = "") -> None:
+        qdir = self.cfg.quarantine / f"{time.strftime('%Y%m%dT%H%M%S')}-{hashlib.sha256(repr(keys).encode()).hexdigest()[:10]}"
+        qdir.mkdir(parents=True, exist_ok=True)
+        names = ["message.eml"] if len(files) == 1 else [f.name for f in files]
+        for f, name in zip(files, names, strict=True):
+            if f.exists():
+                shutil.move(str(f), qdir / name)
+        (qdir / "reason.txt").write_text(
+            f"{reason}\n{detail}\nfrom: {sender}\nmessage-id: {message_id}\nmailbox: {' '.join(keys)}\n"
+            f"time: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n", encoding="utf-8")
+        _fsync_dir(qdir)
+        self.finish(keys, [])
+        self.summary.quarantined.append((qdir.name, reason))
+        log.warning("quarantined", reason=reason, folder=str(qdir), sender=sender, message_id=message_id,
+                    detail=detail.splitlines()[0] if detail else "")
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,161 @@
+"""The gateway's mail transport, on the project's own streaming clients (relay/clients/):
+SMTP out (BDAT when offered, AUTH PLAIN when offered), IMAP (partial FETCH into a file,
+resumable, IDLE) or POP3 in. Nothing here holds a message in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from relay.config import parse_hostport
+from relay.gateway.config import GatewayConfig
+
+
+class TransportError(RuntimeError):
+    """The relay could not be reached or refused an operation (temporary: retried)."""
+
+
+class SmtpSession:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        from relay.clients.smtp import SmtpClient, SmtpError
+        self._error = SmtpError
+        host, port = cfg.smtp_addr
+        try:
+            self.client = SmtpClient(host, port, local_hostname=cfg.domain or "gateway.invalid")
+            ext = self.client.ehlo()
+            if "AUTH" in ext:
+                self.client.login(cfg.address, cfg.get_password())
+        except (OSError, SmtpError) as e:
+            raise TransportError(f"SMTP {cfg.smtp}: {e}") from None
+
+    def send(self, sender: str, to: str, chunks: Iterable[bytes], size: int) -> str:
+        """Send one message; returns the method used (BDAT or DATA)."""
+        try:
+            res = self.client.send(sender, [to], iter(chunks), size=size)
+        except (OSError, self._error) as e:
+            raise TransportError(f"SMTP: {e}") from None
+        return res.method
+
+    def close(self) -> None:
+        self.client.quit()
+
+
+@contextlib.contextmanager
+def smtp_session(cfg: GatewayConfig) -> Iterator[SmtpSession]:
+    s = SmtpSession(cfg)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+class MailSource(Protocol):
+    def messages(self) -> list[tuple[str, int]]:
+        """(key, size) of every message waiting, oldest first; keys are stable."""
+
+    def fetch(self, key: str, path: Path, offset: int) -> None:
+        """Append the message's bytes from `offset` on to `path` (resume)."""
+
+    def delete(self, keys: list[str]) -> None:
+        """Remove these messages from the mailbox (for good)."""
+
+    def wait(self, timeout: float) -> None:
+        """Block until new mail may have arrived, or timeout."""
+
+    def close(self) -> None: ...
+
+
+class ImapSource:
+    """IMAP: keys are "imap:<uidvalidity>:<uid>"; fetch resumes with partial FETCH."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        from relay.clients.imap import ImapClient
+        host, port = parse_hostport(cfg.imap, "imap")
+        try:
+            self.c = ImapClient(host, port)
+            self.c.login(cfg.address, cfg.get_password())
+            self.c.select("INBOX")
+        except OSError as e:
+            raise TransportError(f"IMAP {cfg.imap}: {e}") from None
+        self.uidvalidity = self.c.uidvalidity
+
+    def _key(self, uid: int) -> str:
+        return f"imap:{self.uidvalidity}:{uid}"
+
+    def _uid(self, key: str) -> int:
+        kind, uv, uid = key.split(":")
+        if kind != "imap" or int(uv) != self.uidvalidity:
+            raise TransportError(f"{key}: UIDVALIDITY changed to {self.uidvalidity}")
+        return int(uid)
+
+    def messages(self) -> list[tuple[str, int]]:
+        sizes = self.c.sizes()
+        return [(self._key(uid), size) for uid, size in sorted(sizes.items())]
+
+    def fetch(self, key: str, path: Path, offset: int) -> None:
+        self.c.fetch_to_file(self._uid(key), path, offset=offset)
+
+    def delete(self, keys: list[str]) -> None:
+        if keys:
+            self.c.delete([self._uid(k) for k in keys])
+
+    def wait(self, timeout: float) -> None:
+        self.c.idle(timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.c.logout()
+
+
+class Pop3Source:
+    """POP3: keys are "pop3:<UIDL>"; a broken RETR restarts (POP3 has no partial fetch)."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.c = self._connect()
+        self._deleted = False
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        from relay.clients.pop3 import Pop3Client, Pop3Error
+        host, port = parse_hostport(self.cfg.pop3, "pop3")
+        try:
+            c = Pop3Client(host, port)
+            c.login(self.cfg.address, self.cfg.get_password())
+        except (OSError, Pop3Error) as e:
+            raise TransportError(f"POP3 {self.cfg.pop3}: {e}") from None
+        return c
+
+    def messages(self) -> list[tuple[str, int]]:
+        uidl = self.c.uidl()
+        sizes = self.c.list()
+        self._num = {f"pop3:{u}": n for n, u in uidl.items()}
+        return [(f"pop3:{uidl[n]}", sizes[n]) for n in sorted(uidl)]
+
+    def fetch(self, key: str, path: Path, offset: int) -> None:
+        self.c.retr_to_file(self._num[key], path)
+
+    def delete(self, keys: list[str]) -> None:
+        # POP3 deletes at QUIT (RFC 1939 6): commit now, then start a new session
+        for k in keys:
+            self.c.dele(self._num[k])
+        if keys:
+            self.c.quit()
+            self.c = self._connect()
+            self.messages()
+
+    def wait(self, timeout: float) -> None:
+        self.c.quit()
+        time.sleep(timeout)
+        self.c = self._connect()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.c.quit()
+
+
+def open_source(cfg: GatewayConfig) -> MailSource:
+    return Pop3Source(cfg) if cfg.pop3 else ImapSource(cfg)

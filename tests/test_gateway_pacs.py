@@ -1,0 +1,129 @@
+"""PACS link against dcmtk (the real storescu/storescp from /usr/bin, not pynetdicom's apps
+of the same name): storescu -> our Storage SCP; our Storage SCU -> storescp.
+
+Byte-identity is checked on the dataset after the file meta group: DIMSE carries only the
+dataset, and every hop writes its own Part 10 meta header (PS3.10 7.1)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from relay.gateway.config import from_dict
+from relay.gateway.pacs import StorageScp, push_study
+from relay.gateway.synthetic import read_dataset_bytes, synthetic_study
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gw_config(tmp: Path, **kw: object) -> object:
+    (tmp / "k.asc").write_text("unused in this test")
+    raw = {"address": "ct@example.test", "secret_key": "k.asc", "directory_key": "k.asc", **kw}
+    return from_dict(raw, tmp)
+
+
+def wait_for(cond: object, timeout: float = 20.0) -> None:
+    assert callable(cond)
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def start_storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
+    out.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen([STORESCP, "-aet", "PACS", "+xa", "+B", "-od", str(out), str(port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: _listening(port))
+    return p
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_storescu_to_scp_groups_studies_after_quiet_period(tmp_path: Path) -> None:
+    a = synthetic_study(tmp_path / "in" / "a", n=3)
+    b = synthetic_study(tmp_path / "in" / "b", n=2, rows=32, cols=32)
+    cfg = gw_config(tmp_path, dicom_listen="127.0.0.1:0", quiet_period=0.5, state_dir="state")
+    got: list[str] = []
+
+    def on_study(folder: Path) -> None:
+        shutil.copytree(folder, tmp_path / "fwd" / folder.name)
+        got.append(folder.name)
+
+    scp = StorageScp(cfg, on_study)  # type: ignore[arg-type]
+    port = scp.start()
+    try:
+        for files in (a, b):
+            r = subprocess.run([STORESCU, "-aec", "RELAYGW", "127.0.0.1", str(port), *map(str, files)],
+                               capture_output=True, timeout=60, check=False)
+            assert r.returncode == 0, r.stderr
+        wait_for(lambda: len(got) == 2)
+        time.sleep(0.6)
+        assert len(got) == 2           # each study forwarded once
+    finally:
+        scp.stop()
+    assert not any((tmp_path / "state" / "pacs-in").iterdir())     # spool emptied
+    for files in (a, b):
+        dss = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        fwd = tmp_path / "fwd" / str(dss[0].StudyInstanceUID)
+        assert {p.name: read_dataset_bytes(p) for p in fwd.iterdir()} == {
+            f"{ds.SOPInstanceUID}.dcm": read_dataset_bytes(f) for ds, f in zip(dss, files, strict=True)}
+
+
+def test_scp_keeps_a_study_whose_forwarding_failed(tmp_path: Path) -> None:
+    a = synthetic_study(tmp_path / "in", n=2)
+    cfg = gw_config(tmp_path, dicom_listen="127.0.0.1:0", quiet_period=0.3, state_dir="state")
+    calls: list[str] = []
+
+    def failing(folder: Path) -> None:
+        calls.append(folder.name)
+        raise RuntimeError("relay down")
+
+    scp = StorageScp(cfg, failing)  # type: ignore[arg-type]
+    port = scp.start()
+    try:
+        subprocess.run([STORESCU, "-aec", "RELAYGW", "127.0.0.1", str(port), *map(str, a)],
+                       capture_output=True, timeout=60, check=True)
+        wait_for(lambda: len(calls) >= 2)       # retried after another quiet period
+    finally:
+        scp.stop()
+    assert len(list((tmp_path / "state" / "pacs-in" / calls[0]).iterdir())) == 2
+
+
+def test_push_study_to_storescp_is_bit_preserving(tmp_path: Path) -> None:
+    files = synthetic_study(tmp_path / "study", n=3)
+    port = free_port()
+    scp = start_storescp(tmp_path / "pacs", port)
+    try:
+        cfg = gw_config(tmp_path, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
+        assert push_study(cfg, tmp_path / "study") == 3  # type: ignore[arg-type]
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    received = sorted(read_dataset_bytes(p) for p in (tmp_path / "pacs").iterdir())
+    assert received == sorted(read_dataset_bytes(f) for f in files)
+
+
+def test_push_to_absent_pacs_is_a_clear_error(tmp_path: Path) -> None:
+    from relay.gateway.core import GatewayError
+    synthetic_study(tmp_path / "study", n=1)
+    cfg = gw_config(tmp_path, pacs=f"127.0.0.1:{free_port()}")
+    with pytest.raises(GatewayError, match="association refused or not reachable"):
+        push_study(cfg, tmp_path / "study")  # type: ignore[arg-type]
