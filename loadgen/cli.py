@@ -8,14 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from loadgen.profile import ProfileError, load_profile, shipped
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
+from loadgen.report import fmt_bytes as _fmt_bytes
 
 
 def cmd_model(args: argparse.Namespace) -> int:

@@ -162,7 +162,7 @@ def figures(data: RunData) -> dict[str, Any]:
     }
 
 
-def _fmt(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -271,21 +271,21 @@ def markdown(fig: dict[str, Any]) -> str:
         "",
         "## Throughput (as run, on this machine)",
         "",
-        f"- {_fmt(fig['bytes_sent'])} accepted, {_fmt(fig['bytes_delivered'])} downloaded and verified",
+        f"- {fmt_bytes(fig['bytes_sent'])} accepted, {fmt_bytes(fig['bytes_delivered'])} downloaded and verified",
         (f"- mean {fig['mean_mb_per_s']:.1f} MB/s; peak {fig['peak_mb_per_s']:.1f} MB/s accepted, "
         f"{fig['peak_download_mb_per_s']:.1f} MB/s downloaded"),
         "",
         "## Capacity summary (full scale, simulated time)",
         "",
         f"- peak hour of intake: {fig['peak_simulated_hour_full_scale_mbit_per_s']:.1f} Mbit/s",
-        (f"- peak backlog on the server: {_fmt(fig['peak_backlog_full_scale_bytes'])}; "
-        f"disk needed (peak backlog + the largest message): {_fmt(fig['disk_needed_bytes'])}"),
+        (f"- peak backlog on the server: {fmt_bytes(fig['peak_backlog_full_scale_bytes'])}; "
+        f"disk needed (peak backlog + the largest message): {fmt_bytes(fig['disk_needed_bytes'])}"),
         (f"- latency submission -> verified download: median {_dur(fig['latency_p50_seconds'])}, "
         f"95% {_dur(fig['latency_p95_seconds'])}, max {_dur(fig['latency_max_seconds'])}"),
     ]
     if sr:
         lines.append(f"- slowest receiver: {sr['address']} (95% latency {_dur(sr['latency_p95_seconds'])}); "
-                     f"it costs the server {_fmt(sr['peak_backlog_full_scale_bytes'])} of backlog at its peak")
+                     f"it costs the server {fmt_bytes(sr['peak_backlog_full_scale_bytes'])} of backlog at its peak")
     lines += ["", "## Figures", ""]
     for name in PLOTS:
         lines.append(f"![{name.removesuffix('.png')}]({name})")
@@ -295,7 +295,7 @@ def markdown(fig: dict[str, Any]) -> str:
     for who, r in fig["per_receiver"].items():
         lines.append(f"| {who} | {r['messages']} | {_dur(r['latency_p50_seconds'])} | "
                      f"{_dur(r['latency_p95_seconds'])} | {_dur(r['latency_max_seconds'])} | "
-                     f"{_fmt(r['peak_backlog_full_scale_bytes'])} |")
+                     f"{fmt_bytes(r['peak_backlog_full_scale_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 
