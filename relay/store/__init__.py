@@ -5,15 +5,17 @@ The interface is docs/architecture.md, "relay.store"; docs/store.md explains the
 
 from relay.store.accounts import Account
 from relay.store.address import normalize_address
-from relay.store.core import Reservation, Store, Usage
+from relay.store.core import MailboxStats, Reservation, Store, StoreStats, Usage
 from relay.store.delivery import Delivery
 from relay.store.errors import (
-           AccountExists,
-           AddressError,
-           NoSuchAccount,
-           QuotaExceeded,
-           StoreError,
+    AccountExists,
+    AddressError,
+    NoSuchAccount,
+    QuotaExceeded,
+    StoreError,
 )
+from relay.store.mailbox import Mailbox, MessageInfo, NoSuchMessage
 
-__all__ = ["Account", "AccountExists", "AddressError", "Delivery", "NoSuchAccount", "QuotaExceeded",
-           "Reservation", "Store", "StoreError", "Usage", "normalize_address"]
+__all__ = ["Account", "AccountExists", "AddressError", "Delivery", "Mailbox", "MailboxStats", "MessageInfo",
+           "NoSuchAccount", "NoSuchMessage", "QuotaExceeded", "Reservation", "Store", "StoreError",
+           "StoreStats", "Usage", "normalize_address"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+import time
 from collections.abc import Callable
 
 from relay import config as configmod
@@ -103,8 +104,62 @@ def _user_passwd(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def _percent(used: int, quota: int) -> str:
+    return f" ({100 * used / quota:.0f}%)" if quota else ""
+
+
+def _user_show(args: argparse.Namespace, store: Store) -> int:
+    addr = store.accounts.require(args.address)
+    acct = store.accounts.get(addr)
+    assert acct is not None
+    store.mailbox(addr).refresh()
+    u = store.usage(addr)
+    mb = store.statistics().mailboxes[addr]
+    unfetched = store.db.one("SELECT COUNT(*) FROM messages WHERE address=? AND first_fetch IS NULL", (addr,))
+    qm = str(u.quota_messages) if u.quota_messages else "unlimited"
+    print(f"address:   {addr}{'' if acct.has_password else '  (no password: cannot log in)'}")
+    print(f"quota:     {format_size(u.quota_bytes) if u.quota_bytes else 'unlimited'}, {qm} messages"
+          f"{'' if acct.quota_bytes is None and acct.quota_messages is None else '  (account override)'}")
+    print(f"usage:     {format_size(u.bytes)}{_percent(u.bytes, u.quota_bytes)}, "
+          f"{u.messages} messages{_percent(u.messages, u.quota_messages)}")
+    print(f"backlog:   {u.messages} messages waiting, {unfetched[0] if unfetched else 0} never fetched, "
+          f"oldest {_age(mb.oldest_age_seconds) if u.messages else '-'}")
+    last = f"{_age(time.time() - mb.last_poll)} ago" if mb.last_poll else "never"
+    print(f"last poll: {last}")
+    return 0
+
+
+def _user_quota(args: argparse.Namespace, store: Store) -> int:
+    if args.quota_bytes is None and args.quota_messages is None:
+        return _fail("give --quota-bytes and/or --quota-messages")
+    acct = store.accounts.set_quota(args.address, args.quota_bytes, args.quota_messages)
+    qb, qm = _quota_text(store, acct.address)
+    print(f"{acct.address} quota {qb}, {qm} messages")
+    return 0
+
+
+def _quota_recalc(args: argparse.Namespace, store: Store) -> int:
+    changed = store.recalc(args.address)
+    for addr, old, new in changed:
+        print(f"{addr}: {format_size(old[0])}, {old[1]} messages -> {format_size(new[0])}, {new[1]} messages")
+    if not changed:
+        print("ledger matches the Maildirs")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    user = sub.add_parser("user", help="accounts: add, list, del, passwd")
+    user = sub.add_parser("user", help="accounts: add, list, del, passwd, show, quota")
     us = user.add_subparsers(dest="user_command", metavar="ACTION", parser_class=type(user))
     us.required = True
 
@@ -126,3 +181,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("address")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     p.set_defaults(func=_with_store(_user_passwd))
+
+    p = us.add_parser("show", help="quota, usage, backlog and last poll of an account")
+    p.add_argument("address")
+    p.set_defaults(func=_with_store(_user_show))
+
+    p = us.add_parser("quota", help="set an account's quota override")
+    p.add_argument("address")
+    p.add_argument("--quota-bytes", type=_size, metavar="SIZE")
+    p.add_argument("--quota-messages", type=_count, metavar="N", help="0 = unlimited")
+    p.set_defaults(func=_with_store(_user_quota))
+
+    quota = sub.add_parser("quota", help="the quota ledger")
+    qs = quota.add_subparsers(dest="quota_command", metavar="ACTION", parser_class=type(quota))
+    qs.required = True
+    p = qs.add_parser("recalc", help="rebuild index and ledger from the Maildirs (safe while the server runs)")
+    p.add_argument("address", nargs="?")
+    p.set_defaults(func=_with_store(_quota_recalc))

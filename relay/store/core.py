@@ -10,12 +10,14 @@ from pathlib import Path
 
 from relay.config import Config
 from relay.log import get_logger
+from relay.metrics import WAIT_SECONDS, Histogram, HistogramSnapshot
 from relay.store import maildir
 from relay.store.accounts import Accounts
 from relay.store.address import normalize_address, normalize_domain
 from relay.store.db import Database
 from relay.store.delivery import LIVE_TMP, Delivery, trace_headers
 from relay.store.errors import AddressError, NoSuchAccount, QuotaExceeded, StoreError
+from relay.store.mailbox import Mailbox
 
 log = get_logger("store")
 
@@ -31,6 +33,30 @@ class Usage:
     quota_bytes: int
     quota_messages: int            # 0 = unlimited
     reserved_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class MailboxStats:
+    backlog_bytes: int             # undrained mail (the ledger)
+    backlog_messages: int
+    oldest_age_seconds: float      # age of the oldest message waiting; 0 when empty
+    quota_bytes: int               # effective quota (override or default); 0 = none
+    quota_messages: int            # 0 = none
+    last_poll: float               # Unix time of the last IMAP/POP3 login; 0 = never
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    accounts: int
+    messages_stored: int           # this process: deliveries, one per recipient
+    stored_bytes: int
+    messages_deleted: int          # this process: expunged (or removed from the Maildir)
+    deleted_bytes: int
+    backlog_bytes: int             # all mailboxes
+    backlog_messages: int
+    mailboxes: dict[str, MailboxStats]
+    delivery_to_fetch_seconds: HistogramSnapshot    # relay.metrics.WAIT_SECONDS buckets
+    delivery_to_delete_seconds: HistogramSnapshot
 
 
 class Reservation:
@@ -90,6 +116,9 @@ class Store:
         self.quota = Quota(self)
         self._subscribers: dict[str, list[Subscriber]] = {}
         self._pending: set[str] = set()      # names being committed (not yet in the index)
+        self._counts = {"stored": 0, "stored_bytes": 0, "deleted": 0, "deleted_bytes": 0}
+        self._fetch_latency = Histogram(WAIT_SECONDS)
+        self._delete_latency = Histogram(WAIT_SECONDS)
 
     @classmethod
     def open(cls, config: Config) -> Store:
@@ -132,17 +161,42 @@ class Store:
                    mtimes: list[tuple[int, int]]) -> None:
         """One transaction: a row per recipient (next UID), the ledger, the new/ mtime."""
         with self.db.transaction() as c:
-            for addr, (before, after) in zip(recipients, mtimes):
+            for addr, (before, after) in zip(recipients, mtimes, strict=True):
                 row = c.execute("SELECT uidnext, new_mtime FROM accounts WHERE address=?", (addr,)).fetchone()
                 if row is None:
                     raise NoSuchAccount(f"{addr}: account deleted during delivery")
+                if c.execute("SELECT 1 FROM messages WHERE address=? AND name=?", (addr, name)).fetchone():
+                    continue      # `relay quota recalc` (another process) indexed it already
                 uid = row["uidnext"]
-                c.execute("INSERT INTO messages(address, uid, name, size, internaldate) VALUES (?,?,?,?,?)",
-                          (addr, uid, name, size, when))
+                c.execute("INSERT INTO messages(address, uid, name, size, internaldate, location)"
+                          " VALUES (?,?,?,?,?,?)", (addr, uid, name, size, when, f"new/{name}"))
                 new_mtime = after if row["new_mtime"] == before else row["new_mtime"]
                 c.execute("UPDATE accounts SET uidnext=?, usage_bytes=usage_bytes+?,"
                           " usage_messages=usage_messages+1, new_mtime=? WHERE address=?",
                           (uid + 1, size, new_mtime, addr))
+        self._counts["stored"] += len(recipients)
+        self._counts["stored_bytes"] += size * len(recipients)
+
+    def _record_deleted(self, address: str, removed: list[tuple[int, float]]) -> None:
+        """(size, seconds since delivery) of messages gone from a mailbox: counters,
+        latency histogram, "expunge" notification (the drain rate)."""
+        for size, age in removed:
+            self._delete_latency.observe(max(0.0, age))
+        nbytes = sum(s for s, _ in removed)
+        self._counts["deleted"] += len(removed)
+        self._counts["deleted_bytes"] += nbytes
+        self._notify(address, "expunge", nbytes, len(removed))
+
+    # --- mailboxes -----------------------------------------------------------------------
+
+    def mailbox(self, address: str) -> Mailbox:
+        """The account's INBOX (NoSuchAccount if there is none)."""
+        return Mailbox(self, self.accounts.require(address))
+
+    def note_poll(self, address: str) -> None:
+        """IMAP/POP3 call this at each successful login (last poll time, for metrics/alerts)."""
+        with self.db.transaction(durable=False) as c:
+            c.execute("UPDATE accounts SET last_poll=? WHERE address=?", (time.time(), normalize_address(address)))
 
     # --- notifications -------------------------------------------------------------------
 
@@ -177,11 +231,53 @@ class Store:
         qm = self.config.quota.default_messages if row["quota_messages"] is None else row["quota_messages"]
         return Usage(row["usage_bytes"], row["usage_messages"], qb, qm, self.quota.reserved(addr)[0])
 
+    def recalc(self, address: str | None = None) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+        """Rebuild index and ledger from the Maildir (one account, or all). Safe while the
+        server runs. Returns (address, (bytes, messages) before, after) for every account
+        whose ledger changed."""
+        addrs = [self.accounts.require(address)] if address else [a.address for a in self.accounts.list()]
+        changed = []
+        for addr in addrs:
+            before = self.db.one("SELECT usage_bytes, usage_messages FROM accounts WHERE address=?", (addr,))
+            if before is None:
+                continue
+            Mailbox(self, addr).reconcile()
+            with self.db.transaction() as c:
+                total = c.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM messages WHERE address=?",
+                                  (addr,)).fetchone()
+                c.execute("UPDATE accounts SET usage_bytes=?, usage_messages=? WHERE address=?",
+                          (total[0], total[1], addr))
+            old, new = (before[0], before[1]), (total[0], total[1])
+            if old != new:
+                changed.append((addr, old, new))
+        return changed
+
+    # --- statistics ----------------------------------------------------------------------
+
+    def statistics(self) -> StoreStats:
+        now = time.time()
+        rows = self.db.query(
+            "SELECT a.address, a.usage_bytes, a.usage_messages, a.quota_bytes, a.quota_messages,"
+            " a.last_poll, (SELECT MIN(internaldate) FROM messages m WHERE m.address=a.address)"
+            " FROM accounts a")
+        q = self.config.quota
+        mailboxes = {
+            r[0]: MailboxStats(r[1], r[2], max(0.0, now - r[6]) if r[6] is not None else 0.0,
+                               q.default_bytes if r[3] is None else r[3],
+                               q.default_messages if r[4] is None else r[4], r[5] or 0.0)
+            for r in rows}
+        c = self._counts
+        return StoreStats(len(rows), c["stored"], c["stored_bytes"], c["deleted"], c["deleted_bytes"],
+                          sum(m.backlog_bytes for m in mailboxes.values()),
+                          sum(m.backlog_messages for m in mailboxes.values()), mailboxes,
+                          self._fetch_latency.snapshot(), self._delete_latency.snapshot())
+
     # --- start-up ------------------------------------------------------------------------
 
     def recover(self) -> None:
         """Once at server start-up: remove tmp/ files left by a crash (a dead process's, or
-        older than 36 h)."""
+        older than 36 h); reconcile every mailbox's index with its Maildir and rebuild a
+        ledger that disagrees with the index."""
         removed = 0
         now = time.time()
         me = os.getpid()
@@ -197,10 +293,10 @@ class Store:
                     continue
                 pid = maildir.pid_of(e.name)
                 try:
-                    old = now - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
+                    stale = now - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
                 except FileNotFoundError:
                     continue
-                if old or pid is None or pid == me or not _alive(pid):
+                if stale or pid is None or pid == me or not _alive(pid):
                     try:
                         os.unlink(e.path)
                         removed += 1
@@ -208,6 +304,9 @@ class Store:
                         pass
         if removed:
             log.info("recover-tmp", removed=removed)
+        for addr, old, new in self.recalc():
+            log.warning("ledger-rebuilt", mailbox=addr, bytes_before=old[0], messages_before=old[1],
+                        bytes=new[0], messages=new[1])
 
 
 def _alive(pid: int) -> bool:

@@ -90,10 +90,14 @@ class Database:
                 if not durable:
                     c.execute("PRAGMA synchronous=FULL")
 
-    def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Any = (), raw: bool = False) -> list[Any]:
+        """Rows as sqlite3.Row, or with raw=True as plain tuples (faster for many rows)."""
         with self.lock:
             try:
-                return self.conn.execute(sql, params).fetchall()
+                cur = self.conn.cursor()
+                if raw:
+                    cur.row_factory = None
+                return cur.execute(sql, params).fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"database: {e}") from e
 
