@@ -213,18 +213,19 @@ _cache: OrderedDict[tuple[str, int], Part] = OrderedDict()
 _lock = threading.Lock()
 
 
-def tree(path: str | Path, size: int | None = None) -> Part:
-    """The cached MIME tree of a stored message (key: Maildir base name without flags, size)."""
+def tree(path: str | Path, size: int | None = None, fd: int | None = None) -> Part:
+    """The cached MIME tree of a stored message (key: Maildir base name without flags, size);
+    read from `fd` when given (the file may be renamed by a flag change meanwhile)."""
     p = Path(path)
     if size is None:
-        size = p.stat().st_size
+        size = os.fstat(fd).st_size if fd is not None else p.stat().st_size
     key = (p.name.split(":", 1)[0], size)
     with _lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    t = parse(p)
+    t = _Builder(fd).entity(0, size, 0) if fd is not None else parse(p)
     with _lock:
         _cache[key] = t
         while len(_cache) > CACHE_SIZE:

@@ -1,0 +1,845 @@
+"""IMAP server: asyncio glue around relay.protocol.imap (read, feed, act, write).
+
+- One INBOX per account (`store.mailbox(address)`); mailbox names are compared with "INBOX"
+  and never used as paths. The session keeps a view (the message list the client knows,
+  sequence number = position + 1) and brings it up to date on NOOP, CHECK and during IDLE
+  (EXPUNGE and EXISTS responses), never in the middle of FETCH/STORE/SEARCH.
+- Literal message bytes go from the file to the socket without being held: on a plain TCP
+  connection with os.sendfile while the socket takes them (zero copy), otherwise (TLS, or the
+  socket is full) 1 MiB preads written with flow control (write buffer bound + drain). Server
+  memory does not depend on message size; a partial FETCH reads only its range.
+- IDLE (RFC 2177): store.subscribe pushes "new"/"expunge" at once; the view is refreshed and
+  EXISTS/EXPUNGE sent. Autologout after imap.idle_timeout (RFC 9051 5.4: at least 30 min).
+- STARTTLS via StreamWriter.start_tls; bytes pipelined after STARTTLS are refused (RFC 9051
+  6.2.1, command injection). LOGINDISABLED when relay.auth.plaintext_allowed says no.
+- Counters: `relay.imap_stats.statistics()` -> ImapStats, read by relay/metrics.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from relay import __version__, mimetree
+from relay.auth import AuthError, decode_plain, plaintext_allowed
+from relay.log import get_logger
+from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.protocol import imap as proto
+from relay.protocol.imap import (
+    AUTH,
+    NEED_DATA,
+    NOT_AUTH,
+    SELECTED,
+    ClientLine,
+    Command,
+    Continuation,
+    ImapSyntaxError,
+    Reject,
+    tagged,
+    untagged,
+)
+from relay.server.listener import Session, create_servers
+from relay.store import StoreError, normalize_address
+
+log = get_logger("imap")
+
+CHUNK = 1024 * 1024               # pread size when sendfile cannot be used
+SENDFILE_MAX = 16 * 1024 * 1024   # one os.sendfile call at most
+READ_SIZE = 64 * 1024
+WRITE_HIGH_WATER = 2 * CHUNK      # transport buffer bound before drain() waits
+MAX_AUTH_FAILURES = 5             # then BYE (slows password guessing)
+IDLE_POLL = 30.0                  # IDLE also re-reads the index this often (changes by other processes)
+PERMANENT = proto.SYSTEM_FLAGS
+
+
+@dataclass(frozen=True)
+class ImapStats:
+    messages_fetched: int          # whole messages sent (BODY[]/RFC822 up to the last byte)
+    fetched_bytes: int             # message bytes sent in literals
+    fetch_duration: HistogramSnapshot
+    logins: int
+    login_failures: int
+    idle_pushes: int               # EXISTS/EXPUNGE pushed during IDLE
+    commands: int
+
+
+class ImapCounters:
+    def __init__(self) -> None:
+        self.messages_fetched = 0
+        self.fetched_bytes = 0
+        self.fetch_duration = Histogram(TRANSFER_SECONDS)
+        self.logins = 0
+        self.login_failures = 0
+        self.idle_pushes = 0
+        self.commands = 0
+
+    def statistics(self) -> ImapStats:
+        return ImapStats(self.messages_fetched, self.fetched_bytes, self.fetch_duration.snapshot(),
+                         self.logins, self.login_failures, self.idle_pushes, self.commands)
+
+
+def counters(relay: Any) -> ImapCounters:
+    c = getattr(relay, "imap_stats", None)
+    if c is None:
+        c = relay.imap_stats = ImapCounters()
+    return c
+
+
+def statistics(relay: Any) -> ImapStats:
+    return counters(relay).statistics()
+
+
+async def start(relay: Any, addrs: tuple[str, ...] | list[str], ssl_ctx: ssl.SSLContext | None = None,
+                implicit_tls: bool = False) -> list[asyncio.Server]:
+    counters(relay)
+
+    def factory() -> asyncio.BaseProtocol:
+        reader = asyncio.StreamReader(limit=READ_SIZE)
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await ImapSession(relay, r, w, ssl_ctx, implicit_tls).run()
+
+        return asyncio.StreamReaderProtocol(reader, handle)
+
+    return await create_servers(factory, addrs, "imap.listen_tls" if implicit_tls else "imap.listen",
+                                ssl_ctx if implicit_tls else None)
+
+
+class _Closed(Exception):
+    """The client went away or timed out; the session ends."""
+
+
+class _Bye(Exception):
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def _is_inbox(name: str) -> bool:
+    return name.upper() == "INBOX"
+
+
+def _matches_inbox(reference: str, pattern: str) -> bool:
+    """LIST wildcards (* and %) against the one mailbox name."""
+    import fnmatch
+
+    full = (reference + pattern).replace("%", "*")
+    return fnmatch.fnmatchcase("INBOX", full.upper().replace("[", "[[]"))
+
+
+class ImapSession:
+    def __init__(self, relay: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 ssl_ctx: ssl.SSLContext | None, implicit_tls: bool) -> None:
+        self.relay, self.store, self.config = relay, relay.store, relay.config
+        self.reader, self.writer = reader, writer
+        self.ssl_ctx = ssl_ctx
+        self.tls = implicit_tls
+        self.stats = counters(relay)
+        peer = writer.get_extra_info("peername")
+        self.peer_ip: str = peer[0] if peer else ""
+        self.parser = self._new_parser()
+        self.state = NOT_AUTH
+        self.address: str | None = None
+        self.mailbox: Any = None
+        self.readonly = False
+        self.view: list[Any] = []               # MessageInfo, in UID order (seq = index + 1)
+        self.unsubscribe: Callable[[], None] | None = None
+        self.changed = asyncio.Event()
+        self.session: Session | None = None
+        self.auth_failures = 0
+        self.sent = 0
+        self._pending_read: asyncio.Task[bytes] | None = None
+
+    def _new_parser(self) -> proto.ImapParser:
+        return proto.ImapParser(self.config.imap.max_line, self.config.imap.max_literal)
+
+    # --- I/O -----------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.sent += len(data)
+        self.writer.write(data)
+
+    async def flush(self) -> None:
+        await self.writer.drain()
+
+    async def read_more(self) -> None:
+        """Feed the parser the next bytes from the client (autologout on idle_timeout)."""
+        if self._pending_read is None:
+            self._pending_read = asyncio.ensure_future(self.reader.read(READ_SIZE))
+        try:
+            data = await asyncio.wait_for(asyncio.shield(self._pending_read), self.config.imap.idle_timeout)
+        except TimeoutError:
+            raise _Bye("Autologout; idle for too long") from None
+        self._pending_read = None
+        if not data:
+            raise _Closed
+        self.parser.receive_data(data)
+
+    async def next_event(self) -> proto.Event:
+        while True:
+            ev = self.parser.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            await self.flush()
+            await self.read_more()
+
+    # --- session -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.session = self.relay.sessions.open("imap", self.peer_ip)
+        if self.session is None:
+            self.writer.write(b"* BYE [UNAVAILABLE] Too many connections or shutting down\r\n")
+            await self._close()
+            return
+        self.session.closer = self.writer.close
+        outcome = "dropped"
+        try:
+            self.writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+            self.write(untagged(f"OK [CAPABILITY {self.capabilities()}] {self.config.hostname} IMAP ready"))
+            outcome = await self._loop()
+        except _Closed:
+            pass
+        except _Bye as e:
+            outcome = "timeout"
+            with contextlib.suppress(Exception):
+                self.write(untagged(f"BYE {e.text}"))
+                await asyncio.wait_for(self.flush(), 5)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as e:
+            log.info("connection_lost", sid=self.session.sid, error=type(e).__name__)
+        except Exception as e:  # one session's bug must not kill the listener
+            outcome = "error"
+            log.error("session_failed", sid=self.session.sid, exc_info=e)
+        finally:
+            self._deselect()
+            if self._pending_read is not None:
+                self._pending_read.cancel()
+            log.info("session", sid=self.session.sid, peer=self.peer_ip, user=self.address or "",
+                     outcome=outcome, bytes_out=self.sent)
+            self.session.close(outcome)
+            await self._close()
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+    async def _loop(self) -> str:
+        while True:
+            ev = await self.next_event()
+            if isinstance(ev, Continuation):
+                self.write(f"+ {ev.text}\r\n".encode())
+                continue
+            if isinstance(ev, Reject):
+                self.write(ev.to_bytes())
+                continue
+            if isinstance(ev, ClientLine):                  # only expected inside a command
+                self.write(b"* BAD Unexpected line\r\n")
+                continue
+            assert isinstance(ev, Command)
+            self.stats.commands += 1
+            bad = proto.check_state(ev, self.state)
+            if bad is not None:
+                self.write(bad.to_bytes())
+                continue
+            handler = getattr(self, "cmd_" + ev.name.lower())
+            try:
+                await handler(ev)
+            except ImapSyntaxError as e:
+                self.write(tagged(ev.tag, "BAD", str(e) if str(e).startswith("[") else f"Syntax error: {e}"))
+            if self.state == proto.LOGOUT:
+                await self.flush()
+                return "ok"
+
+    # --- any state -----------------------------------------------------------------------
+
+    def capabilities(self) -> str:
+        caps = ["IMAP4rev1", "SASL-IR", "ID", "ENABLE", "IDLE", "LITERAL+"]
+        if self.state == NOT_AUTH:
+            if self.ssl_ctx is not None and not self.tls:
+                caps.append("STARTTLS")
+            if plaintext_allowed(self.config, self.peer_ip, self.tls):
+                caps.append("AUTH=PLAIN")
+            else:
+                caps.append("LOGINDISABLED")
+        else:
+            caps += ["UIDPLUS", "UNSELECT", "NAMESPACE", "QUOTA", "QUOTA=RES-STORAGE",
+                     "QUOTA=RES-MESSAGE"]
+        return " ".join(caps)
+
+    async def cmd_capability(self, cmd: Command) -> None:
+        self.write(untagged("CAPABILITY " + self.capabilities()))
+        self.write(tagged(cmd.tag, "OK", "Capability completed"))
+
+    async def cmd_noop(self, cmd: Command) -> None:
+        await self.refresh()
+        self.write(tagged(cmd.tag, "OK", "NOOP completed"))
+
+    async def cmd_check(self, cmd: Command) -> None:
+        await self.refresh()
+        self.write(tagged(cmd.tag, "OK", "CHECK completed"))
+
+    async def cmd_logout(self, cmd: Command) -> None:
+        self.write(untagged("BYE Logging out"))
+        self.write(tagged(cmd.tag, "OK", "Logout completed"))
+        self.state = proto.LOGOUT
+
+    async def cmd_id(self, cmd: Command) -> None:
+        self.write(untagged(b"ID " + proto.render(["name", "relay", "version", __version__])))
+        self.write(tagged(cmd.tag, "OK", "ID completed"))
+
+    # --- not authenticated ---------------------------------------------------------------
+
+    async def cmd_starttls(self, cmd: Command) -> None:
+        if self.ssl_ctx is None or self.tls:
+            self.write(tagged(cmd.tag, "BAD", "STARTTLS not available"))
+            return
+        if self.parser.buffered or self.reader._buffer:  # type: ignore[attr-defined]
+            self.write(tagged(cmd.tag, "BAD", "Nothing may follow STARTTLS before the handshake"))
+            raise _Bye("Command injection refused")
+        self.write(tagged(cmd.tag, "OK", "Begin TLS negotiation now"))
+        await self.flush()
+        await self.writer.start_tls(self.ssl_ctx)
+        self.tls = True
+        self.parser = self._new_parser()
+
+    async def _login(self, tag: str, user: str, password: str) -> None:
+        ok = False
+        try:
+            ok = await self.store.accounts.verify_async(user, password)
+        except StoreError as e:  # malformed address, unknown account: the same answer
+            log.info("login_error", sid=self.session.sid if self.session else "", error=type(e).__name__)
+        if not ok:
+            self.stats.login_failures += 1
+            self.auth_failures += 1
+            log.info("login_failed", sid=self.session.sid if self.session else "", user=user[:100])
+            if self.auth_failures >= MAX_AUTH_FAILURES:
+                self.write(tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed"))
+                raise _Bye("Too many authentication failures")
+            await asyncio.sleep(0.2 * self.auth_failures)
+            self.write(tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed"))
+            return
+        self.address = normalize_address(user)
+        self.state = AUTH
+        self.stats.logins += 1
+        note = getattr(self.store, "note_poll", None)
+        if note is not None:
+            note(self.address)
+        self.write(tagged(tag, "OK", f"[CAPABILITY {self.capabilities()}] Logged in"))
+
+    def _plaintext_refused(self, tag: str) -> bool:
+        if plaintext_allowed(self.config, self.peer_ip, self.tls):
+            return False
+        self.write(tagged(tag, "NO", "[PRIVACYREQUIRED] Use STARTTLS or TLS first"))
+        return True
+
+    async def cmd_login(self, cmd: Command) -> None:
+        proto.want_args(cmd, 2, 2)
+        user, password = proto.astring(cmd.args[0]), proto.astring(cmd.args[1])
+        if not self._plaintext_refused(cmd.tag):
+            await self._login(cmd.tag, user, password)
+
+    async def cmd_authenticate(self, cmd: Command) -> None:
+        proto.want_args(cmd, 1, 2)
+        if proto.atom(cmd.args[0]).upper() != "PLAIN":
+            self.write(tagged(cmd.tag, "NO", "Unsupported authentication mechanism"))
+            return
+        if self._plaintext_refused(cmd.tag):
+            return
+        if len(cmd.args) == 2:                                  # SASL-IR (RFC 4959)
+            response = proto.astring(cmd.args[1]).encode()
+            if response == b"=":
+                response = b""
+        else:
+            self.write(b"+ \r\n")
+            self.parser.expect_line()
+            ev = await self.next_event()
+            if not isinstance(ev, ClientLine):
+                self.write(tagged(cmd.tag, "BAD", "Authentication exchange failed"))
+                return
+            response = ev.data.strip()
+            if response == b"*":
+                self.write(tagged(cmd.tag, "BAD", "Authentication cancelled"))
+                return
+        try:
+            _, user, password = decode_plain(response)
+        except AuthError as e:
+            self.write(tagged(cmd.tag, "BAD", f"Invalid SASL PLAIN response: {e}"))
+            return
+        await self._login(cmd.tag, user, password)
+
+    # --- authenticated -------------------------------------------------------------------
+
+    async def cmd_enable(self, cmd: Command) -> None:
+        proto.want_args(cmd, 1)
+        self.write(untagged("ENABLED"))                         # nothing to enable
+        self.write(tagged(cmd.tag, "OK", "ENABLE completed"))
+
+    async def _list(self, cmd: Command, kind: str) -> None:
+        proto.want_args(cmd, 2, 2)
+        ref, pattern = proto.astring(cmd.args[0]), proto.astring(cmd.args[1])
+        if kind == "LIST" and pattern == "":
+            self.write(untagged(b'LIST (\\Noselect) "/" ""'))
+        elif _matches_inbox(ref, pattern):
+            attrs = "\\HasNoChildren" if kind == "LIST" else ""
+            self.write(untagged(f'{kind} ({attrs}) "/" INBOX'))
+        self.write(tagged(cmd.tag, "OK", f"{kind} completed"))
+
+    async def cmd_list(self, cmd: Command) -> None:
+        await self._list(cmd, "LIST")
+
+    async def cmd_lsub(self, cmd: Command) -> None:
+        await self._list(cmd, "LSUB")
+
+    async def cmd_namespace(self, cmd: Command) -> None:
+        self.write(untagged('NAMESPACE (("" "/")) NIL NIL'))
+        self.write(tagged(cmd.tag, "OK", "NAMESPACE completed"))
+
+    def _no_such_mailbox(self, tag: str) -> None:
+        self.write(tagged(tag, "NO", "[NONEXISTENT] Only INBOX exists"))
+
+    async def _not_supported(self, cmd: Command) -> None:
+        self.write(tagged(cmd.tag, "NO", "[CANNOT] Only INBOX exists here"))
+
+    cmd_create = cmd_delete = cmd_rename = _not_supported
+
+    async def cmd_subscribe(self, cmd: Command) -> None:
+        proto.want_args(cmd, 1, 1)
+        if _is_inbox(proto.astring(cmd.args[0])):
+            self.write(tagged(cmd.tag, "OK", "SUBSCRIBE completed"))
+        else:
+            self._no_such_mailbox(cmd.tag)
+
+    cmd_unsubscribe = cmd_subscribe
+
+    async def cmd_append(self, cmd: Command) -> None:
+        self.write(tagged(cmd.tag, "NO", "[CANNOT] APPEND is not supported: INBOX is filled by SMTP"))
+
+    async def cmd_copy(self, cmd: Command) -> None:
+        self.write(tagged(cmd.tag, "NO", f"[CANNOT] {cmd.name} is not supported: only INBOX exists"))
+
+    cmd_move = cmd_copy
+
+    async def cmd_status(self, cmd: Command) -> None:
+        proto.want_args(cmd, 2, 2)
+        if not _is_inbox(proto.astring(cmd.args[0])):
+            self._no_such_mailbox(cmd.tag)
+            return
+        items = cmd.args[1] if isinstance(cmd.args[1], list) else [cmd.args[1]]
+        mb = self.store.mailbox(self.address)
+        msgs = mb.messages()
+        values = {"MESSAGES": len(msgs), "UIDNEXT": mb.uidnext, "UIDVALIDITY": mb.uidvalidity,
+                  "RECENT": 0, "UNSEEN": sum(1 for m in msgs if "S" not in m.flags),
+                  "DELETED": sum(1 for m in msgs if "T" in m.flags), "SIZE": sum(m.size for m in msgs)}
+        out: list[str] = []
+        for it in items:
+            name = proto.atom(it).upper()
+            if name not in values:
+                raise ImapSyntaxError(f"unknown STATUS item {name}")
+            out.append(f"{name} {values[name]}")
+        self.write(untagged(f"STATUS INBOX ({' '.join(out)})"))
+        self.write(tagged(cmd.tag, "OK", "STATUS completed"))
+
+    async def _select(self, cmd: Command, readonly: bool) -> None:
+        proto.want_args(cmd, 1, 2)
+        self._deselect()
+        self.state = AUTH
+        if not _is_inbox(proto.astring(cmd.args[0])):
+            self._no_such_mailbox(cmd.tag)
+            return
+        self.mailbox = self.store.mailbox(self.address)
+        self.readonly = readonly
+        self.view = list(self.mailbox.messages())
+        self.changed.clear()
+        self.unsubscribe = self.store.subscribe(self.address, self._on_store_change)
+        self.state = SELECTED
+        self.write(untagged(f"FLAGS ({PERMANENT})"))
+        perm = "" if readonly else PERMANENT
+        self.write(untagged(f"OK [PERMANENTFLAGS ({perm})] Flags permitted"))
+        self.write(untagged(f"{len(self.view)} EXISTS"))
+        self.write(untagged("0 RECENT"))
+        unseen = next((i + 1 for i, m in enumerate(self.view) if "S" not in m.flags), None)
+        if unseen is not None:
+            self.write(untagged(f"OK [UNSEEN {unseen}] First unseen"))
+        self.write(untagged(f"OK [UIDVALIDITY {self.mailbox.uidvalidity}] UIDs valid"))
+        self.write(untagged(f"OK [UIDNEXT {self.mailbox.uidnext}] Predicted next UID"))
+        mode = "READ-ONLY" if readonly else "READ-WRITE"
+        self.write(tagged(cmd.tag, "OK", f"[{mode}] {cmd.name} completed"))
+
+    async def cmd_select(self, cmd: Command) -> None:
+        await self._select(cmd, False)
+
+    async def cmd_examine(self, cmd: Command) -> None:
+        await self._select(cmd, True)
+
+    def _on_store_change(self, kind: str, nbytes: int, nmessages: int) -> None:
+        self.changed.set()
+
+    def _deselect(self) -> None:
+        if self.unsubscribe is not None:
+            self.unsubscribe()
+            self.unsubscribe = None
+        self.mailbox = None
+        self.view = []
+
+    async def cmd_getquotaroot(self, cmd: Command) -> None:
+        proto.want_args(cmd, 1, 1)
+        if not _is_inbox(proto.astring(cmd.args[0])):
+            self._no_such_mailbox(cmd.tag)
+            return
+        self.write(untagged('QUOTAROOT INBOX ""'))
+        self.write(untagged(self._quota_line()))
+        self.write(tagged(cmd.tag, "OK", "GETQUOTAROOT completed"))
+
+    async def cmd_getquota(self, cmd: Command) -> None:
+        proto.want_args(cmd, 1, 1)
+        if proto.astring(cmd.args[0]) != "":
+            self.write(tagged(cmd.tag, "NO", "[NONEXISTENT] No such quota root"))
+            return
+        self.write(untagged(self._quota_line()))
+        self.write(tagged(cmd.tag, "OK", "GETQUOTA completed"))
+
+    def _quota_line(self) -> bytes:
+        """RFC 9208 5.1: STORAGE in units of 1024 octets; a resource without limit is left out."""
+        u = self.store.usage(self.address)
+        res = []
+        if u.quota_bytes:
+            res.append(f"STORAGE {(u.bytes + 1023) // 1024} {u.quota_bytes // 1024}")
+        if u.quota_messages:
+            res.append(f"MESSAGE {u.messages} {u.quota_messages}")
+        return f'QUOTA "" ({" ".join(res)})'.encode()
+
+    # --- IDLE ----------------------------------------------------------------------------
+
+    async def cmd_idle(self, cmd: Command) -> None:
+        self.write(b"+ idling\r\n")
+        self.parser.expect_line()
+        deadline = time.monotonic() + self.config.imap.idle_timeout
+        while True:
+            ev = self.parser.next_event()
+            if isinstance(ev, ClientLine):
+                if ev.data.strip().upper() == b"DONE":
+                    self.write(tagged(cmd.tag, "OK", "IDLE terminated"))
+                else:
+                    self.write(tagged(cmd.tag, "BAD", "Expected DONE"))
+                return
+            if ev is not NEED_DATA:
+                self.write(tagged(cmd.tag, "BAD", "Expected DONE"))
+                return
+            await self.flush()
+            if self._pending_read is None:
+                self._pending_read = asyncio.ensure_future(self.reader.read(READ_SIZE))
+            change = asyncio.ensure_future(self.changed.wait())
+            left = deadline - time.monotonic()
+            if left <= 0:
+                change.cancel()
+                raise _Bye("Autologout; idle for too long")
+            done, _ = await asyncio.wait({self._pending_read, change}, timeout=min(left, IDLE_POLL),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            change.cancel()
+            if self._pending_read in done:
+                data = self._pending_read.result()
+                self._pending_read = None
+                if not data:
+                    raise _Closed
+                self.parser.receive_data(data)
+            if self.state == SELECTED:
+                n = await self.refresh()
+                self.stats.idle_pushes += n
+
+    async def refresh(self) -> int:
+        """Bring the view up to date: EXPUNGE for vanished messages (highest first), FETCH
+        FLAGS for changed flags, EXISTS for new ones. Returns the number of responses."""
+        self.changed.clear()
+        if self.state != SELECTED:
+            return 0
+        current = self.mailbox.messages()
+        by_uid = {m.uid: m for m in current}
+        sent = 0
+        for seq in range(len(self.view), 0, -1):
+            if self.view[seq - 1].uid not in by_uid:
+                del self.view[seq - 1]
+                self.write(untagged(f"{seq} EXPUNGE"))
+                sent += 1
+        for i, m in enumerate(self.view):
+            now = by_uid[m.uid]
+            if now.flags != m.flags:
+                self.view[i] = now
+                self.write(untagged(b"%d FETCH (FLAGS %s UID %d)" % (i + 1, proto.render_flags(now.flags), m.uid)))
+                sent += 1
+        top = self.view[-1].uid if self.view else 0
+        new = [m for m in current if m.uid > top]
+        if new:
+            self.view += new
+            self.write(untagged(f"{len(self.view)} EXISTS"))
+            sent += 1
+        return sent
+
+    # --- selected ------------------------------------------------------------------------
+
+    def _targets(self, cmd: Command, spec: proto.Arg) -> list[tuple[int, Any]]:
+        """(seq, MessageInfo) of the messages a sequence set (or UID set) names."""
+        seqset = proto.parse_sequence_set(proto.atom(spec))
+        if cmd.uid:
+            if not self.view:
+                return []
+            star = self.view[-1].uid
+            return [(i + 1, m) for i, m in enumerate(self.view) if seqset.contains(m.uid, star)]
+        n = len(self.view)
+        for a, b in seqset.ranges:
+            for x in (a, b):
+                if x is not None and x > n:
+                    raise ImapSyntaxError("Invalid message sequence number")
+        if not n:
+            raise ImapSyntaxError("No messages")
+        return [(i + 1, m) for i, m in enumerate(self.view) if seqset.contains(i + 1, n)]
+
+    async def cmd_close(self, cmd: Command) -> None:
+        if not self.readonly:
+            deleted = [m.uid for m in self.view if "T" in m.flags]
+            if deleted:
+                self.mailbox.expunge(deleted)
+        self._deselect()
+        self.state = AUTH
+        self.write(tagged(cmd.tag, "OK", "CLOSE completed"))
+
+    async def cmd_unselect(self, cmd: Command) -> None:
+        self._deselect()
+        self.state = AUTH
+        self.write(tagged(cmd.tag, "OK", "UNSELECT completed"))
+
+    async def cmd_expunge(self, cmd: Command) -> None:
+        if self.readonly:
+            self.write(tagged(cmd.tag, "NO", "[READ-ONLY] Mailbox is read-only"))
+            return
+        if cmd.uid:
+            proto.want_args(cmd, 1, 1)
+            named = {m.uid for _, m in self._targets(cmd, cmd.args[0])}
+        else:
+            proto.want_args(cmd, 0, 0)
+            named = {m.uid for m in self.view}
+        deleted = [m.uid for m in self.view if "T" in m.flags and m.uid in named]
+        gone = set(self.mailbox.expunge(deleted)) if deleted else set()
+        for seq in range(len(self.view), 0, -1):
+            if self.view[seq - 1].uid in gone:
+                del self.view[seq - 1]
+                self.write(untagged(f"{seq} EXPUNGE"))
+        self.write(tagged(cmd.tag, "OK", "EXPUNGE completed"))
+
+    async def cmd_search(self, cmd: Command) -> None:
+        args = list(cmd.args)
+        if args and isinstance(args[0], str) and args[0].upper() == "RETURN":
+            raise ImapSyntaxError("SEARCH RETURN (ESEARCH) is not supported")
+        key = proto.parse_search(args)
+        max_uid = self.view[-1].uid if self.view else 0
+        hits = []
+        for i, m in enumerate(self.view):
+            facts = proto.MessageFacts(i + 1, m.uid, m.flags, m.internaldate, m.size)
+            if key.matches(facts, len(self.view), max_uid):
+                hits.append(m.uid if cmd.uid else i + 1)
+        self.write(untagged("SEARCH" + "".join(f" {h}" for h in hits)))
+        self.write(tagged(cmd.tag, "OK", "SEARCH completed"))
+
+    async def cmd_store(self, cmd: Command) -> None:
+        seqset_arg = cmd.args[0] if cmd.args else ""
+        _, req = proto.parse_store(cmd.args)
+        if self.readonly:
+            self.write(tagged(cmd.tag, "NO", "[READ-ONLY] Mailbox is read-only"))
+            return
+        for seq, m in self._targets(cmd, seqset_arg):
+            letters = req.apply(m.flags)
+            if letters != m.flags:
+                try:
+                    m = self.mailbox.set_flags(m.uid, letters)
+                except (StoreError, LookupError, FileNotFoundError):
+                    continue                                # expunged meanwhile
+                self.view[seq - 1] = m
+            if not req.silent:
+                uid = b" UID %d" % m.uid if cmd.uid else b""
+                self.write(untagged(b"%d FETCH (FLAGS %s%s)" % (seq, proto.render_flags(m.flags), uid)))
+        self.write(tagged(cmd.tag, "OK", "STORE completed"))
+
+    async def cmd_fetch(self, cmd: Command) -> None:
+        proto.want_args(cmd, 2, 2)
+        atts = proto.parse_fetch_atts(cmd.args[1])
+        if cmd.uid and not any(a.name == "UID" for a in atts):
+            atts.insert(0, proto.FetchAtt("UID"))
+        missing = 0
+        for seq, m in self._targets(cmd, cmd.args[0]):
+            if not await self._fetch_one(seq, m, atts):
+                missing += 1
+        if missing:
+            self.write(tagged(cmd.tag, "NO", "[EXPUNGEISSUED] Some messages no longer exist"))
+        else:
+            self.write(tagged(cmd.tag, "OK", "FETCH completed"))
+
+    def _open(self, m: Any) -> int | None:
+        for _ in range(3):                           # a flag rename may race with the open
+            try:
+                return os.open(self.mailbox.path(m.uid), os.O_RDONLY)
+            except (FileNotFoundError, KeyError, LookupError):
+                continue
+        return None
+
+    async def _fetch_one(self, seq: int, m: Any, atts: list[proto.FetchAtt]) -> bool:
+        needs_file = any(a.name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE") for a in atts)
+        fd = self._open(m) if needs_file else None
+        if needs_file and fd is None:
+            return False
+        try:
+            if not self.readonly and "S" not in m.flags and any(a.sets_seen for a in atts):
+                with contextlib.suppress(KeyError, LookupError, FileNotFoundError):
+                    m = self.mailbox.set_flags(m.uid, "".join(sorted(m.flags + "S")))
+                    self.view[seq - 1] = m
+                    if not any(a.name == "FLAGS" for a in atts):
+                        atts = [*atts, proto.FetchAtt("FLAGS")]
+            size = os.fstat(fd).st_size if fd is not None else m.size
+            resp = proto.FetchResponse(seq)
+            whole = False
+            for a in atts:
+                whole |= self._render_att(resp, a, m, fd, size)
+            resp.finish()
+            t0 = time.monotonic()
+            for piece in resp.parts:
+                if isinstance(piece, bytes):
+                    self.write(piece)
+                else:
+                    assert fd is not None
+                    _, off, count = piece
+                    await self.send_file(fd, off, count)
+            if whole:
+                self.stats.messages_fetched += 1
+                self.stats.fetch_duration.observe(time.monotonic() - t0)
+                with contextlib.suppress(Exception):
+                    self.mailbox.note_fetched(m.uid)
+            return True
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _render_att(self, resp: proto.FetchResponse, a: proto.FetchAtt, m: Any, fd: int | None,
+                    size: int) -> bool:
+        """Add one item; True when it sends the whole message up to its last byte."""
+        name = a.name
+        if name == "UID":
+            resp.add("UID", str(m.uid).encode())
+        elif name == "FLAGS":
+            resp.add("FLAGS", proto.render_flags(m.flags))
+        elif name == "INTERNALDATE":
+            resp.add("INTERNALDATE", proto.quote(proto.imap_datetime(m.internaldate)))
+        elif name == "RFC822.SIZE":
+            resp.add("RFC822.SIZE", str(size).encode())
+        elif name == "RFC822":
+            assert fd is not None
+            resp.add_file_literal("RFC822", 0, size)
+            return True
+        else:
+            assert fd is not None
+            if a.section == proto.Section():              # BODY[]: no MIME parse needed
+                return self._render_section(resp, a, None, fd, size)
+            root = mimetree.tree(m.name, size, fd)
+            if name == "RFC822.HEADER":
+                resp.add_file_literal(name, root.header_offset, root.header_size)
+            elif name == "RFC822.TEXT":
+                resp.add_file_literal(name, root.body_offset, root.body_size)
+            elif name == "ENVELOPE":
+                resp.add(name, proto.render(mimetree.envelope(root)))
+            elif name == "BODYSTRUCTURE":
+                resp.add(name, mimetree.bodystructure(root))
+            elif name == "BODY" and a.section is None:
+                resp.add(name, mimetree.bodystructure(root, extended=False))
+            else:
+                return self._render_section(resp, a, root, fd, size)
+        return False
+
+    def _render_section(self, resp: proto.FetchResponse, a: proto.FetchAtt, root: Any, fd: int,
+                        size: int) -> bool:
+        sec = a.section
+        assert sec is not None
+        rname = a.response_name()
+        data: bytes | None = None
+        rng: tuple[int, int] | None = None
+        if not sec.part and not sec.text:
+            rng = (0, size)
+        else:
+            part = mimetree.find_part(root, sec.part) if sec.part else root
+            if part is None:
+                resp.add(rname, b"NIL")
+                return False
+            target = part if not sec.part else part.message
+            if sec.text == "":
+                rng = (part.body_offset, part.body_size)
+            elif sec.text == "MIME":
+                rng = (part.header_offset, part.header_size)
+            elif target is None:                          # HEADER/TEXT of a non-message part
+                data = b""
+            elif sec.text == "HEADER":
+                rng = (target.header_offset, target.header_size)
+            elif sec.text == "TEXT":
+                rng = (target.body_offset, target.body_size)
+            else:
+                data = mimetree.header_fields(fd, target, sec.fields, sec.text.endswith(".NOT"))
+        if a.partial is not None:
+            off, length = a.partial
+            if data is not None:
+                data = data[off:off + length]
+            else:
+                assert rng is not None
+                start = min(off, rng[1])
+                rng = (rng[0] + start, max(0, min(length, rng[1] - start)))
+        if data is not None:
+            resp.add_literal_bytes(rname, data)
+            return False
+        assert rng is not None
+        resp.add_file_literal(rname, rng[0], rng[1])
+        return not sec.part and not sec.text and rng[0] + rng[1] >= size and rng[1] > 0
+
+    # --- streaming -----------------------------------------------------------------------
+
+    async def send_file(self, fd: int, offset: int, count: int) -> None:
+        """`count` bytes of the file from `offset` to the client, never holding more than one
+        chunk: os.sendfile on plain TCP while the socket accepts data (the transport's buffer
+        empty, so order is kept), else a pread chunk through the transport and drain()."""
+        sock = None if self.tls else self.writer.get_extra_info("socket")
+        sockfd = sock.fileno() if sock is not None else -1
+        transport = self.writer.transport
+        self.stats.fetched_bytes += count
+        self.sent += count
+        while count > 0:
+            if sockfd >= 0 and transport.get_write_buffer_size() == 0:
+                try:
+                    n = os.sendfile(sockfd, fd, offset, min(count, SENDFILE_MAX))
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError:
+                    sockfd = -1                     # not a socket sendfile can use: pread from now
+                    n = 0
+                if n > 0:
+                    offset += n
+                    count -= n
+                    continue
+            data = os.pread(fd, min(CHUNK, count), offset)
+            if not data:
+                raise OSError(f"message file shorter than expected at {offset}")
+            self.writer.write(data)
+            offset += len(data)
+            count -= len(data)
+            if sockfd >= 0:
+                await self._wait_flushed()
+            else:
+                await self.writer.drain()
+
+    async def _wait_flushed(self) -> None:
+        """Wait until the transport has sent everything (then os.sendfile may go on): with a
+        high-water mark of 0, drain() returns only once the buffer is empty."""
+        transport = self.writer.transport
+        transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            await self.writer.drain()
+        finally:
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
