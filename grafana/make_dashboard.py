@@ -89,10 +89,15 @@ def build() -> dict[str, Any]:
         (f"sum by (protocol, outcome) (rate(relay_sessions_total{{{SEL}}}{r5}))",
          "{{protocol}} {{outcome}}"),
     ], unit="ops", w=12)
+    L.panel("Participant directory", [
+        (f"max(relay_directory_serial{{{SEL}}})", "serial"),
+        (f"sum(increase(relay_directory_requests_total{{{SEL}}}[24h]))", "requests (24 h)"),
+        (f"sum(increase(relay_directory_pushes_total{{{SEL}}}[24h]))", "pushes (24 h)"),
+    ], kind="stat", w=6)
     L.panel("Messages received (24 h)", [
         (f"sum(increase(relay_messages_received_total{{{SEL}}}[24h]))", "messages"),
         (f"sum(increase(relay_received_bytes_total{{{SEL}}}[24h]))", "bytes"),
-    ], kind="stat", w=12)
+    ], kind="stat", w=6)
 
     L.row("Receivers and backlog")
     L.panel("Backlog (all mailboxes)", [
@@ -146,7 +151,15 @@ def build() -> dict[str, Any]:
     ], w=12, desc="Seconds per second that SMTP intake waited so senders match receivers' drain.")
     L.panel("Connections refused per second", [
         (f"sum by (protocol) (rate(relay_sessions_refused_total{{{SEL}}}{r5}))", "{{protocol}}"),
-    ], unit="ops", w=12)
+    ], unit="ops", w=8)
+    L.panel("Messages not accepted after their data", [
+        (f"sum(rate(relay_messages_rejected_total{{{SEL}}}{r5}))", "messages/s"),
+        (f"sum(rate(relay_rejected_bytes_total{{{SEL}}}{r5}))", "bytes/s"),
+    ], w=8, desc="Data received (or drained) and then refused: too big, quota crossed while streaming, storage error.")
+    L.panel("Receiver logins per second", [
+        (f"sum by (protocol) (rate(relay_logins_total{{{SEL}}}{r5}))", "ok {{protocol}}"),
+        (f"sum by (protocol) (rate(relay_login_failures_total{{{SEL}}}{r5}))", "failed {{protocol}}"),
+    ], unit="ops", w=8, desc="Failed logins in numbers: a misconfigured gateway or password guessing.")
 
     L.row("Latency")
     for title, metric, unit in (

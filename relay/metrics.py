@@ -113,9 +113,12 @@ SPECS: tuple[Spec, ...] = (
     # SMTP ingest
     Spec("relay_messages_received", "counter", "Messages accepted with 250 over SMTP.", "smtp"),
     Spec("relay_received_bytes", "counter", "Bytes of messages accepted over SMTP.", "smtp"),
+    Spec("relay_messages_rejected", "counter",
+         "Messages whose data was received (or drained) but not accepted.", "smtp"),
+    Spec("relay_rejected_bytes", "counter", "Bytes of messages not accepted.", "smtp"),
     Spec("relay_smtp_replies", "counter",
-         "SMTP replies to MAIL/RCPT/DATA/BDAT, by code class (2xx/4xx/5xx) and reason.", "smtp",
-         ("class", "reason")),
+         "SMTP replies with an enhanced status code, by class, code and reason.", "smtp",
+         ("class", "code", "reason")),
     Spec("relay_ingest_duration_seconds", "histogram",
          "From DATA/first BDAT to the final reply, per message.", "smtp"),
     Spec("relay_message_size_bytes", "histogram", "Size of messages accepted over SMTP.",
@@ -157,6 +160,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("relay_fetch_duration_seconds", "histogram",
          "Time to send one whole message to a receiver, by protocol.", "imap, pop3",
          ("protocol",)),
+    Spec("relay_logins", "counter", "Successful IMAP/POP3 logins, by protocol.", "imap, pop3",
+         ("protocol",)),
+    Spec("relay_login_failures", "counter", "Failed IMAP/POP3 logins, by protocol.",
+         "imap, pop3", ("protocol",)),
     # backpressure
     Spec("relay_backpressure_paced_seconds", "counter",
          "Seconds SMTP intake was paused to pace senders to receivers' drain.", "policy"),
@@ -164,8 +171,46 @@ SPECS: tuple[Spec, ...] = (
          "Recipients or messages deferred by the policy, by reason.", "policy", ("reason",)),
     Spec("relay_backpressure_congested_mailboxes", "gauge",
          "Mailboxes above their soft backlog (intake paced).", "policy"),
+    # participant directory
+    Spec("relay_directory_serial", "gauge", "Serial number of the current directory document.",
+         "directory"),
+    Spec("relay_directory_requests", "counter", "Requests to directory@, by outcome.",
+         "directory", ("outcome",)),
+    Spec("relay_directory_pushes", "counter", "Directory updates pushed to participants.",
+         "directory"),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+# Per-mailbox metrics: name -> field of the store's per-mailbox record (MailboxStats).
+MAILBOX_FIELDS = (
+    ("relay_mailbox_backlog_bytes", "backlog_bytes"),
+    ("relay_mailbox_backlog_messages", "backlog_messages"),
+    ("relay_mailbox_oldest_message_age_seconds", "oldest_age_seconds"),
+    ("relay_mailbox_quota_bytes", "quota_bytes"),
+    ("relay_mailbox_quota_messages", "quota_messages"),
+    ("relay_mailbox_last_poll_timestamp_seconds", "last_poll"),
+)
+
+# The `reason` label of relay_smtp_replies_total: a word for the enhanced status code
+# (RFC 3463), so that dashboards read without a code table. Unlisted codes fall back to
+# their subject (RFC 3463 section 3); a fixed set either way.
+_REASONS = {
+    "1.1": "unknown_user", "2.2": "over_quota", "3.0": "local_error", "3.1": "storage_low",
+    "3.2": "shutting_down", "3.4": "too_big", "7.0": "throttled", "7.1": "relay_denied",
+    "7.8": "auth_failed", "5.1": "bad_command", "5.2": "syntax", "5.4": "bad_arguments",
+}
+_SUBJECTS = {"0": "other", "1": "address", "2": "mailbox", "3": "system", "4": "network",
+             "5": "protocol", "6": "content", "7": "policy"}
+
+
+def reply_reason(cls: str, code: str) -> str:
+    if cls.startswith("2"):
+        return "ok"
+    _, _, rest = code.partition(".")
+    subject = rest.partition(".")[0]
+    if cls.startswith("4") and rest == "7.1":
+        return "throttled"              # 451 4.7.1: paced or rate-limited, try later
+    return _REASONS.get(rest, _SUBJECTS.get(subject, "other"))
 
 
 def _statistics(component: Any) -> Any:
@@ -253,7 +298,66 @@ class RelayCollector(Collector):
         v["relay_sessions_current"] = _field(st, "current")
         v["relay_sessions"] = _field(st, "total")
         v["relay_sessions_refused"] = _field(st, "refused")
+        self._smtp(v, _statistics(getattr(r, "smtp_stats", None)))
+        self._store(v, _statistics(getattr(r, "store", None)))
+        for proto, component in (("imap", getattr(r, "imap_stats", None)),
+                                 ("pop3", getattr(r, "pop3", None))):
+            st = _statistics(component)
+            for name, fld in (("relay_messages_fetched", "messages_fetched"),
+                              ("relay_fetched_bytes", "fetched_bytes"),
+                              ("relay_fetch_duration_seconds", "fetch_duration"),
+                              ("relay_logins", "logins"), ("relay_login_failures", "login_failures")):
+                _merge(v, name, proto, _field(st, fld))
+        self._policy(v, _statistics(getattr(r, "policy", None)))
+        st = _statistics(getattr(r, "directory", None))
+        v["relay_directory_serial"] = _field(st, "serial")
+        v["relay_directory_requests"] = _field(st, "requests")
+        v["relay_directory_pushes"] = _field(st, "pushes")
         return v
+
+    @staticmethod
+    def _smtp(v: dict[str, Any], st: Any) -> None:
+        for name, fld in (("relay_messages_received", "messages_received"),
+                          ("relay_received_bytes", "received_bytes"),
+                          ("relay_messages_rejected", "messages_rejected"),
+                          ("relay_rejected_bytes", "rejected_bytes"),
+                          ("relay_ingest_duration_seconds", "ingest_duration"),
+                          ("relay_message_size_bytes", "message_size")):
+            v[name] = _field(st, fld)
+        replies = _field(st, "replies")
+        if replies is not None:
+            out: dict[tuple[str, str, str], int] = {}
+            for (cls, code), n in replies.items():
+                key = (cls, code, reply_reason(cls, code))
+                out[key] = out.get(key, 0) + n
+            v["relay_smtp_replies"] = out
+
+    def _store(self, v: dict[str, Any], st: Any) -> None:
+        for name, fld in (("relay_accounts", "accounts"),
+                          ("relay_messages_stored", "messages_stored"),
+                          ("relay_stored_bytes", "stored_bytes"),
+                          ("relay_messages_deleted", "messages_deleted"),
+                          ("relay_deleted_bytes", "deleted_bytes"),
+                          ("relay_backlog_bytes", "backlog_bytes"),
+                          ("relay_backlog_messages", "backlog_messages"),
+                          ("relay_delivery_to_fetch_seconds", "delivery_to_fetch_seconds"),
+                          ("relay_delivery_to_delete_seconds", "delivery_to_delete_seconds")):
+            v[name] = _field(st, fld)
+        mailboxes = _field(st, "mailboxes")
+        if mailboxes is None or not self.per_mailbox:
+            return
+        for name, fld in MAILBOX_FIELDS:
+            for address, mb in mailboxes.items():
+                _merge(v, name, address, _field(mb, fld))
+
+    def _policy(self, v: dict[str, Any], st: Any) -> None:
+        v["relay_backpressure_paced_seconds"] = _field(st, "paced_seconds")
+        v["relay_backpressure_deferrals"] = _field(st, "deferrals")
+        v["relay_backpressure_congested_mailboxes"] = _field(st, "congested")
+
+    @property
+    def per_mailbox(self) -> bool:
+        return bool(getattr(getattr(self.relay.config, "metrics", None), "per_mailbox", True))
 
     def collect(self) -> Iterator[Metric]:
         for name, value in self.values().items():
