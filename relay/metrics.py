@@ -181,6 +181,35 @@ SPECS: tuple[Spec, ...] = (
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
+# Where each metric comes from: attribute of the Relay -> (metric, field of its statistics()).
+FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "sessions": (("relay_sessions_current", "current"), ("relay_sessions", "total"),
+                 ("relay_sessions_refused", "refused")),
+    "smtp_stats": (("relay_messages_received", "messages_received"),
+                   ("relay_received_bytes", "received_bytes"),
+                   ("relay_messages_rejected", "messages_rejected"),
+                   ("relay_rejected_bytes", "rejected_bytes"),
+                   ("relay_ingest_duration_seconds", "ingest_duration"),
+                   ("relay_message_size_bytes", "message_size")),
+    "store": (("relay_accounts", "accounts"), ("relay_messages_stored", "messages_stored"),
+              ("relay_stored_bytes", "stored_bytes"),
+              ("relay_messages_deleted", "messages_deleted"),
+              ("relay_deleted_bytes", "deleted_bytes"), ("relay_backlog_bytes", "backlog_bytes"),
+              ("relay_backlog_messages", "backlog_messages"),
+              ("relay_delivery_to_fetch_seconds", "delivery_to_fetch_seconds"),
+              ("relay_delivery_to_delete_seconds", "delivery_to_delete_seconds")),
+    "policy": (("relay_backpressure_paced_seconds", "paced_seconds"),
+               ("relay_backpressure_deferrals", "deferrals"),
+               ("relay_backpressure_congested_mailboxes", "congested")),
+    "directory": (("relay_directory_serial", "serial"), ("relay_directory_requests", "requests"),
+                  ("relay_directory_pushes", "pushes")),
+}
+# IMAP and POP3 keep the same figures; they become one metric with a `protocol` label.
+FETCH_SOURCES = (("imap", "imap_stats"), ("pop3", "pop3"))
+FETCH_FIELDS = (("relay_messages_fetched", "messages_fetched"),
+                ("relay_fetched_bytes", "fetched_bytes"),
+                ("relay_fetch_duration_seconds", "fetch_duration"),
+                ("relay_logins", "logins"), ("relay_login_failures", "login_failures"))
 # Per-mailbox metrics: name -> field of the store's per-mailbox record (MailboxStats).
 MAILBOX_FIELDS = (
     ("relay_mailbox_backlog_bytes", "backlog_bytes"),
@@ -294,66 +323,27 @@ class RelayCollector(Collector):
             v["relay_disk_total_bytes"] = sv.f_blocks * sv.f_frsize
         except OSError:
             pass
-        st = _statistics(getattr(r, "sessions", None))
-        v["relay_sessions_current"] = _field(st, "current")
-        v["relay_sessions"] = _field(st, "total")
-        v["relay_sessions_refused"] = _field(st, "refused")
-        self._smtp(v, _statistics(getattr(r, "smtp_stats", None)))
-        self._store(v, _statistics(getattr(r, "store", None)))
-        for proto, component in (("imap", getattr(r, "imap_stats", None)),
-                                 ("pop3", getattr(r, "pop3", None))):
-            st = _statistics(component)
-            for name, fld in (("relay_messages_fetched", "messages_fetched"),
-                              ("relay_fetched_bytes", "fetched_bytes"),
-                              ("relay_fetch_duration_seconds", "fetch_duration"),
-                              ("relay_logins", "logins"), ("relay_login_failures", "login_failures")):
-                _merge(v, name, proto, _field(st, fld))
-        self._policy(v, _statistics(getattr(r, "policy", None)))
-        st = _statistics(getattr(r, "directory", None))
-        v["relay_directory_serial"] = _field(st, "serial")
-        v["relay_directory_requests"] = _field(st, "requests")
-        v["relay_directory_pushes"] = _field(st, "pushes")
-        return v
-
-    @staticmethod
-    def _smtp(v: dict[str, Any], st: Any) -> None:
-        for name, fld in (("relay_messages_received", "messages_received"),
-                          ("relay_received_bytes", "received_bytes"),
-                          ("relay_messages_rejected", "messages_rejected"),
-                          ("relay_rejected_bytes", "rejected_bytes"),
-                          ("relay_ingest_duration_seconds", "ingest_duration"),
-                          ("relay_message_size_bytes", "message_size")):
-            v[name] = _field(st, fld)
-        replies = _field(st, "replies")
+        stats = {attr: _statistics(getattr(r, attr, None))
+                 for attr in (*FIELDS, *(a for _, a in FETCH_SOURCES))}
+        for attr, fields in FIELDS.items():
+            for name, fld in fields:
+                v[name] = _field(stats[attr], fld)
+        for proto, attr in FETCH_SOURCES:
+            for name, fld in FETCH_FIELDS:
+                _merge(v, name, proto, _field(stats[attr], fld))
+        replies = _field(stats["smtp_stats"], "replies")
         if replies is not None:
             out: dict[tuple[str, str, str], int] = {}
             for (cls, code), n in replies.items():
                 key = (cls, code, reply_reason(cls, code))
                 out[key] = out.get(key, 0) + n
             v["relay_smtp_replies"] = out
-
-    def _store(self, v: dict[str, Any], st: Any) -> None:
-        for name, fld in (("relay_accounts", "accounts"),
-                          ("relay_messages_stored", "messages_stored"),
-                          ("relay_stored_bytes", "stored_bytes"),
-                          ("relay_messages_deleted", "messages_deleted"),
-                          ("relay_deleted_bytes", "deleted_bytes"),
-                          ("relay_backlog_bytes", "backlog_bytes"),
-                          ("relay_backlog_messages", "backlog_messages"),
-                          ("relay_delivery_to_fetch_seconds", "delivery_to_fetch_seconds"),
-                          ("relay_delivery_to_delete_seconds", "delivery_to_delete_seconds")):
-            v[name] = _field(st, fld)
-        mailboxes = _field(st, "mailboxes")
-        if mailboxes is None or not self.per_mailbox:
-            return
-        for name, fld in MAILBOX_FIELDS:
-            for address, mb in mailboxes.items():
-                _merge(v, name, address, _field(mb, fld))
-
-    def _policy(self, v: dict[str, Any], st: Any) -> None:
-        v["relay_backpressure_paced_seconds"] = _field(st, "paced_seconds")
-        v["relay_backpressure_deferrals"] = _field(st, "deferrals")
-        v["relay_backpressure_congested_mailboxes"] = _field(st, "congested")
+        mailboxes = _field(stats["store"], "mailboxes")
+        if mailboxes is not None and self.per_mailbox:
+            for name, fld in MAILBOX_FIELDS:
+                for address, mb in mailboxes.items():
+                    _merge(v, name, address, _field(mb, fld))
+        return v
 
     @property
     def per_mailbox(self) -> bool:

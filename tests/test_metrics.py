@@ -194,3 +194,14 @@ def test_collector_tolerates_absent_failing_and_partial_components(tmp_path: Any
 ])
 def test_reply_reasons(cls: str, code: str, reason: str) -> None:
     assert reply_reason(cls, code) == reason
+
+
+def test_every_spec_has_a_source_and_every_source_a_spec() -> None:
+    from relay import metrics as m
+
+    wired = {n for fields in m.FIELDS.values() for n, _ in fields}
+    wired |= {n for n, _ in m.FETCH_FIELDS} | {n for n, _ in m.MAILBOX_FIELDS}
+    wired |= {"relay_build_info", "relay_start_time_seconds", "relay_disk_free_bytes",
+              "relay_disk_total_bytes", "relay_smtp_replies"}
+    assert wired == {s.name for s in SPECS}
+    assert set(documented_metrics()) >= {s.exposed for s in SPECS}
