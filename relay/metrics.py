@@ -200,7 +200,7 @@ FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
               ("relay_delivery_to_delete_seconds", "delivery_to_delete_seconds")),
     "policy": (("relay_backpressure_paced_seconds", "paced_seconds"),
                ("relay_backpressure_deferrals", "deferrals"),
-               ("relay_backpressure_congested_mailboxes", "congested")),
+               ("relay_backpressure_congested_mailboxes", "congested_mailboxes")),
     "directory": (("relay_directory_serial", "serial"), ("relay_directory_requests", "requests"),
                   ("relay_directory_pushes", "pushes")),
 }
@@ -339,10 +339,11 @@ class RelayCollector(Collector):
                 out[key] = out.get(key, 0) + n
             v["relay_smtp_replies"] = out
         mailboxes = _field(stats["store"], "mailboxes")
-        if mailboxes is not None and self.per_mailbox:
+        if self.per_mailbox:
             for name, fld in MAILBOX_FIELDS:
-                for address, mb in mailboxes.items():
+                for address, mb in (mailboxes or {}).items():
                     _merge(v, name, address, _field(mb, fld))
+            v["relay_mailbox_drain_rate_bytes_per_second"] = _field(stats["policy"], "drain_rate")
         return v
 
     @property

@@ -202,6 +202,7 @@ def test_every_spec_has_a_source_and_every_source_a_spec() -> None:
     wired = {n for fields in m.FIELDS.values() for n, _ in fields}
     wired |= {n for n, _ in m.FETCH_FIELDS} | {n for n, _ in m.MAILBOX_FIELDS}
     wired |= {"relay_build_info", "relay_start_time_seconds", "relay_disk_free_bytes",
-              "relay_disk_total_bytes", "relay_smtp_replies"}
+              "relay_disk_total_bytes", "relay_smtp_replies",
+              "relay_mailbox_drain_rate_bytes_per_second"}
     assert wired == {s.name for s in SPECS}
     assert set(documented_metrics()) >= {s.exposed for s in SPECS}
