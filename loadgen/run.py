@@ -1,16 +1,547 @@
-"""`loadgen run` (being built: the profile is checked first, before anything is sent)."""
+"""`loadgen run`: replay a period of the model against SMTP + IMAP/POP3 and verify every message.
+
+Threads, not asyncio: the project's clients (relay.clients.smtp/imap/pop3) are blocking and
+stream in big reads, the fastest receive path in Python; one thread per sending participant and
+one per receiving participant, so a slow receiver slows only itself. Time: a study the model
+places at simulated time t is due at wall time (t - period start) / speedup. Bytes: every
+message is `scale` x its modelled size; bandwidths are paced at bandwidth x speedup x scale so
+transfers take their simulated share of time at any scale.
+
+Senders behave like an MTA queue: a 4xx reply (or a broken connection) defers the message,
+which is retried after the profile's retry_after (simulated) while the sender goes on with its
+next message; a 5xx refuses it. Receivers download to disk, verify the message against its own
+digest header, delete it on the server, and pace themselves to their downlink.
+
+Ctrl-C once: senders stop after the message in hand, receivers drain what was accepted, the
+report is written. Twice: receivers stop too (what was not drained counts as lost).
+"""
 
 from __future__ import annotations
 
 import argparse
+import heapq
+import itertools
+import json
+import secrets
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
 
-from loadgen import model
-from loadgen.profile import load_profile
+from loadgen import model as modelmod
+from loadgen import report
+from loadgen.message import Message, Pool, Verdict, build_study, verify_file
+from loadgen.profile import Profile, ProfileError, load_profile
+
+MIN_WAIT = 0.05            # seconds: the shortest wall-clock poll interval / retry delay
+IDLE_SLICE = 0.5           # seconds: IMAP IDLE is re-issued this often to check for the end
+
+
+# --- the ledger ----------------------------------------------------------------------------
+
+class Ledger:
+    """Every message's fate, shared by all threads (one lock)."""
+
+    def __init__(self, records: dict[str, report.Record], t0: float) -> None:
+        self.records = records
+        self.events: list[report.Event] = []
+        self.t0 = t0
+        self.lock = threading.Lock()
+        self.outstanding: dict[str, int] = {}        # recipient -> accepted, not yet delivered
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _event(self, kind: str, nbytes: int = 0, who: str = "", detail: str = "") -> None:
+        self.events.append(report.Event(self.now(), kind, nbytes, who, detail))
+
+    def _accept(self, r: report.Record) -> None:
+        if r.accepted is None:
+            r.accepted = self.now()
+            self._event("accepted", r.size, r.recipient)
+            self.outstanding[r.recipient] = self.outstanding.get(r.recipient, 0) + 1
+
+    def attempt(self, mid: str) -> None:
+        with self.lock:
+            self.records[mid].attempts += 1
+
+    def accepted(self, mid: str) -> None:
+        with self.lock:
+            self._accept(self.records[mid])
+
+    def deferred(self, mid: str, reply: str) -> None:
+        with self.lock:
+            self._event("deferred", 0, self.records[mid].recipient, reply)
+
+    def refused(self, mid: str, reply: str) -> None:
+        with self.lock:
+            r = self.records[mid]
+            r.refused = reply
+            self._event("refused", 0, r.recipient, reply)
+
+    def error(self, who: str, detail: str) -> None:
+        with self.lock:
+            self._event("error", 0, who, detail)
+
+    def delivered(self, who: str, v: Verdict) -> str:
+        """A download verified against its digest header; returns the outcome."""
+        with self.lock:
+            r = self.records.get(v.id or "")
+            if not v.ok or r is None or r.recipient != who:
+                why = v.reason or ("unknown message id" if r is None else f"for {r.recipient}")
+                self._event("corrupted", v.size, who, f"{v.id}: {why}")
+                return "corrupted"
+            self._accept(r)                # the 250 may still be on its way to the sender
+            r.deliveries += 1
+            if r.deliveries > 1:
+                self._event("duplicated", r.size, who, r.id)
+                return "duplicated"
+            r.delivered = self.now()
+            self.outstanding[who] -= 1
+            self._event("delivered", r.size, who)
+            return "delivered"
+
+    def waiting_for(self, who: str) -> int:
+        with self.lock:
+            return self.outstanding.get(who, 0)
+
+    def totals(self) -> dict[str, int]:
+        with self.lock:
+            c: dict[str, int] = {"accepted_bytes": 0, "delivered_bytes": 0}
+            for e in self.events:
+                c[e.kind] = c.get(e.kind, 0) + 1
+                if e.kind in ("accepted", "delivered"):
+                    c[f"{e.kind}_bytes"] += e.nbytes
+            c["backlog"] = sum(self.outstanding.values())
+            return c
+
+
+# --- servers -------------------------------------------------------------------------------
+
+@dataclass
+class Endpoints:
+    smtp: tuple[str, int]
+    imap: tuple[str, int] | None
+    pop3: tuple[str, int] | None
+    passwords: dict[str, str]
+    tls: bool = False
+    description: str = ""
+
+
+class OwnRelay:
+    """`relay serve` as a subprocess on a temporary data dir, ports chosen by the kernel; the
+    participants' accounts are created with the store API before it starts."""
+
+    def __init__(self, data_dir: Path, addresses: list[str]) -> None:
+        self.data_dir = data_dir
+        self.password = secrets.token_urlsafe(12)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = data_dir.parent / "relay.toml"
+        cfg_path.write_text(
+            f'data_dir = "{data_dir}"\nhostname = "relay.loadgen.test"\ngrace_period = 10\n'
+            '[smtp]\nlisten = ["127.0.0.1:0"]\n[imap]\nlisten = ["127.0.0.1:0"]\n'
+            '[pop3]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:0"\n')
+        from relay import config as configmod
+        from relay.store import Store
+
+        store = Store.open(configmod.load(cfg_path))
+        try:
+            for a in addresses:
+                store.accounts.add(a, self.password)
+        finally:
+            store.close()
+        self.log = open(data_dir.parent / "relay.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(cfg_path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)    # Ctrl-C is ours to handle
+        listeners = data_dir / "run" / "listeners.json"
+        deadline = time.monotonic() + 60
+        while not listeners.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"relay serve did not start; see {self.log.name}")
+            time.sleep(0.05)
+        bound = json.loads(listeners.read_text())
+        self.endpoints = Endpoints(tuple(bound["smtp"][0]), tuple(bound["imap"][0]),  # type: ignore[arg-type]
+                                   tuple(bound["pop3"][0]), dict.fromkeys(addresses, self.password),
+                                   description=f"own relay (pid {self.proc.pid}, {data_dir})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+def external_endpoints(args: argparse.Namespace, addresses: list[str]) -> Endpoints:
+    if not (args.imap or args.pop3):
+        raise ProfileError("--smtp needs --imap and/or --pop3 for the receivers")
+    passwords: dict[str, str] = {}
+    if args.credentials:
+        for n, line in enumerate(Path(args.credentials).read_text().splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                parts = line.split(None, 1)
+                if len(parts) != 2:
+                    raise ProfileError(f"{args.credentials}:{n}: expected 'address password'")
+                passwords[parts[0]] = parts[1].strip()
+    missing = [a for a in addresses if a not in passwords and args.password is None]
+    if missing:
+        raise ProfileError(f"no password for {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''} (--password or --credentials)")
+    for a in addresses:
+        passwords.setdefault(a, args.password)
+    desc = f"smtp {args.smtp[0]}:{args.smtp[1]}" + (f", imap {args.imap[0]}:{args.imap[1]}" if args.imap else "") \
+        + (f", pop3 {args.pop3[0]}:{args.pop3[1]}" if args.pop3 else "")
+    return Endpoints(args.smtp, args.imap, args.pop3, passwords, args.tls, desc)
+
+
+# --- the run -----------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    profile: Profile
+    model: modelmod.Model
+    period: str
+    sim_start: float
+    sim_length: float
+    speedup: float
+    scale: float
+    messages: list[tuple[float, Message]] = field(default_factory=list)   # (due wall s, message)
+
+
+def make_plan(profile: Profile, m: modelmod.Model, period: str, speedup: float | None,
+              scale: float, pool_dir: Path, run_id: str) -> tuple[Plan, Pool]:
+    start, length, studies = m.studies_in(period)
+    speedup = speedup or length / 600.0
+    largest = max((int(s.email_bytes * scale / s.pieces) for s in studies), default=4096)
+    pool = Pool.build(pool_dir, largest, m.profile.seed)
+    plan = Plan(profile, m, period, start, length, speedup, scale)
+    for s in studies:
+        due = (s.t - start) / speedup
+        for msg in build_study(run_id, s.n, s.sender, s.recipient, s.modality,
+                               max(1, int(s.email_bytes * scale)), s.pieces, pool, s.t):
+            plan.messages.append((due, msg))
+    plan.messages.sort(key=lambda x: x[0])
+    return plan, pool
+
+
+def _paced(chunks: Iterator[bytes], rate: float, stop: threading.Event) -> Iterator[bytes]:
+    """Yield chunks no faster than `rate` bytes per second on average."""
+    t0 = time.monotonic()
+    sent = 0
+    for chunk in chunks:
+        yield chunk
+        sent += len(chunk)
+        ahead = t0 + sent / rate - time.monotonic()
+        if ahead > 0:
+            stop.wait(ahead)
+
+
+class Run:
+    def __init__(self, plan: Plan, ep: Endpoints, work: Path, drain_timeout: float) -> None:
+        self.plan, self.ep, self.work = plan, ep, work
+        self.drain_timeout = drain_timeout
+        self.stop_senders = threading.Event()
+        self.stop_all = threading.Event()
+        self.senders_done = threading.Event()
+        self.drain_deadline = float("inf")
+        records = {msg.id: report.Record(msg.id, msg.sender, msg.recipient, msg.size, due)
+                   for due, msg in plan.messages}
+        self.t0 = time.monotonic()
+        self.ledger = Ledger(records, self.t0)
+        self.downloads = work / "downloads"
+        self.downloads.mkdir(parents=True, exist_ok=True)
+
+    # senders --------------------------------------------------------------------------------
+    def _send_one(self, msg: Message) -> str:
+        from relay.clients.smtp import SmtpClient, SmtpError
+
+        g = self.plan.model.by_address[msg.sender].group
+        rate = g.uplink * self.plan.speedup * self.plan.scale
+        self.ledger.attempt(msg.id)
+        try:
+            with SmtpClient(*self.ep.smtp, timeout=600) as c:
+                c.ehlo()
+                if self.ep.tls:
+                    c.starttls()
+                c.login(msg.sender, self.ep.passwords[msg.sender])
+                c.send(msg.sender, [msg.recipient], _paced(msg.chunks(8 * 1024 * 1024), rate,
+                                                           self.stop_all), size=msg.size)
+        except SmtpError as e:
+            reply = str(e.reply)
+            if e.temporary or e.reply.code == 0:
+                self.ledger.deferred(msg.id, reply)
+                return "deferred"
+            self.ledger.refused(msg.id, reply)
+            return "refused"
+        except OSError as e:
+            self.ledger.error(msg.sender, f"{msg.id}: {e!r}")
+            return "deferred"
+        self.ledger.accepted(msg.id)
+        return "accepted"
+
+    def _sender(self, queue: list[tuple[float, int, Message]]) -> None:
+        retry_wall = max(MIN_WAIT, self.plan.profile.retry_after / self.plan.speedup)
+        heapq.heapify(queue)
+        seq = itertools.count(len(queue))
+        while queue and not self.stop_senders.is_set():
+            due, _, msg = queue[0]
+            wait = due - (time.monotonic() - self.t0)
+            if wait > 0:
+                self.stop_senders.wait(wait)
+                continue
+            heapq.heappop(queue)
+            if self._send_one(msg) == "deferred":
+                heapq.heappush(queue, (time.monotonic() - self.t0 + retry_wall, next(seq), msg))
+
+    # receivers ------------------------------------------------------------------------------
+    def _finished(self, who: str) -> bool:
+        if self.stop_all.is_set():
+            return True
+        if not self.senders_done.is_set():
+            return False
+        return self.ledger.waiting_for(who) == 0 or time.monotonic() > self.drain_deadline
+
+    def _take(self, who: str, path: Path, nbytes: int, t_start: float, rate: float) -> None:
+        self.ledger.delivered(who, verify_file(path))
+        path.unlink(missing_ok=True)
+        ahead = t_start + nbytes / rate - time.monotonic()
+        if ahead > 0:
+            self.stop_all.wait(ahead)
+
+    def _receiver(self, who: str) -> None:
+        g = self.plan.model.by_address[who].group
+        rate = g.downlink * self.plan.speedup * self.plan.scale
+        interval = max(MIN_WAIT, g.poll_interval / self.plan.speedup)
+        mode = g.receive
+        if mode == "pop3" and self.ep.pop3 is None:
+            mode = "imap-poll"
+        elif mode.startswith("imap") and self.ep.imap is None:
+            mode = "pop3"
+        folder = self.downloads / who
+        folder.mkdir(exist_ok=True)
+        while not self._finished(who):
+            try:
+                if mode == "pop3":
+                    self._pop3_round(who, folder, rate)
+                    self.stop_all.wait(interval)
+                else:
+                    self._imap_session(who, folder, rate, idle=mode == "imap-idle", interval=interval)
+            except Exception as e:  # noqa: BLE001 (a receiver reconnects on any failure)
+                self.ledger.error(who, repr(e))
+                self.stop_all.wait(max(interval, 0.2))
+
+    def _pop3_round(self, who: str, folder: Path, rate: float) -> None:
+        from relay.clients.pop3 import Pop3Client
+
+        with Pop3Client(*self.ep.pop3, timeout=600, starttls=self.ep.tls) as c:  # type: ignore[misc]
+            c.login(who, self.ep.passwords[who])
+            for n, uidl in c.uidl().items():
+                t = time.monotonic()
+                path = folder / f"{uidl}.eml"
+                nbytes = c.retr_to_file(n, path)
+                self._take(who, path, nbytes, t, rate)
+                c.dele(n)
+                if self.stop_all.is_set():
+                    break
+            c.quit()
+
+    def _imap_session(self, who: str, folder: Path, rate: float, idle: bool, interval: float) -> None:
+        import ssl
+
+        from relay.clients.imap import ImapClient
+
+        ctx = ssl.create_default_context() if self.ep.tls else None
+        with ImapClient(*self.ep.imap, timeout=600, ssl_context=ctx, starttls=self.ep.tls) as c:  # type: ignore[misc]
+            c.login(who, self.ep.passwords[who])
+            c.select()
+            while not self._finished(who):
+                uids = c.uid_search("UNDELETED")
+                for uid in uids:
+                    t = time.monotonic()
+                    path = folder / f"{uid}.eml"
+                    nbytes = c.fetch_to_file(uid, path)
+                    self._take(who, path, nbytes, t, rate)
+                    c.delete([uid])
+                    if self.stop_all.is_set():
+                        break
+                if not idle:
+                    break                       # imap-poll: one session per poll
+                if not uids:
+                    c.wait_exists(timeout=IDLE_SLICE)
+            c.logout()
+        if not idle:
+            self.stop_all.wait(interval)
+
+    # the whole run --------------------------------------------------------------------------
+    def warm_up(self, addresses: list[str]) -> None:
+        """Log every participant in once before the clock starts: a server's first login per
+        account costs a password-hash verification (argon2 on the relay, ~0.1-0.5 s of CPU),
+        which at a month's speed-up would be simulated hours; in a real network these logins
+        are long done."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from relay.clients.imap import ImapClient
+        from relay.clients.pop3 import Pop3Client
+
+        def login(who: str) -> None:
+            if self.ep.pop3 is not None:
+                with Pop3Client(*self.ep.pop3, timeout=120, starttls=self.ep.tls) as c:
+                    c.login(who, self.ep.passwords[who])
+                    c.quit()
+            else:
+                import ssl
+
+                ctx = ssl.create_default_context() if self.ep.tls else None
+                with ImapClient(*self.ep.imap, timeout=120, ssl_context=ctx, starttls=self.ep.tls) as c:  # type: ignore[misc]
+                    c.login(who, self.ep.passwords[who])
+                    c.logout()
+
+        with ThreadPoolExecutor(4) as ex:
+            list(ex.map(login, addresses))
+
+    def execute(self, progress: bool) -> report.RunData:
+        per_sender: dict[str, list[tuple[float, int, Message]]] = {}
+        for i, (due, msg) in enumerate(self.plan.messages):
+            per_sender.setdefault(msg.sender, []).append((due, i, msg))
+        receivers = sorted({msg.recipient for _, msg in self.plan.messages})
+        self.t0 = self.ledger.t0 = time.monotonic()
+        senders = [threading.Thread(target=self._sender, args=(q,), name=f"send {a}", daemon=True)
+                   for a, q in per_sender.items()]
+        recv = [threading.Thread(target=self._receiver, args=(a,), name=f"recv {a}", daemon=True)
+                for a in receivers]
+        for t in senders + recv:
+            t.start()
+        interrupted = False
+        with _Progress(self, progress) as show:
+            while any(t.is_alive() for t in recv):
+                try:
+                    if not self.senders_done.is_set() and not any(t.is_alive() for t in senders):
+                        self.drain_deadline = time.monotonic() + self.drain_timeout
+                        self.senders_done.set()
+                    show.update(interrupted)
+                    time.sleep(0.25)
+                except KeyboardInterrupt:
+                    if interrupted:
+                        self.stop_all.set()
+                    interrupted = True
+                    self.stop_senders.set()
+        for t in senders + recv:
+            t.join(5)
+        wall = time.monotonic() - self.t0
+        return report.RunData(meta={}, records=list(self.ledger.records.values()),
+                              events=sorted(self.ledger.events, key=lambda e: e.t),
+                              wall_seconds=wall, interrupted=interrupted)
+
+
+class _Progress:
+    """A live line with rich when stdout is a terminal; nothing otherwise."""
+
+    def __init__(self, run: Run, enabled: bool) -> None:
+        self.run = run
+        self.enabled = enabled and sys.stdout.isatty()
+        self.live: Any = None
+        self.last = (time.monotonic(), 0)
+
+    def __enter__(self) -> Self:
+        if self.enabled:
+            from rich.live import Live
+
+            self.live = Live(refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def update(self, interrupted: bool) -> None:
+        if self.live is None:
+            return
+        from rich.table import Table
+
+        r, p = self.run, self.run.plan
+        c = r.ledger.totals()
+        now = time.monotonic()
+        t_last, b_last = self.last
+        mbs = (c["accepted_bytes"] - b_last) / max(1e-6, now - t_last) / 1e6
+        self.last = (now, c["accepted_bytes"])
+        sim = p.sim_start + (now - r.t0) * p.speedup
+        day, rest = divmod(int(sim), 86400)
+        tab = Table(show_header=True, header_style="bold")
+        for col in ("simulated", "planned", "accepted", "delivered", "MB/s", "backlog",
+                    "deferred", "refused", "errors", "corrupted"):
+            tab.add_column(col, justify="right")
+        tab.add_row(f"day {day + 1} {rest // 3600:02d}:{rest % 3600 // 60:02d}", str(len(p.messages)),
+                    str(c.get("accepted", 0)), str(c.get("delivered", 0)), f"{mbs:.0f}",
+                    str(c["backlog"]), str(c.get("deferred", 0)), str(c.get("refused", 0)),
+                    str(c.get("error", 0)), str(c.get("corrupted", 0)))
+        if interrupted:
+            tab.caption = "interrupted: senders stopped, draining what was accepted (Ctrl-C again to stop)"
+        self.live.update(tab)
 
 
 def main(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile).scaled(args.participants_scale)
-    model.build(profile, args.seed)
-    print("loadgen run: not implemented yet", file=sys.stderr)
-    return 1
+    m = modelmod.build(profile, args.seed)
+    _, length, studies = m.studies_in(args.period)
+    involved = sorted({a for s in studies for a in (s.sender, s.recipient)})
+    if args.smtp is None and (args.imap or args.pop3):
+        raise ProfileError("--imap/--pop3 need --smtp (without any: a relay of our own)")
+    ep = external_endpoints(args, involved) if args.smtp else None
+    report_dir = Path(args.report or f"loadgen-report-{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    keep_work = args.work_dir is not None
+    work = Path(args.work_dir) if keep_work else Path(tempfile.mkdtemp(prefix="loadgen-"))
+    work.mkdir(parents=True, exist_ok=True)
+    run_id = f"lg{uuid.uuid4().hex[:8]}"
+    own: OwnRelay | None = None
+    try:
+        t = time.monotonic()
+        plan, pool = make_plan(profile, m, args.period, args.speedup, args.scale, work / "pool", run_id)
+        print(f"loadgen: {profile.name}, {args.period} ({len(studies)} studies, {len(plan.messages)} "
+              f"messages, {report.fmt_bytes(sum(x.size for _, x in plan.messages))}), x{plan.speedup:g}, "
+              f"scale {args.scale:g}; pool {report.fmt_bytes(pool.bytes)} in {time.monotonic() - t:.1f} s",
+              flush=True)
+        if ep is None:
+            t = time.monotonic()
+            own = OwnRelay(work / "relay" / "data", involved)
+            ep = own.endpoints
+            print(f"loadgen: relay started with {len(involved)} accounts ({time.monotonic() - t:.1f} s)",
+                  flush=True)
+        run = Run(plan, ep, work, args.drain_timeout)
+        t = time.monotonic()
+        run.warm_up(involved)
+        print(f"loadgen: {len(involved)} participants logged in ({time.monotonic() - t:.1f} s); "
+              f"running against {ep.description}", flush=True)
+        data = run.execute(not args.no_progress)
+    finally:
+        if own is not None:
+            own.stop()
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    data.meta = {"profile": profile.name, "period": args.period, "speedup": plan.speedup,
+                 "scale": args.scale, "seed": profile.seed if args.seed is None else args.seed,
+                 "participants": len(m.participants), "server": ep.description, "run_id": run_id,
+                 "sim_start": plan.sim_start, "sim_length": length,
+                 "participants_scale": args.participants_scale}
+    fig = report.write(data, report_dir)
+    ok = fig["lost"] == fig["duplicated"] == fig["corrupted"] == 0 and fig["complete"]
+    print(f"loadgen: {'PASS' if ok else 'FAIL'}: {fig['delivered']}/{fig['planned']} delivered, "
+          f"lost {fig['lost']}, duplicated {fig['duplicated']}, corrupted {fig['corrupted']}, "
+          f"deferred {fig['deferred']}, refused {fig['refused']}; "
+          f"{report.fmt_bytes(fig['bytes_sent'])} in {fig['wall_seconds']:.1f} s "
+          f"({fig['mean_mb_per_s']:.0f} MB/s, peak {fig['peak_mb_per_s']:.0f}); report in {report_dir}/")
+    return 0 if ok else 1
+
