@@ -727,3 +727,11 @@ def test_close_with_timeout_reply() -> None:
     conn.close_with(Reply(421, "4.4.2", "relay.test Timeout"))
     assert conn.data_to_send() == b"421 4.4.2 relay.test Timeout\r\n"
     assert conn.closed
+
+
+def test_many_pipelined_bdat_after_failure_do_not_hit_max_errors() -> None:
+    s = Session(max_size=10, max_errors=3)
+    txn(s)
+    out = s.feed(b"BDAT 11\r\n" + b"x" * 11 + b"BDAT 1\r\ny" * 10 + b"NOOP\r\n")
+    assert s.codes(out) == ["552 5.3.4"] + ["503 5.5.1"] * 10 + ["250 2.0.0"]
+    assert not s.conn.closed

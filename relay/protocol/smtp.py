@@ -580,11 +580,12 @@ class SmtpConnection:
         return int(m.group(1)), m.group(2) is not None
 
     def _bdat_refused(self, arg: str, reply: Reply) -> Event | None:
-        """RFC 3030: a refused BDAT's octets still follow on the wire: drain them, then reply."""
+        """RFC 3030: a refused BDAT's octets still follow on the wire: drain them, then reply.
+        Not counted against max_errors: chunks pipelined after a failed one are legitimate
+        (RFC 3030 4.2), and draining costs us only reading."""
         parsed = self._parse_bdat(arg)
         if parsed is None:
             return self._error(R_SYNTAX)
-        self.errors += 1
         self._start_bdat(parsed[0], parsed[1], failure=reply)
         return None
 
