@@ -39,6 +39,10 @@ class Relay:
         from relay.server import imap, pop3, smtp
 
         self.store.recover()
+        from relay.directory import DirectoryService   # answers directory@, pushes changes, HTTP
+
+        self.directory = DirectoryService(self)
+        await self.directory.start()
         c = self.config
         plan: list[tuple[str, Any, tuple[str, ...], bool]] = [
             ("smtp", smtp, c.smtp.listen, False),
@@ -84,6 +88,8 @@ class Relay:
             await self.sessions.wait_empty(2.0)
         for s in self._servers.get("metrics", []):
             s.close()
+        if self.directory is not None:
+            await self.directory.stop()
         self.store.close()
         log.info("stopped")
 
