@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_directory_keys import gpg, write_key
 
 from relay.cli import main
 from relay.directory import verify_document
 from relay.directory.wkd import wkd_hash
-from test_directory_keys import gpg, write_key
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
