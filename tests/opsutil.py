@@ -59,3 +59,25 @@ def dashboard_exprs() -> list[tuple[str, str]]:
             expr = t["expr"].replace("$__rate_interval", "1m").replace("$instance", ".*")
             out.append((p["title"], expr))
     return out
+
+
+DOCKERFILE = ROOT / "Dockerfile"
+CONTAINER_TOML = ROOT / "docker" / "relay.toml"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    ins = instructions()
+    last_from = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
+    return ins[last_from:]

@@ -11,30 +11,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import yaml
-from opsutil import ROOT, run
+from opsutil import CONTAINER_TOML, DOCKERFILE, ROOT, final_stage, instructions, run
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-DOCKERFILE = ROOT / "Dockerfile"
-CONTAINER_TOML = ROOT / "docker" / "relay.toml"
-
-
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            op, _, rest = line.partition(" ")
-            out.append((op.upper(), rest.strip()))
-    return out
-
-
-def final_stage() -> list[tuple[str, str]]:
-    ins = instructions()
-    last_from = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
-    return ins[last_from:]
 
 
 def container_ports() -> dict[str, int]:
