@@ -201,7 +201,8 @@ _SIZE_KEYS = {
 }
 _LISTEN_LISTS = {("smtp", "listen"), ("imap", "listen"), ("imap", "listen_tls"),
                  ("pop3", "listen"), ("pop3", "listen_tls")}
-_LISTEN_ONE = {("metrics", "listen")}
+_LISTEN_ONE = {("metrics", "listen"),
+               ("directory", "http_listen")}   # directory: checked like metrics.listen
 _CHOICES = {("auth", "plaintext"): ("loopback", "never", "always"),
             ("log", "format"): ("text", "json")}
 

@@ -151,3 +151,19 @@ def test_get_by_smtp_is_answered_only_for_participants_and_people(relay_factory:
     assert gpg(tmp_path / "g2", "--import", input=binary).returncode == 0
     listed = gpg(tmp_path / "g2", "--with-colons", "--list-keys", "ct@hospital.test").stdout
     assert doc["participants"][0]["fingerprint"].encode() in listed
+
+
+def test_directory_http_on_a_listener_of_its_own(relay_factory: Callable[..., Any]) -> None:
+    """[directory] http_listen: the documents and WKD only, nothing else (no /metrics)."""
+    r = relay_factory(directory={"http_listen": "127.0.0.1:0", "address": "directory@x.test"})
+    port = r.relay.bound["directory_http"][0][1]
+
+    def get(path: str) -> tuple[str, bytes]:
+        p = subprocess.run(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10",
+                            f"http://127.0.0.1:{port}{path}"], capture_output=True, check=True, timeout=30)
+        body, _, code = p.stdout.rpartition(b"\n")
+        return code.decode(), body
+    code, key = get("/directory/key.asc")
+    assert code == "200" and key.decode() == r.call(lambda relay: relay.directory.directory.key.public_armored())
+    assert get("/.well-known/openpgpkey/policy")[0] == "200"
+    assert get("/metrics")[0] == "404"

@@ -78,6 +78,7 @@ class DirectoryService:
         self.limiter = RateLimiter()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._http: list[asyncio.Server] = []
         self._subscribed: str | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._seen_serial = -1
@@ -92,9 +93,19 @@ class DirectoryService:
 
     async def start(self) -> None:
         self.directory.key            # noqa: B018  (made on first use: make it now, not mid-request)
+        listen = self.relay.config.directory.http_listen
+        if listen:                    # a listener of its own, e.g. behind an https reverse proxy
+            from relay.server import http
+            from relay.server.listener import bound_addresses
+
+            routes = {"/directory/": self.http_directory, wkd.PREFIX: self.http_wkd}
+            self._http = await http.start(routes, [listen], key="directory.http_listen")
+            self.relay.bound["directory_http"] = bound_addresses(self._http)
         self._task = asyncio.create_task(self._run(), name="directory")
 
     async def stop(self) -> None:
+        for server in self._http:
+            server.close()
         if self._task is not None:
             self._task.cancel()
             try:
