@@ -132,6 +132,8 @@ class _Builder:
             p.params = [("charset", "us-ascii")] if default == ("text", "plain") else []
         else:
             mt, st, params = _content_type(str(ctype))
+            if mt == "text" and not any(k == "charset" for k, _ in params):
+                params.insert(0, ("charset", "us-ascii"))         # RFC 2045 5.2 default
             p.maintype, p.subtype, p.params = mt, st, params
         if p.is_multipart and depth < MAX_DEPTH:
             boundary = {k.lower(): v for k, v in p.params}.get("boundary")

@@ -8,7 +8,14 @@ import calendar
 import pytest
 
 from relay.protocol import imap as p
-from relay.protocol.imap import NEED_DATA, ClientLine, Command, Continuation, ImapParser, Reject
+from relay.protocol.imap import (
+    NEED_DATA,
+    ClientLine,
+    Command,
+    Continuation,
+    ImapParser,
+    Reject,
+)
 
 
 def events(parser: ImapParser, data: bytes = b"") -> list[object]:

@@ -240,6 +240,7 @@ class ImapClient:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, offset)
+            os.lseek(fd, offset, os.SEEK_SET)
             buf = bytearray(READ_BUF)
             view = memoryview(buf)
             pos = offset

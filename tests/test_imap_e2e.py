@@ -1,0 +1,306 @@
+"""IMAP end to end: messages arrive by SMTP (smtplib), receivers use imaplib, curl and our
+own client (relay.clients.imap) over loopback."""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import os
+import re
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.clients.imap import ImapClient, ImapError
+from tests.test_imap_session import Raw
+from tests.tlsutil import client_context, make_cert
+
+pytestmark = pytest.mark.e2e
+
+ALICE = "alice@example.test"
+DICOM = b"DICM" + os.urandom(3000)
+
+
+def multipart() -> bytes:
+    b64 = base64.encodebytes(DICOM).replace(b"\n", b"\r\n")
+    return (b"From: CT <ct@a.test>\r\nTo: alice@example.test\r\nSubject: study 7\r\n"
+            b"Date: Mon, 4 Mar 2024 10:00:00 +0000\r\nMessage-ID: <s7@a.test>\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\n"
+            b"Content-Type: text/plain\r\n\r\nreport text\r\n--b1\r\n"
+            b"Content-Type: application/dicom\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+            + b64 + b"--b1--\r\n")
+
+
+def send(relay: Any, body: bytes, to: str = ALICE) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as s:
+        s.sendmail("ct@a.test", [to], body)
+
+
+def maildir(relay: Any, address: str = ALICE) -> Path:
+    local, domain = address.split("@")
+    return relay.data_dir / "mail" / domain / local
+
+
+def stored(relay: Any) -> list[Path]:
+    root = maildir(relay)
+    return sorted(p for sub in ("new", "cur") for p in (root / sub).iterdir())
+
+
+def file_of(relay: Any, uid: int) -> Path:
+    path: Path = relay.call(lambda r: r.store.mailbox(ALICE).path(uid))
+    return path
+
+
+@pytest.fixture
+def mail(relay: Any) -> Any:
+    send(relay, b"From: a@a.test\r\nSubject: one\r\n\r\nfirst body\r\n")
+    send(relay, multipart())
+    send(relay, b"From: b@a.test\r\nSubject: three\r\n\r\n" + b"x" * 20000 + b"\r\n")
+    return relay
+
+
+def login(relay: Any) -> imaplib.IMAP4:
+    m = imaplib.IMAP4("127.0.0.1", relay.imap_port)
+    m.login(ALICE, "secret")
+    return m
+
+
+def test_select_search_and_uids_are_stable(mail: Any) -> None:
+    m = login(mail)
+    typ, data = m.select("INBOX")
+    assert (typ, data) == ("OK", [b"3"])
+    uidvalidity = m.response("UIDVALIDITY")[1][0]
+    assert m.uid("SEARCH", None, "ALL") == ("OK", [b"1 2 3"])
+    assert m.search(None, "LARGER", "10000") == ("OK", [b"3"])
+    assert m.search(None, "OR", "SMALLER", "2", "UID", "3") == ("OK", [b"3"])
+    assert m.status("INBOX", "(MESSAGES UIDNEXT UIDVALIDITY UNSEEN)")[1][0] == (
+        b"INBOX (MESSAGES 3 UIDNEXT 4 UIDVALIDITY %s UNSEEN 3)" % uidvalidity)
+    m.logout()
+    m = login(mail)
+    m.select("inbox")
+    assert m.response("UIDVALIDITY")[1][0] == uidvalidity
+    assert m.uid("SEARCH", None, "UID", "2:*") == ("OK", [b"2 3"])
+    today = time.strftime("%d-%b-%Y", time.gmtime())
+    assert m.search(None, "SINCE", today, "UNSEEN", "NOT", "DELETED") == ("OK", [b"1 2 3"])
+    assert m.search(None, "BEFORE", today) == ("OK", [b""])
+    m.logout()
+
+
+def test_fetch_every_item(mail: Any) -> None:
+    m = login(mail)
+    m.select()
+    raw = file_of(mail, 2).read_bytes()
+    head, _, text = raw.partition(b"\r\n\r\n")
+    _, data = m.fetch("2", "(UID FLAGS INTERNALDATE RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY)")
+    line = data[0]
+    assert isinstance(line, bytes)
+    assert b"UID 2 FLAGS () INTERNALDATE \"" in line
+    assert b"RFC822.SIZE %d" % len(raw) in line
+    assert b'ENVELOPE ("Mon, 4 Mar 2024 10:00:00 +0000" "study 7" (("CT" NIL "ct" "a.test"))' in line
+    assert b'BODYSTRUCTURE (("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 11 1 NIL NIL NIL NIL)' \
+           b'("application" "dicom" NIL NIL NIL "base64" ' in line
+    assert b' "mixed" ("boundary" "b1") NIL NIL NIL) BODY (("text" "plain"' in line
+
+    def body(item: str, num: str = "2") -> bytes:
+        typ, data = m.fetch(num, f"({item})")
+        assert typ == "OK", data
+        part = data[0]
+        assert isinstance(part, tuple), data
+        return part[1]
+
+    assert body("BODY.PEEK[]") == raw
+    assert body("BODY.PEEK[HEADER]") == head + b"\r\n\r\n"
+    assert body("BODY.PEEK[TEXT]") == text
+    assert body("BODY.PEEK[HEADER.FIELDS (Subject From)]") == b"From: CT <ct@a.test>\r\nSubject: study 7\r\n\r\n"
+    assert b"Subject" not in body("BODY.PEEK[HEADER.FIELDS.NOT (Subject)]")
+    assert body("BODY.PEEK[1]") == b"report text"
+    assert body("BODY.PEEK[1.MIME]") == b"Content-Type: text/plain\r\n\r\n"
+    assert base64.b64decode(body("BODY.PEEK[2]")) == DICOM
+    assert body("BODY.PEEK[]<10.20>") == raw[10:30]
+    assert body(f"BODY.PEEK[]<{len(raw) - 5}.100>") == raw[-5:]
+    assert m.fetch("2", "(BODY.PEEK[]<999999.10>)")[1][0][1] == b""  # type: ignore[index]
+    assert body("RFC822.HEADER") == head + b"\r\n\r\n"
+    assert m.fetch("2", "FLAGS")[1] == [b"2 (FLAGS ())"]           # nothing so far set \Seen
+    assert body("RFC822.TEXT", "1") == b"first body\r\n"
+    assert body("BODY[TEXT]", "3").startswith(b"xxxx")
+    assert body("RFC822") == raw
+    assert m.fetch("1:3", "FLAGS")[1] == [b"1 (FLAGS (\\Seen))", b"2 (FLAGS (\\Seen))", b"3 (FLAGS (\\Seen))"]
+    assert m.fetch("2", "(BODY[9])")[1][0] == b"2 (BODY[9] NIL)"
+    assert m.fetch("1:*", "FAST")[0] == "OK"
+    m.logout()
+
+
+def test_store_flags_in_maildir_names_and_expunge_removes_files(mail: Any) -> None:
+    m = login(mail)
+    m.select()
+    _, data = m.store("1:2", "+FLAGS", "(\\Flagged \\Answered)")
+    assert data == [b"1 (FLAGS (\\Flagged \\Answered))", b"2 (FLAGS (\\Flagged \\Answered))"]
+    names = [p.name for p in stored(mail)]
+    assert sum(n.endswith(":2,FR") for n in names) == 2, names
+    assert m.uid("STORE", "2", "-FLAGS.SILENT", "(\\Answered)") == ("OK", [None])
+    assert m.store("3", "FLAGS", "(\\Seen \\Deleted)")[1] == [b"3 (FLAGS (\\Seen \\Deleted))"]
+    assert sorted(n.split(":2,")[1] for n in (p.name for p in stored(mail))) == ["F", "FR", "ST"]
+    other = login(mail)
+    other.select()
+    assert m.uid("SEARCH", None, "DELETED") == ("OK", [b"3"])
+    before = stored(mail)
+    assert m.expunge() == ("OK", [b"3"])
+    after = stored(mail)
+    assert len(after) == 2 and not any(p.name.endswith(",ST") for p in after)
+    assert {p.name for p in before} - {p.name for p in after}
+    assert other.noop()[0] == "OK"
+    assert other.response("EXPUNGE") == ("EXPUNGE", [b"3"])
+    m.store("1", "+FLAGS.SILENT", "(\\Seen)")
+    assert other.noop()[0] == "OK"
+    assert other.response("FETCH") == ("FETCH", [b"1 (FLAGS (\\Flagged \\Answered \\Seen) UID 1)"])
+    assert m.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK"
+    assert m.store("2", "+FLAGS", "(\\Deleted)")[0] == "OK"
+    assert m.uid("EXPUNGE", "2")[0] == "OK"                       # UIDPLUS: only UID 2
+    assert [p.name.split(":2,")[1] for p in stored(mail)] == ["FRST"]
+    assert m.close()[0] == "OK"                                   # CLOSE expunges the rest
+    assert stored(mail) == []
+    assert mail.call(lambda r: r.store.usage(ALICE)).messages == 0
+    m.logout()
+    other.logout()
+
+
+def test_examine_is_read_only(mail: Any) -> None:
+    m = login(mail)
+    assert m.select("INBOX", readonly=True)[0] == "OK"
+    assert m.store("1", "+FLAGS", "(\\Deleted)")[0] == "NO"
+    m.fetch("1", "(BODY[])")
+    assert m.fetch("1", "FLAGS")[1] == [b"1 (FLAGS ())"]
+    assert m.unselect()[0] == "OK"
+    m.logout()
+
+
+def test_selected_state_bad_input(mail: Any) -> None:
+    c = Raw(mail.imap_port)
+    assert c.cmd(b"a LOGIN alice@example.test secret")[-1].startswith(b"a OK")
+    assert c.cmd(b"b SELECT INBOX")[-1] == b"b OK [READ-WRITE] SELECT completed"
+    assert c.cmd(b"c FETCH 1:x FLAGS")[-1].startswith(b"c BAD")
+    assert c.cmd(b"d FETCH 9 FLAGS")[-1].startswith(b"d BAD")
+    assert c.cmd(b"e FETCH 1 (FLAGS BODY[FOO])")[-1].startswith(b"e BAD")
+    assert c.cmd(b"f SEARCH SINCE 31-Feb-2020")[-1].startswith(b"f BAD")
+    assert c.cmd(b"g UID STORE 1 XFLAGS (\\Seen)")[-1].startswith(b"g BAD")
+    assert c.cmd(b"h COPY 1 INBOX") == [b"h NO [CANNOT] COPY is not supported: only INBOX exists"]
+    assert c.cmd(b"i UID MOVE 1 Trash") == [b"i NO [CANNOT] MOVE is not supported: only INBOX exists"]
+    assert c.cmd(b"j UID FETCH 100:200 FLAGS") == [b"j OK FETCH completed"]
+    assert c.cmd(b"k UID FETCH 2 (FLAGS)") == [b"* 2 FETCH (UID 2 FLAGS ())", b"k OK FETCH completed"]
+    assert c.cmd(b"l GETQUOTAROOT INBOX")[1].startswith(b'* QUOTA "" (STORAGE ')
+    assert c.cmd(b'm GETQUOTA "x"') == [b"m NO [NONEXISTENT] No such quota root"]
+
+
+def test_a_user_sees_only_their_own_mailbox(mail: Any) -> None:
+    m = imaplib.IMAP4("127.0.0.1", mail.imap_port)
+    m.login("bob@example.test", "secret")
+    assert m.select()[1] == [b"0"]
+    assert m.select('"../alice"')[0] == "NO"
+    m.logout()
+
+
+def test_idle_sees_exists_within_a_second_of_delivery(relay: Any) -> None:
+    with ImapClient("127.0.0.1", relay.imap_port) as c:
+        c.login(ALICE, "secret")
+        assert c.select() == 0
+        delivered: list[float] = []
+
+        def deliver() -> None:
+            time.sleep(0.3)
+            send(relay, b"Subject: push\r\n\r\nnew\r\n")
+            delivered.append(time.monotonic())
+
+        t = threading.Thread(target=deliver)
+        t.start()
+        assert c.wait_exists(timeout=10) == 1
+        seen = time.monotonic()
+        t.join()
+        assert seen - delivered[0] < 1.0
+        assert c.wait_exists(timeout=0.3) is None                  # nothing new: times out
+        assert c.uid_search() == [1]
+
+
+def test_client_resumes_a_dropped_download(relay: Any, tmp_path: Path) -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+    send(relay, b"Subject: big\r\nContent-Type: application/dicom\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+         + base64.encodebytes(payload).replace(b"\n", b"\r\n"))
+    original = stored(relay)[0].read_bytes()
+    target = tmp_path / "download.eml"
+    # a receiver reads part of the literal, then the connection breaks
+    c = Raw(relay.imap_port)
+    c.cmd(b"a LOGIN alice@example.test secret")
+    c.cmd(b"b SELECT INBOX")
+    c.send(b"c UID FETCH 1 (BODY.PEEK[])\r\n")
+    head = c.line()
+    assert re.fullmatch(rb"\* 1 FETCH \(UID 1 BODY\[\] \{%d\}" % len(original), head)
+    got = c.buf
+    while len(got) < 1_500_000:
+        got += c.sock.recv(65536)
+    c.sock.close()
+    target.write_bytes(got[:1_234_567])
+    with ImapClient("127.0.0.1", relay.imap_port) as cl:
+        cl.login(ALICE, "secret")
+        cl.select()
+        size = cl.fetch_to_file(1, target, offset=target.stat().st_size, chunk=700_000)
+        assert size == len(original)
+        assert cl.fetch_to_file(1, tmp_path / "whole.eml") == len(original)
+        with pytest.raises(ImapError):
+            cl.fetch_to_file(99, tmp_path / "none.eml")
+        assert cl.sizes() == {1: len(original)}
+        cl.delete([1])
+        assert cl.uid_search() == []
+        cl.logout()
+    assert target.read_bytes() == original
+    assert (tmp_path / "whole.eml").read_bytes() == original
+    assert stored(relay) == []
+
+
+def test_fetch_over_tls_streams_the_same_bytes(relay_factory: Any, tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path / "tls")
+    r = relay_factory(tls={"cert": str(cert), "key": str(key)}, imap={"listen_tls": ["127.0.0.1:0"]})
+    r.add_user(ALICE, "secret")
+    send(r, b"Subject: tls\r\n\r\n" + os.urandom(2_500_000).hex().encode() + b"\r\n")
+    original = stored(r)[0].read_bytes()
+    ctx = client_context(cert)
+    with ImapClient("127.0.0.1", r.port("imap_tls"), ssl_context=ctx) as c:
+        c.login(ALICE, "secret")
+        c.select()
+        assert c.fetch_to_file(1, tmp_path / "a.eml") == len(original)
+    with ImapClient("127.0.0.1", r.imap_port, ssl_context=ctx, starttls=True) as c:
+        c.login(ALICE, "secret")
+        c.select()
+        assert c.fetch_to_file(1, tmp_path / "b.eml", chunk=1_000_000) == len(original)
+    assert (tmp_path / "a.eml").read_bytes() == original
+    assert (tmp_path / "b.eml").read_bytes() == original
+
+
+def test_curl_lists_and_fetches(mail: Any) -> None:
+    base = f"imap://127.0.0.1:{mail.imap_port}"
+    auth = ["--user", f"{ALICE}:secret", "--max-time", "20", "-s", "-S"]
+    listing = subprocess.run(["curl", *auth, base + "/"], capture_output=True, check=True, timeout=30)
+    assert b'* LIST (\\HasNoChildren) "/" INBOX' in listing.stdout
+    msg = subprocess.run(["curl", *auth, base + "/INBOX;UID=2"], capture_output=True, check=True, timeout=30)
+    assert msg.stdout == file_of(mail, 2).read_bytes()
+    part = subprocess.run(["curl", *auth, base + "/INBOX;UID=2;SECTION=1"], capture_output=True,
+                          check=True, timeout=30)
+    assert part.stdout == b"report text"
+    search = subprocess.run(["curl", *auth, base + "/INBOX?SUBJECT%20x", "-X", "UID SEARCH LARGER 10000"],
+                            capture_output=True, check=True, timeout=30)
+    assert b"* SEARCH 3" in search.stdout
+
+
+def test_socket_closed_mid_fetch_leaves_the_server_healthy(mail: Any) -> None:
+    s = socket.create_connection(("127.0.0.1", mail.imap_port))
+    s.sendall(b"a LOGIN alice@example.test secret\r\nb SELECT INBOX\r\nc FETCH 1:* (BODY.PEEK[])\r\n")
+    s.recv(100)
+    s.close()
+    m = login(mail)
+    m.select()
+    assert m.fetch("1", "(BODY.PEEK[TEXT])")[1][0][1] == b"first body\r\n"  # type: ignore[index]
+    m.logout()
