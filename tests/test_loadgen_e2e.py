@@ -1,0 +1,156 @@
+"""`loadgen run` end to end over loopback: the real command against a relay of its own, and
+against a relay given by address (with a small quota, so that messages are deferred and
+retried); Ctrl-C still writes a report. Scaled down to seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadgen.report import PLOTS
+
+pytestmark = pytest.mark.e2e
+
+# four participants, every way of receiving; studies above 300 MB go as message/partial
+PROFILE = """
+name = "e2e"
+domain = "e2e.test"
+volume_per_month = "40GB"
+seed = 5
+
+[schedule]
+weekdays = [1, 1, 1, 1, 1, 0.3, 0.3]
+hours = [0.2, 0.2, 0.2, 0.2, 0.2, 0.3, 0.6, 1.5, 3, 3, 2, 1.6, 1.5, 1.5, 1.5, 1.4, 1.2, 1, 0.8, 0.6, 0.4, 0.3, 0.2, 0.2]
+
+[messages]
+partial_above = "300MB"
+partial_size = "150MB"
+retry_after = "2m"
+
+[modality.CR]
+share = 0.5
+median = "8MB"
+max = "40MB"
+
+[modality.CT]
+share = 0.5
+median = "220MB"
+sigma = 0.6
+max = "1GB"
+
+[[participants]]
+group = "hospital"
+count = 2
+role = "hospital"
+uplink = "100Mbit"
+downlink = "100Mbit"
+receive = "imap-idle"
+sends_to = ["centre", "practice"]
+
+[[participants]]
+group = "centre"
+role = "teleradiology-centre"
+uplink = "200Mbit"
+downlink = "500Mbit"
+receive = "imap-poll"
+poll_interval = "1m"
+sends = 0.5
+sends_to = ["hospital"]
+receives = 3
+
+[[participants]]
+group = "practice"
+kind = "mail-client"
+role = "practice"
+uplink = "10Mbit"
+downlink = "16Mbit"
+receive = "pop3"
+poll_interval = "5m"
+sends = 0.3
+sends_to = ["hospital"]
+"""
+SCALE = "0.002"
+
+
+def _loadgen(tmp: Path, *extra: str) -> list[str]:
+    prof = tmp / "e2e.toml"
+    prof.write_text(PROFILE)
+    return [sys.executable, "-m", "loadgen.cli", "run", "--profile", str(prof), "--period", "day",
+            "--scale", SCALE, "--report", str(tmp / "report"), "--no-progress", *extra]
+
+
+def _report(tmp: Path) -> dict[str, Any]:
+    return json.loads((tmp / "report" / "report.json").read_text())
+
+
+def test_small_run_against_its_own_relay(tmp_path: Path) -> None:
+    r = subprocess.run(_loadgen(tmp_path, "--speedup", "21600"), capture_output=True, text=True,
+                       timeout=100, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = _report(tmp_path)
+    assert rep["lost"] == rep["duplicated"] == rep["corrupted"] == 0
+    assert rep["delivered"] == rep["planned"] == rep["accepted"] >= 8
+    assert rep["bytes_sent"] > 500_000 and rep["wall_seconds"] < 20
+    assert any(rec["id"].endswith(".2") for rec in rep["raw"]["records"])     # message/partial pieces
+    receivers = set(rep["per_receiver"])
+    assert {"centre@e2e.test", "practice@e2e.test"} <= receivers and len(receivers) >= 3
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "PASS" in md
+    for name in PLOTS:
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({name})" in md
+    # the relay it started is gone, and so is its temporary data dir
+    m = re.search(r"own relay \(pid (\d+), (\S+)\)", r.stdout)
+    assert m and "PASS" in r.stdout
+    assert not Path(m.group(2)).exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(m.group(1)), 0)
+
+
+def test_ctrl_c_stops_senders_drains_and_reports(tmp_path: Path) -> None:
+    p = subprocess.Popen(_loadgen(tmp_path, "--speedup", "2400"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    assert p.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        lines.append(line)
+        if "running against" in line or not line:
+            break
+    time.sleep(2.5)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=90)
+    assert p.returncode == 1, "".join(lines) + out
+    rep = _report(tmp_path)
+    assert rep["interrupted"] and not rep["complete"]
+    assert 0 < rep["sent"] < rep["planned"] and rep["not_sent"] > 0
+    assert rep["lost"] == rep["duplicated"] == rep["corrupted"] == 0
+    assert rep["delivered"] == rep["accepted"]
+
+
+def test_against_given_servers_deferred_messages_are_retried(tmp_path: Path, relay_factory: Any) -> None:
+    relay = relay_factory(quota={"default_bytes": 600_000})
+    for who in ("hospital1", "hospital2", "centre", "practice"):
+        relay.add_user(f"{who}@e2e.test".replace("hospital", "hospital0"), "pw-e2e")
+    cmd = _loadgen(tmp_path, "--speedup", "21600",
+                   "--smtp", f"127.0.0.1:{relay.smtp_port}", "--imap", f"127.0.0.1:{relay.imap_port}",
+                   "--pop3", f"127.0.0.1:{relay.pop3_port}", "--password", "pw-e2e")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=100, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = _report(tmp_path)
+    assert rep["lost"] == rep["duplicated"] == rep["corrupted"] == 0
+    assert rep["delivered"] == rep["planned"]
+    assert rep["deferred"] > 0 and rep["retried"] > 0          # 452 4.2.2 over quota, then drained
+    assert "smtp 127.0.0.1:" in rep["server"]
+    # every mailbox was emptied by the receivers
+    assert not [f for f in (relay.data_dir / "mail").rglob("*") if f.is_file() and f.parent.name in ("new", "cur")]
