@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from relay.config import Config
+from relay.config import Config, ConfigError
 from relay.directory import document
 from relay.directory.keys import DirectoryError, DirectoryKey, KeyInfo
 from relay.directory.registry import Participant, Registry, normalize_address
@@ -30,7 +30,10 @@ class Directory:
         """`[directory] address`, else directory@<domain of the first participant>; None while
         there is neither."""
         if self.config.directory.address:
-            return normalize_address(self.config.directory.address)
+            try:
+                return normalize_address(self.config.directory.address)
+            except DirectoryError as e:
+                raise ConfigError(f"directory.address: {e}") from None
         domain = self.registry.first_domain()
         return f"directory@{domain}" if domain else None
 

@@ -15,8 +15,8 @@ from pathlib import Path
 with warnings.catch_warnings():
     # pgpy 0.6 imports ciphers that cryptography deprecates (TripleDES, CAST5...): not ours to fix
     warnings.simplefilter("ignore")
-    import pgpy
-    from pgpy.constants import (
+    import pgpy  # type: ignore[import-untyped]
+    from pgpy.constants import (  # type: ignore[import-untyped]
         EllipticCurveOID,
         HashAlgorithm,
         KeyFlags,

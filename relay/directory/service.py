@@ -92,6 +92,7 @@ class DirectoryService:
     # --- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.directory.address        # noqa: B018  (a bad [directory] address fails the start)
         self.directory.key            # noqa: B018  (made on first use: make it now, not mid-request)
         listen = self.relay.config.directory.http_listen
         if listen:                    # a listener of its own, e.g. behind an https reverse proxy
