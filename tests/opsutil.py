@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
+import signal
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_MD = ROOT / "docs" / "metrics.md"
@@ -51,8 +57,6 @@ DASHBOARD = ROOT / "grafana" / "dashboards" / "relay.json"
 def dashboard_exprs() -> list[tuple[str, str]]:
     """(panel title, PromQL) of every target in the dashboard, Grafana variables replaced by
     what Grafana sends to Prometheus."""
-    import json
-
     out = []
     for p in json.loads(DASHBOARD.read_text())["panels"]:
         for t in p.get("targets", []):
@@ -81,3 +85,28 @@ def final_stage() -> list[tuple[str, str]]:
     ins = instructions()
     last_from = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
     return ins[last_from:]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], data_dir: Path, log_path: Path) -> Iterator[dict[str, Any]]:
+    """Run a `relay serve` command as a subprocess until it has written listeners.json; yield
+    what it bound. At exit: SIGTERM, and the exit status must be 0."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, cwd=log_path.parent, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            listeners = data_dir / "run" / "listeners.json"
+            deadline = time.monotonic() + 30
+            while not listeners.exists():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "no listeners.json after 30 s"
+                time.sleep(0.1)
+            time.sleep(0.1)          # written in one go; let the writer finish
+            yield json.loads(listeners.read_text())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+    assert rc == 0, log_path.read_text()

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-from opsutil import CONTAINER_TOML, final_stage, run
+from opsutil import CONTAINER_TOML, final_stage, run, serving
 
 CONTAINER_CONFIG_PATH = "/etc/relay/relay.toml"
 
@@ -32,17 +29,7 @@ def test_entrypoint_serves_passes_healthcheck_and_stops_on_sigterm(tmp_path: Pat
     assert CONTAINER_CONFIG_PATH in command
     config = adapted_config(tmp_path)
     command = [str(config) if a == CONTAINER_CONFIG_PATH else a for a in command]
-    log = (tmp_path / "relay.log").open("wb")
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        listeners = tmp_path / "data" / "run" / "listeners.json"
-        deadline = time.monotonic() + 30
-        while not listeners.exists():
-            assert proc.poll() is None, (tmp_path / "relay.log").read_text()
-            assert time.monotonic() < deadline, "no listeners.json after 30 s"
-            time.sleep(0.1)
-        time.sleep(0.1)                     # written in one go, but let the writer finish
-        bound = json.loads(listeners.read_text())
+    with serving(command, tmp_path / "data", tmp_path / "relay.log") as bound:
         assert {"smtp", "imap", "pop3", "metrics"} <= set(bound)
         port = bound["metrics"][0][1]
         # the HEALTHCHECK's own command, pointed at the port bound here
@@ -57,12 +44,3 @@ def test_entrypoint_serves_passes_healthcheck_and_stops_on_sigterm(tmp_path: Pat
         # structured JSON log lines, as the container config asks
         first = (tmp_path / "relay.log").read_text().splitlines()[0]
         assert json.loads(first)["event"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        log.close()
-    assert rc == 0, (tmp_path / "relay.log").read_text()
