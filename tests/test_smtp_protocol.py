@@ -735,3 +735,12 @@ def test_many_pipelined_bdat_after_failure_do_not_hit_max_errors() -> None:
     out = s.feed(b"BDAT 11\r\n" + b"x" * 11 + b"BDAT 1\r\ny" * 10 + b"NOOP\r\n")
     assert s.codes(out) == ["552 5.3.4"] + ["503 5.5.1"] * 10 + ["250 2.0.0"]
     assert not s.conn.closed
+
+
+def test_memoryview_input_whole_buffer_in_place_and_slice_copied() -> None:
+    for make in (lambda b: memoryview(b), lambda b: memoryview(b)[:len(b) - 3]):
+        conn = SmtpConnection("relay.test")
+        conn.receive_data(make(bytearray(b"NOOP\r\nFOO")))
+        assert isinstance(conn.next_event(), P.Noop)
+        assert conn.next_event() is NEED_DATA
+        assert conn.data_to_send().endswith(b"250 2.0.0 OK\r\n")

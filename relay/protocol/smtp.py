@@ -339,11 +339,15 @@ class SmtpConnection:
     # --- input -------------------------------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview, end: int | None = None) -> None:
         """Feed bytes; `data[:end]` is read in place and must stay unchanged until
-        next_event() returns NEED_DATA. A memoryview is copied once (pass the bytearray and
-        `end` for the zero-copy path)."""
+        next_event() returns NEED_DATA. A memoryview of a whole bytes/bytearray is read in
+        place too; any other memoryview is copied once."""
         if isinstance(data, memoryview):
-            data = data.tobytes() if end is None else data[:end].tobytes()
-            end = None
+            base = data.obj
+            if isinstance(base, (bytes, bytearray)) and data.nbytes == len(base) and data.contiguous:
+                data = base                       # a view of a whole buffer: read the buffer
+            else:
+                data = data.tobytes() if end is None else data[:end].tobytes()
+                end = None
         if end is None:
             end = len(data)
         if self._pos < self._end:                 # unread input left: join (rare)
