@@ -197,15 +197,13 @@ class Pop3Client:
         written = 0
         data, self._buf = self._buf, b""
         while True:
-            out = u.feed(data) if data else b""
-            if out:
-                written += len(out)
+            pieces = u.feed(data) if data else []
+            if pieces:
                 if fd is not None:
-                    view = memoryview(out)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    written += _writev_all(fd, pieces)
                 elif chunks is not None:
-                    chunks.append(out)
+                    chunks.extend(bytes(p) for p in pieces)
+                    written += sum(len(p) for p in pieces)
             if u.done:
                 self._buf = u.rest
                 return written
@@ -239,6 +237,17 @@ class Pop3Client:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _writev_all(fd: int, pieces: list[bytes | memoryview]) -> int:
+    """os.writev, continued after short writes. Returns the bytes written."""
+    total = sum(len(p) for p in pieces)
+    done = os.writev(fd, pieces)
+    if done < total:                      # rare: finish piece by piece
+        rest = memoryview(b"".join(pieces))[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+    return total
 
 
 def fetch_all(host: str, port: int, user: str, password: str, dest: str | Path, *,

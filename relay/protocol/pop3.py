@@ -564,10 +564,13 @@ class TopFilter:
 class DotUnstuffer:
     """Client side of a multi-line reply: undo the byte-stuffing and find the ".\\r\\n" end.
 
-    `feed(data)` returns the message bytes it can release so far; once `done`, `rest` holds
-    what followed the terminator (the next pipelined reply). The data is held back only from
-    the last CRLF on (a line may still turn out to be the terminator), so memory stays bounded
-    by one read plus one line.
+    `feed(data)` returns the message bytes it can release so far, as a list of buffers (for
+    os.writev; memoryviews into `data`, no copy on the fast path); once `done`, `rest` holds
+    what followed the terminator (the next pipelined reply). Lines end at LF, as for
+    `DotStuffer`. Memory stays bounded by one read plus one line.
+
+    Fast path: a read without any "." (memchr; base64 bodies have none) holds no stuffing and
+    no terminator, so all of it but a trailing line end is released as it is.
     """
 
     _END = b"\r\n.\r\n"
@@ -578,11 +581,25 @@ class DotUnstuffer:
         self.done = False
         self.rest = b""
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes) -> list[bytes | memoryview]:
         if self.done:
             self.rest += data
-            return b""
-        buf = self._carry + data if self._carry else data
+            return []
+        carry = self._carry
+        out: list[bytes | memoryview]
+        if len(data) >= 2 and b"." not in data and b"." not in carry:
+            tail = data[-2:]
+            keep = 2 if tail == CRLF else 1 if tail[1] in b"\r\n" else 0
+            out = [carry, memoryview(data)[:len(data) - keep]] if carry else \
+                [memoryview(data)[:len(data) - keep]]
+            self._carry = data[len(data) - keep:]
+        else:
+            out = [self._slow(carry + data if carry else data)]
+        if self._skip:
+            out = self._drop_virtual(out)
+        return out
+
+    def _slow(self, buf: bytes) -> bytes:
         t = buf.find(self._END)
         if t >= 0:
             cut = t + 2
@@ -599,11 +616,14 @@ class DotUnstuffer:
                 else:
                     cut = len(buf) - 1 if buf[-1:] == b"\r" else len(buf)
             self._carry = buf[cut:]
-        out = buf[:cut]
-        if b"\n." in out:
-            out = out.replace(b"\n.", b"\n")
-        if self._skip:
-            taken = min(self._skip, len(out))
-            out = out[taken:]
-            self._skip -= taken
-        return out
+        return buf[:cut].replace(b"\n.", b"\n")
+
+    def _drop_virtual(self, out: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """Remove the virtual CRLF put before the first line."""
+        kept = []
+        for piece in out:
+            take = min(self._skip, len(piece))
+            self._skip -= take
+            if len(piece) > take:
+                kept.append(piece[take:])
+        return kept

@@ -27,6 +27,7 @@ from relay.log import get_logger
 from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.protocol import pop3 as proto
 from relay.server.listener import Session, create_servers
+from relay.store import StoreError
 
 log = get_logger("pop3")
 
@@ -177,8 +178,10 @@ class Pop3Session:
             elif isinstance(ev, proto.Retrieve):
                 await self._retrieve(ev)
             elif isinstance(ev, proto.StartTls):
-                await self._write(ev.reply)
+                # No await between the reply and start_tls: the client's ClientHello must not
+                # reach the plaintext reader (start_tls pauses reading before it yields).
                 assert self.ssl_ctx is not None
+                self.writer.write(ev.reply)
                 await self.writer.start_tls(self.ssl_ctx)
                 conn.tls_started()
             elif isinstance(ev, proto.Quit):
@@ -236,7 +239,7 @@ class Pop3Session:
     async def _retrieve(self, ev: proto.Retrieve) -> None:
         try:
             fd = os.open(self.mailbox.path(ev.uid), os.O_RDONLY)
-        except (OSError, LookupError, ValueError):  # expunged meanwhile (IMAP) or unreadable
+        except (OSError, StoreError):  # expunged meanwhile (IMAP) or unreadable
             self.writer.write(proto.err(f"Message {ev.msgno} is no longer available", "SYS/PERM"))
             return
         started = time.monotonic()

@@ -1,0 +1,264 @@
+"""POP3 end to end over loopback with real clients: poplib, the project's streaming client and
+raw sockets where the bytes matter. Mail arrives over SMTP (smtplib)."""
+
+from __future__ import annotations
+
+import poplib
+import smtplib
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.clients.pop3 import Pop3Client, Pop3Error
+from relay.protocol.pop3 import parse_uidl
+from tests.conftest import RunningRelay
+from tests.tlsutil import client_context, make_cert
+
+pytestmark = pytest.mark.e2e
+
+ALICE = "alice@example.test"
+# lines starting with ".", a line that is only ".", and a "\r\n.\r\n"-like line inside
+DOTTY = (b"Subject: dots\r\nFrom: x@remote.test\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n"
+         b"middle. dot\r\n" + b"A" * 1000 + b"\r\n.\r\n.end\r\nlast line\r\n")
+
+
+def deliver(r: RunningRelay, body: bytes, rcpt: str = ALICE) -> None:
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=10) as s:
+        s.sendmail("sender@remote.test", [rcpt], body)
+
+
+def stored(r: RunningRelay, address: str = ALICE) -> list[tuple[int, Path, int]]:
+    """(uid, path, size) of each message in the mailbox, from the store."""
+    def get(relay: Any) -> list[tuple[int, Path, int]]:
+        mb = relay.store.mailbox(address)
+        return [(m.uid, mb.path(m.uid), m.size) for m in mb.messages()]
+    return r.call(get)  # type: ignore[no-any-return]
+
+
+def pop(r: RunningRelay, user: str = ALICE, password: str = "secret") -> poplib.POP3:
+    p = poplib.POP3("127.0.0.1", r.pop3_port, timeout=10)
+    p.user(user)
+    p.pass_(password)
+    return p
+
+
+def wait_unlocked(r: RunningRelay, address: str = ALICE, timeout: float = 5.0) -> None:
+    """The server notices a dropped connection asynchronously."""
+    deadline = time.monotonic() + timeout
+    while r.call(lambda relay: address in relay.pop3.locks):
+        assert time.monotonic() < deadline, "maildrop lock not released"
+        time.sleep(0.02)
+
+
+class Raw:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.f = self.sock.makefile("rb")
+        self.greeting = self.line()
+
+    def line(self) -> bytes:
+        return self.f.readline()
+
+    def cmd(self, data: bytes) -> bytes:
+        self.sock.sendall(data + b"\r\n")
+        return self.line()
+
+
+def test_stat_list_uidl_retr_top_with_dot_lines(relay: RunningRelay) -> None:
+    deliver(relay, DOTTY)
+    deliver(relay, b"Subject: two\r\n\r\nsecond\r\n")
+    msgs = stored(relay)
+    p = pop(relay)
+    assert p.stat() == (2, sum(size for _, _, size in msgs))
+    _, listing, _ = p.list()
+    assert listing == [f"{n} {size}".encode() for n, (_, _, size) in enumerate(msgs, 1)]
+    _, lines, _ = p.retr(1)
+    on_disk = msgs[0][1].read_bytes()
+    assert b"\r\n".join(lines) + b"\r\n" == on_disk          # poplib unstuffed every dot line
+    assert on_disk.endswith(DOTTY)
+    _, top, _ = p.top(1, 2)
+    head = on_disk.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert top == head + [b"", b".leading dot", b"..two dots"]
+    assert p.noop().startswith(b"+OK")
+    p.quit()
+    assert relay.call(lambda r: r.pop3.statistics().messages_fetched) == 1
+
+
+def test_uidl_is_stable_across_sessions_and_matches_imap_uids(relay: RunningRelay) -> None:
+    for i in range(3):
+        deliver(relay, f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())
+    uidvalidity = relay.call(lambda r: r.store.mailbox(ALICE).uidvalidity)
+    p = pop(relay)
+    first = p.uidl()[1]
+    p.dele(1)
+    p.quit()
+    p = pop(relay)
+    second = p.uidl()[1]
+    p.quit()
+    ids = [line.split()[1] for line in second]
+    assert [line.split()[1] for line in first[1:]] == ids   # the two left keep their unique-ids
+    uids = [uid for uid, _, _ in stored(relay)]
+    assert [parse_uidl(i.decode()) for i in ids] == [(uidvalidity, u) for u in uids]
+
+
+def test_dele_quit_removes_files_and_frees_quota(relay: RunningRelay) -> None:
+    deliver(relay, DOTTY)
+    deliver(relay, b"Subject: keep\r\n\r\nkeep me\r\n")
+    msgs = stored(relay)
+    before = relay.call(lambda r: r.store.usage(ALICE))
+    assert before.messages == 2
+    p = pop(relay)
+    assert p.dele(1).startswith(b"+OK")
+    assert p.stat()[0] == 1
+    assert p.quit().startswith(b"+OK")
+    assert not msgs[0][1].exists() and msgs[1][1].exists()
+    after = relay.call(lambda r: r.store.usage(ALICE))
+    assert (after.messages, after.bytes) == (1, before.bytes - msgs[0][2])
+
+
+def test_rset_unmarks(relay: RunningRelay) -> None:
+    deliver(relay, b"Subject: a\r\n\r\na\r\n")
+    p = pop(relay)
+    p.dele(1)
+    assert p.rset().startswith(b"+OK Maildrop has 1 messages")
+    p.quit()
+    assert len(stored(relay)) == 1
+
+
+def test_dropped_connection_deletes_nothing_and_releases_the_lock(relay: RunningRelay) -> None:
+    deliver(relay, b"Subject: a\r\n\r\na\r\n")
+    raw = Raw(relay.pop3_port)
+    raw.cmd(b"USER " + ALICE.encode())
+    assert raw.cmd(b"PASS secret").startswith(b"+OK")
+    assert raw.cmd(b"DELE 1").startswith(b"+OK")
+    raw.f.close()
+    raw.sock.close()                                # no QUIT
+    wait_unlocked(relay)
+    assert len(stored(relay)) == 1
+    p = pop(relay)
+    assert p.stat()[0] == 1
+    p.quit()
+
+
+def test_second_session_gets_in_use(relay: RunningRelay) -> None:
+    p = pop(relay)
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        pop(relay)
+    with Pop3Client("127.0.0.1", relay.pop3_port) as c, pytest.raises(Pop3Error) as e:
+        c.login(ALICE, "secret")
+    assert e.value.code == "IN-USE"
+    pop(relay, "bob@example.test").quit()       # another mailbox is not locked
+    p.quit()
+    pop(relay).quit()                             # free again after QUIT
+
+
+def test_wrong_password_and_unknown_user_get_auth_code(relay: RunningRelay) -> None:
+    for user, pw in ((ALICE, "wrong"), ("nobody@example.test", "secret")):
+        with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[AUTH\]"):
+            pop(relay, user, pw)
+
+
+def test_snapshot_at_login_and_bad_input_keeps_session_usable(relay: RunningRelay) -> None:
+    deliver(relay, b"Subject: a\r\n\r\na\r\n")
+    raw = Raw(relay.pop3_port)
+    assert raw.cmd(b"STAT").startswith(b"-ERR STAT is not valid in the AUTHORIZATION state")
+    raw.cmd(b"USER " + ALICE.encode())
+    assert raw.cmd(b"PASS secret").startswith(b"+OK")
+    deliver(relay, b"Subject: b\r\n\r\nb\r\n")      # arrives during the session
+    assert raw.cmd(b"STAT").startswith(b"+OK 1 ")  # not in this session's maildrop
+    assert raw.cmd(b"X" * 1000).startswith(b"-ERR Line too long")
+    assert raw.cmd(b"RETR 7") == b"-ERR No such message: 7\r\n"
+    assert raw.cmd(b"RETR one") == b"-ERR Invalid message number 'one'\r\n"
+    assert raw.cmd(b"FOO") == b"-ERR Unknown command: 'FOO'\r\n"
+    assert raw.cmd(b"STAT").startswith(b"+OK 1 ")
+    assert raw.cmd(b"QUIT").startswith(b"+OK")
+    p = pop(relay)
+    assert p.stat()[0] == 2
+    p.quit()
+
+
+def test_streaming_client_retr_to_file_exact_bytes(relay: RunningRelay, tmp_path: Path) -> None:
+    # ~3 MB with dot lines spread over many 1 MiB chunks, and a long line without dots
+    body = b"Subject: big\r\n\r\n" + b"".join(
+        (b"." if i % 7 == 0 else b"") + f"line {i} ".encode() * 8 + b"\r\n" for i in range(30000)
+    ) + b"y" * 2_000_000 + b"\r\n"
+    deliver(relay, body)
+    [(_, path, size)] = stored(relay)
+    with Pop3Client("127.0.0.1", relay.pop3_port) as c:
+        c.login(ALICE, "secret", method="user")
+        assert c.stat() == (1, size)
+        n = c.retr_to_file(1, tmp_path / "m.eml")
+        assert n == size and (tmp_path / "m.eml").read_bytes() == path.read_bytes()
+        assert c.top(1, 0).endswith(b"Subject: big\r\n\r\n")
+        c.dele(1)
+        assert "1 messages deleted" in c.quit()
+    assert stored(relay) == []
+
+
+def test_auth_plain_both_forms(relay: RunningRelay) -> None:
+    with Pop3Client("127.0.0.1", relay.pop3_port) as c:
+        assert "SASL" in c.capa()
+        assert c.login(ALICE, "secret", method="plain").startswith("Logged in")
+        c.quit()
+    raw = Raw(relay.pop3_port)
+    assert raw.cmd(b"AUTH PLAIN") == b"+ \r\n"
+    import base64
+    assert raw.cmd(base64.b64encode(b"\0" + ALICE.encode() + b"\0secret")).startswith(b"+OK")
+    raw.cmd(b"QUIT")
+
+
+def test_plaintext_never_refuses_and_hides_user(relay_factory: Callable[..., RunningRelay]) -> None:
+    r = relay_factory(auth={"plaintext": "never"})
+    r.add_user(ALICE, "secret")
+    raw = Raw(r.pop3_port)
+    caps = [raw.cmd(b"CAPA")]
+    while caps[-1] != b".\r\n":
+        caps.append(raw.line())
+    assert b"USER\r\n" not in caps and not any(c.startswith(b"SASL") for c in caps)
+    assert raw.cmd(b"USER " + ALICE.encode()).startswith(b"-ERR [AUTH] Plaintext authentication")
+    assert raw.cmd(b"AUTH PLAIN AGFAYgBj").startswith(b"-ERR [AUTH] Plaintext authentication")
+
+
+def test_stls_and_implicit_tls(relay_factory: Callable[..., RunningRelay], tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path / "tls")
+    r = relay_factory(tls={"cert": str(cert), "key": str(key)}, auth={"plaintext": "never"},
+                      pop3={"listen_tls": ["127.0.0.1:0"]})
+    r.add_user(ALICE, "secret")
+    deliver(r, DOTTY)
+    ctx = client_context(cert)
+    p = poplib.POP3("127.0.0.1", r.pop3_port, timeout=10)
+    assert "STLS" in p.capa() and "USER" not in p.capa()
+    p.stls(ctx)
+    assert "STLS" not in p.capa() and "USER" in p.capa()
+    p.user(ALICE)
+    p.pass_("secret")
+    assert p.retr(1)[1][-1] == b"last line"
+    p.quit()
+    p = poplib.POP3_SSL("127.0.0.1", r.port("pop3_tls"), context=ctx, timeout=10)
+    assert "STLS" not in p.capa()
+    p.user(ALICE)
+    p.pass_("secret")
+    assert p.stat()[0] == 1
+    p.quit()
+    with Pop3Client("127.0.0.1", r.pop3_port, ssl_context=ctx, starttls=True) as c:
+        c.login(ALICE, "secret")
+        assert c.retr(1).endswith(DOTTY)
+        c.quit()
+
+
+def test_idle_timeout_closes_without_deleting(relay_factory: Callable[..., RunningRelay]) -> None:
+    r = relay_factory(pop3={"idle_timeout": 0.5})
+    r.add_user(ALICE, "secret")
+    deliver(r, b"Subject: a\r\n\r\na\r\n")
+    raw = Raw(r.pop3_port)
+    raw.cmd(b"USER " + ALICE.encode())
+    raw.cmd(b"PASS secret")
+    raw.cmd(b"DELE 1")
+    assert raw.line().startswith(b"-ERR Idle timeout")
+    assert raw.line() == b""                        # closed
+    wait_unlocked(r)
+    assert len(stored(r)) == 1
