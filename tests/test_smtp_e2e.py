@@ -238,6 +238,20 @@ def test_client_raises_on_refused_recipients(relay: RunningRelay) -> None:
     assert res.accepted == [BOB] and res.rcpt["n@example.test"].code == 550
 
 
+def test_whole_transactions_pipelined_back_to_back(relay: RunningRelay, raw: Callable[[], Raw]) -> None:
+    c = raw()
+    c.cmd("EHLO c")
+    bodies = [b"first\r\n", b"second" * 50_000, b"third\r\n"]
+    wire = b"".join(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<%s>\r\nBDAT %d LAST\r\n%s"
+                    % (ALICE.encode(), len(b), b) for b in bodies)
+    c.send(wire + b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<%s>\r\nDATA\r\n" % BOB.encode())
+    replies = [c.reply()[:9] for _ in range(3 * 3 + 3)]
+    assert replies == ["250 2.1.0", "250 2.1.5", "250 2.0.0"] * 3 + ["250 2.1.0", "250 2.1.5", "354 End d"]
+    assert c.cmd(b"fourth\r\n.").startswith("250 2.0.0")
+    stored = sorted(f.read_bytes() for f in new_files(relay, ALICE))
+    assert sorted(next(d for d in stored if d.endswith(b)) for b in bodies) == stored
+
+
 # --- STARTTLS and AUTH ----------------------------------------------------------------------------
 @pytest.fixture
 def tls_relay(relay_factory: Callable[..., RunningRelay], tmp_path: Path) -> RunningRelay:

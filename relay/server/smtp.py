@@ -302,8 +302,9 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._task = None
         if self.transport is None or self.transport.is_closing():
             return
-        self._process()
-        self._resume("task")
+        self._process()                       # may start the next step (pipelined input)
+        if self._task is None:
+            self._resume("task")
 
     # --- events ----------------------------------------------------------------------------
     def _reset(self, ev: Any = None) -> None:
