@@ -3,6 +3,7 @@ raw sockets where the bytes matter. Mail arrives over SMTP (smtplib)."""
 
 from __future__ import annotations
 
+import base64
 import poplib
 import smtplib
 import socket
@@ -206,7 +207,6 @@ def test_auth_plain_both_forms(relay: RunningRelay) -> None:
         c.quit()
     raw = Raw(relay.pop3_port)
     assert raw.cmd(b"AUTH PLAIN") == b"+ \r\n"
-    import base64
     assert raw.cmd(base64.b64encode(b"\0" + ALICE.encode() + b"\0secret")).startswith(b"+OK")
     raw.cmd(b"QUIT")
 
