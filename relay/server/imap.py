@@ -51,6 +51,7 @@ log = get_logger("imap")
 
 CHUNK = 1024 * 1024               # pread size when sendfile cannot be used
 SENDFILE_MAX = 16 * 1024 * 1024   # one os.sendfile call at most
+WAKE_CHUNK = 64 * 1024            # sent through the transport when sendfile finds the socket full
 READ_SIZE = 64 * 1024
 WRITE_HIGH_WATER = 2 * CHUNK      # transport buffer bound before drain() waits
 MAX_AUTH_FAILURES = 5             # then BYE (slows password guessing)
@@ -823,7 +824,9 @@ class ImapSession:
                     offset += n
                     count -= n
                     continue
-            data = os.pread(fd, min(CHUNK, count), offset)
+            # TLS: the whole chunk; plain TCP with a full socket: a small piece through the
+            # transport, which waits for the socket to drain, then sendfile again
+            data = os.pread(fd, min(CHUNK if sockfd < 0 else WAKE_CHUNK, count), offset)
             if not data:
                 raise OSError(f"message file shorter than expected at {offset}")
             self.writer.write(data)
