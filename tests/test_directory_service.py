@@ -246,3 +246,25 @@ def test_http_documents_and_wkd(h: Harness) -> None:
     assert wkd(f"/.well-known/openpgpkey/x.test/hu/{wkd_hash('directory@x.test')}")[2] == h.cli.key.public_binary()
     h.cli.update("ct@x.test", status="suspended")
     assert wkd(f"/.well-known/openpgpkey/hu/{wkd_hash('ct@x.test')}")[0] == 404
+
+
+def test_accounts_deleted_behind_the_directorys_back(h: Harness) -> None:
+    """`relay user del` on a participant or on the directory account: pushes still reach the
+    others, requests from the orphan are dropped, the directory account comes back."""
+    async def go() -> None:
+        h.add("a@x.test")
+        h.add("gone@x.test")
+        await h.settle()
+        h.store.accounts.delete("gone@x.test")
+        h.cli.update("a@x.test", name="new name")
+        await h.settle()
+        assert [m["Subject"] for m in h.mailbox("a@x.test")][-1] == "Directory update: serial 3"
+        await h.send("gone@x.test", "GET")
+        await h.service.tick()
+        assert h.service.statistics().requests == {"no-account": 1}
+        h.store.accounts.delete("directory@x.test")
+        await h.service.tick()
+        await h.send("a@x.test", "GET")
+        await h.service.tick()
+        assert h.service.statistics().requests["answered"] == 1
+    asyncio.run(go())

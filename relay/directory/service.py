@@ -147,7 +147,7 @@ class DirectoryService:
         address = self.directory.address
         if address is None:
             return                                # no participants yet
-        if self._subscribed != address:
+        if self._subscribed != address or self.relay.store.accounts.get(address) is None:
             self.directory.ensure_account()
             if self._unsubscribe is not None:
                 self._unsubscribe()
@@ -169,13 +169,13 @@ class DirectoryService:
     async def push(self) -> None:
         """Deliver the current signed document to every active participant that wants it:
         one stored message, hard-linked into each mailbox. Over-quota mailboxes are skipped."""
-        from relay.store import QuotaExceeded
+        from relay.store import NoSuchAccount, QuotaExceeded
 
         d = self.directory
         signed = d.signed()
         address = d.address or ""
         raw = mail.push(address, self.relay.config.hostname, signed.serial, signed.json, signed.signature)
-        rcpts, reservations, skipped = [], [], []
+        rcpts, reservations, skipped, missing = [], [], [], []
         for p in d.registry.list(active_only=True):
             if not p.push:
                 continue
@@ -184,6 +184,8 @@ class DirectoryService:
                 rcpts.append(p.address)
             except QuotaExceeded:
                 skipped.append(p.address)
+            except NoSuchAccount:         # account deleted behind the directory's back (user del)
+                missing.append(p.address)
         try:
             if rcpts:
                 await self._deliver(rcpts, raw)
@@ -194,7 +196,8 @@ class DirectoryService:
         self._pushes += 1
         self._push_recipients += len(rcpts)
         log.info("directory-push", serial=signed.serial, recipients=len(rcpts),
-                 over_quota=",".join(skipped) or None, bytes=len(raw))
+                 over_quota=",".join(skipped) or None, no_account=",".join(missing) or None,
+                 bytes=len(raw))
 
     async def _deliver(self, recipients: list[str], raw: bytes) -> None:
         d = self.relay.store.begin_delivery("", recipients, session_id="directory",
@@ -217,7 +220,7 @@ class DirectoryService:
             mb.expunge([info.uid])
 
     async def _answer(self, mb: Any, info: Any) -> None:
-        from relay.store import QuotaExceeded, StoreError
+        from relay.store import NoSuchAccount, QuotaExceeded, StoreError
 
         try:
             req = mail.read_request(mb.path(info.uid))
@@ -239,6 +242,10 @@ class DirectoryService:
         except QuotaExceeded:
             self._count("over-quota")
             log.warning("directory-request", outcome="over-quota", **fields)
+            return
+        except NoSuchAccount:
+            self._count("no-account")
+            log.warning("directory-request", outcome="no-account", **fields)
             return
         try:
             await self._deliver([req.sender], raw)
