@@ -7,6 +7,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +111,29 @@ def serving(command: list[str], data_dir: Path, log_path: Path) -> Iterator[dict
                 proc.kill()
                 raise
     assert rc == 0, log_path.read_text()
+
+
+RELAY = [sys.executable, "-m", "relay"]
+
+
+def loopback_config(tmp: Path, **sections: dict[str, Any]) -> Path:
+    """tmp/relay.toml: data in tmp/data, every listener on a free loopback port, plus
+    `sections` ({"log": {"format": "json"}}; values written as JSON, which TOML accepts for
+    strings, numbers and booleans)."""
+    tables: dict[str, dict[str, Any]] = {k: {"listen": ["127.0.0.1:0"]} for k in ("smtp", "imap", "pop3")}
+    tables["metrics"] = {"listen": "127.0.0.1:0"}
+    for name, keys in sections.items():
+        tables.setdefault(name, {}).update(keys)
+    text = 'data_dir = "data"\nhostname = "relay.test"\n'
+    for name, keys in tables.items():
+        text += f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+    cfg = tmp / "relay.toml"
+    cfg.write_text(text)
+    return cfg
+
+
+def add_user(cfg: Path, address: str, password: str = "secret") -> None:
+    """`relay user add` through the command line (works while the server runs)."""
+    p = run([*RELAY, "user", "add", address, "--password-stdin", "--config", str(cfg)],
+            input=password + "\n")
+    assert p.returncode == 0, p.stdout + p.stderr

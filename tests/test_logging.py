@@ -9,36 +9,12 @@ import poplib
 import re
 import shlex
 import smtplib
-import sys
 from pathlib import Path
 
 import pytest
-from opsutil import run, serving
+from opsutil import RELAY, add_user, loopback_config, serving
 
-RELAY = [sys.executable, "-m", "relay"]
 BODY = b"Subject: study\r\n\r\n" + b"QUJD" * 19 + b"\r\n"
-
-
-def write_config(tmp: Path, fmt: str) -> Path:
-    cfg = tmp / "relay.toml"
-    cfg.write_text(f'''data_dir = "data"
-hostname = "relay.test"
-[smtp]
-listen = ["127.0.0.1:0"]
-max_message_size = "10KiB"
-[imap]
-listen = ["127.0.0.1:0"]
-[pop3]
-listen = ["127.0.0.1:0"]
-[metrics]
-listen = "127.0.0.1:0"
-[log]
-format = "{fmt}"
-''')
-    p = run([*RELAY, "user", "add", "ct@a.test", "--password-stdin", "--config", str(cfg)],
-            input="secret\n")
-    assert p.returncode == 0, p.stderr
-    return cfg
 
 
 def parse_text(line: str) -> dict[str, str]:
@@ -65,7 +41,8 @@ def traffic(bound: dict[str, list[list[object]]]) -> None:
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_one_line_per_session_and_message_with_the_received_id(tmp_path: Path, fmt: str) -> None:
-    cfg = write_config(tmp_path, fmt)
+    cfg = loopback_config(tmp_path, smtp={"max_message_size": "10KiB"}, log={"format": fmt})
+    add_user(cfg, "ct@a.test")
     log_path = tmp_path / "serve.log"
     with serving([*RELAY, "serve", "--config", str(cfg)], tmp_path / "data", log_path) as bound:
         traffic(bound)

@@ -7,41 +7,13 @@ import json
 import os
 import poplib
 import smtplib
-import sys
 from pathlib import Path
 
-from opsutil import run, serving
-
-RELAY = [sys.executable, "-m", "relay"]
-
-
-def write_config(tmp: Path, **metrics: object) -> Path:
-    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in metrics.items())
-    cfg = tmp / "relay.toml"
-    cfg.write_text(f'''data_dir = "data"
-hostname = "relay.test"
-[smtp]
-listen = ["127.0.0.1:0"]
-[imap]
-listen = ["127.0.0.1:0"]
-[pop3]
-listen = ["127.0.0.1:0"]
-[metrics]
-listen = "127.0.0.1:0"
-{extra}[quota]
-default_bytes = "100KiB"
-''')
-    return cfg
-
-
-def add_user(cfg: Path, address: str) -> None:
-    p = run([*RELAY, "user", "add", address, "--password-stdin", "--config", str(cfg)],
-            input="secret\n")
-    assert p.returncode == 0, p.stdout + p.stderr
+from opsutil import RELAY, add_user, loopback_config, run, serving
 
 
 def test_status_summarises_the_running_server(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path)
+    cfg = loopback_config(tmp_path, quota={"default_bytes": "100KiB"})
     with serving([*RELAY, "serve", "--config", str(cfg)], tmp_path / "data",
                  tmp_path / "serve.log") as bound:
         add_user(cfg, "ct@a.test")
@@ -79,7 +51,7 @@ def test_status_summarises_the_running_server(tmp_path: Path) -> None:
 
 
 def test_status_says_clearly_when_no_server_runs(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path)
+    cfg = loopback_config(tmp_path, quota={"default_bytes": "100KiB"})
     (tmp_path / "data").mkdir()
     p = run([*RELAY, "status", "--config", str(cfg)])
     assert p.returncode == 1
