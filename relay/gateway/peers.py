@@ -93,18 +93,45 @@ class Directory:
 
     def load(self) -> None:
         """Load the accepted copy, or adopt the configured local copy (`directory`) if newer."""
-        candidates = [self.path]
+        self._load_accepted()
         if self.cfg.directory is not None:
-            candidates.append(self.cfg.directory)
-        for p in candidates:
+            p = self.cfg.directory
             sig = p.with_name(p.name + ".asc")
-            if p.exists() and sig.exists():
+            if p.exists() and sig.exists() and p.read_bytes() != (
+                    self.path.read_bytes() if self.path.exists() else b""):
                 try:
                     self.accept(p.read_bytes(), sig.read_bytes())
                 except DirectoryError as e:
                     log.warning("directory_refused", path=str(p), reason=str(e))
         if not self.peers:
             log.warning("directory_empty", hint="run `relay gateway directory --config GW.toml`")
+
+    def _load_accepted(self) -> None:
+        """Our own copy was verified when accepted (and its keys imported then): read it back
+        without a second signature check; re-import only keys missing from the keyring."""
+        if not self.path.exists():
+            return
+        try:
+            doc = json.loads(self.path.read_bytes())
+        except (ValueError, OSError) as e:
+            log.warning("directory_unreadable", path=str(self.path), error=str(e))
+            return
+        have = {k["fingerprint"] for k in self.ring.gpg.list_keys()}
+        self.peers, self.serial = self._peers(doc, have), int(doc["serial"])
+
+    def _peers(self, doc: dict[str, Any], have: set[str] | None = None) -> dict[str, Peer]:
+        peers: dict[str, Peer] = {}
+        for p in doc["participants"]:
+            if not isinstance(p, dict) or p.get("status", "active") != "active":
+                continue
+            addr = str(p.get("address", "")).lower()
+            fpr = str(p.get("fingerprint", "")).upper()
+            known = have is not None and fpr in have
+            if not known and (len(fpr) != 40 or fpr not in self.ring.import_public(str(p.get("public_key", "")))):
+                log.warning("directory_entry_skipped", address=addr, reason="key does not match fingerprint")
+                continue
+            peers[addr] = Peer(addr, fpr, str(p.get("name", "")))
+        return peers
 
     def accept(self, json_bytes: bytes, sig_bytes: bytes) -> bool:
         """Verify and adopt a document. False if it is not newer than the one held."""
@@ -117,16 +144,7 @@ class Directory:
             raise DirectoryError(f"directory serial {serial} is older than {high} already accepted")
         if serial <= self.serial:
             return False
-        peers: dict[str, Peer] = {}
-        for p in doc["participants"]:
-            if not isinstance(p, dict) or p.get("status", "active") != "active":
-                continue
-            addr = str(p.get("address", "")).lower()
-            fpr = str(p.get("fingerprint", "")).upper()
-            if not addr or len(fpr) != 40 or fpr not in self.ring.import_public(str(p.get("public_key", ""))):
-                log.warning("directory_entry_skipped", address=addr, reason="key does not match fingerprint")
-                continue
-            peers[addr] = Peer(addr, fpr, str(p.get("name", "")))
+        peers = self._peers(doc)
         self.peers, self.serial = peers, serial
         self.state.set_meta("directory_serial", str(serial))
         if self.path.exists() and self.path.read_bytes() == json_bytes:

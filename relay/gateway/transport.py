@@ -73,13 +73,14 @@ class ImapSource:
     """IMAP: keys are "imap:<uidvalidity>:<uid>"; fetch resumes with partial FETCH."""
 
     def __init__(self, cfg: GatewayConfig) -> None:
-        from relay.clients.imap import ImapClient
+        from relay.clients.imap import ImapClient, ImapError
+        self._errors = (OSError, ImapError)
         host, port = parse_hostport(cfg.imap, "imap")
         try:
             self.c = ImapClient(host, port)
             self.c.login(cfg.address, cfg.get_password())
             self.c.select("INBOX")
-        except OSError as e:
+        except self._errors as e:
             raise TransportError(f"IMAP {cfg.imap}: {e}") from None
         self.uidvalidity = self.c.uidvalidity
 
@@ -93,18 +94,30 @@ class ImapSource:
         return int(uid)
 
     def messages(self) -> list[tuple[str, int]]:
-        sizes = self.c.sizes()
+        try:
+            sizes = self.c.sizes(self.c.uid_search("ALL"))
+        except self._errors as e:
+            raise TransportError(f"IMAP: {e}") from None
         return [(self._key(uid), size) for uid, size in sorted(sizes.items())]
 
     def fetch(self, key: str, path: Path, offset: int) -> None:
-        self.c.fetch_to_file(self._uid(key), path, offset=offset)
+        try:
+            self.c.fetch_to_file(self._uid(key), path, offset=offset)
+        except self._errors as e:
+            raise TransportError(f"IMAP: {e}") from None
 
     def delete(self, keys: list[str]) -> None:
-        if keys:
+        try:
             self.c.delete([self._uid(k) for k in keys])
+        except self._errors as e:
+            raise TransportError(f"IMAP: {e}") from None
 
     def wait(self, timeout: float) -> None:
-        self.c.idle(timeout)
+        """IDLE (RFC 2177) until EXISTS or timeout (re-issued by the loop before 29 min)."""
+        try:
+            self.c.wait_exists(timeout)
+        except self._errors as e:
+            raise TransportError(f"IMAP: {e}") from None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -1,0 +1,308 @@
+"""Two gateways exchanging studies through a real relay on loopback.
+
+Participants and the signed directory are made with the relay's own CLI (`relay participant
+add`, `relay directory export`, `relay directory key`); gateway keys are generated at test
+time with gpg --quick-gen-key (test fixtures, never committed). The gateways run as the real
+`relay gateway ...` commands in subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import email.policy
+import io
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from relay.gateway.pgp import generate_key
+from relay.gateway.synthetic import read_dataset_bytes, synthetic_study
+
+pytestmark = pytest.mark.e2e
+
+CT, RAD, EVE = "ct@example.test", "rad@example.test", "eve@example.test"
+
+
+def run(*args: str, stdin: str | None = None, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "relay", *args], input=stdin, capture_output=True,
+                       text=True, timeout=timeout, check=False)
+    if check and r.returncode != 0:
+        raise AssertionError(f"relay {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@dataclass
+class Net:
+    tmp: Path
+    relay: Any
+    relay_toml: Path
+    keys: dict[str, tuple[str, str]]
+
+    def gateway(self, address: str, **extra: Any) -> Path:
+        """Write <tmp>/<local>/gw.toml for this participant and return its path."""
+        d = self.tmp / address.split("@")[0]
+        d.mkdir(exist_ok=True)
+        (d / "gateway.sec.asc").write_text(self.keys[address][0])     # test fixture key
+        lines = {
+            "address": address, "password": "secret", "secret_key": "gateway.sec.asc",
+            "smtp": f"127.0.0.1:{self.relay.smtp_port}", "imap": f"127.0.0.1:{self.relay.imap_port}",
+            "inbox": "received", "quarantine": "quarantine", "state_dir": "state",
+            "directory": str(self.tmp / "dir" / "directory.json"),
+            "directory_key": str(self.tmp / "directory.asc"), **extra,
+        }
+        body = "\n".join(f"{k} = {v!r}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+                         else f"{k} = {str(v).lower() if isinstance(v, bool) else _toml_str(v)}"
+                         for k, v in lines.items())
+        (d / "gw.toml").write_text(body + "\n")
+        return d / "gw.toml"
+
+    def export_directory(self) -> None:
+        relay_cli("directory", "export", str(self.tmp / "dir"), "--config", str(self.relay_toml))
+
+    def inject(self, to: str, raw: bytes) -> None:
+        """Put a message straight into a mailbox over SMTP (an attacker's or a broken sender's)."""
+        from relay.clients.smtp import send_message
+        send_message("127.0.0.1", self.relay.smtp_port, EVE, [to], raw)
+
+
+def relay_cli(*args: str, stdin: str = "") -> str:
+    """The relay's admin CLI in-process (same code as the `relay` command, no interpreter start)."""
+    from relay.cli import main
+    out = io.StringIO()
+    saved = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out):
+            assert main(list(args)) == 0
+    finally:
+        sys.stdin = saved
+    return out.getvalue()
+
+
+def _toml_str(v: Any) -> str:
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@pytest.fixture
+def net(relay_factory: Callable[..., Any], tmp_path: Path, keys: dict[str, tuple[str, str]]) -> Iterator[Net]:
+    relay = relay_factory(tmp_path / "relay")
+    toml = tmp_path / "relay.toml"
+    toml.write_text(f'data_dir = "{tmp_path / "relay"}"\nhostname = "relay.test"\n')
+    n = Net(tmp_path, relay, toml, keys)
+    for addr in (CT, RAD, EVE):
+        (tmp_path / f"{addr}.pub").write_text(keys[addr][1])
+        relay_cli("participant", "add", addr, "--key", str(tmp_path / f"{addr}.pub"), "--password-stdin",
+                  "--config", str(toml), stdin="secret\n")
+    (tmp_path / "directory.asc").write_text(relay_cli("directory", "key", "--config", str(toml)))
+    n.export_directory()
+    yield n
+    for d in tmp_path.glob("*/state/gnupg"):
+        subprocess.run(["gpgconf", "--homedir", str(d), "--kill", "gpg-agent"], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    base = tmp_path_factory.mktemp("gwkeys")
+    return {a: generate_key(base / a.split("@")[0], f"gateway <{a}>") for a in (CT, RAD, EVE)}
+
+
+def gw(cmd: str, cfg: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run("gateway", cmd, "--config", str(cfg), *args, check=check)
+
+
+def files_by_sop(folder: Path) -> dict[str, bytes]:
+    return {f"{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}.dcm": p.read_bytes()
+            for p in folder.iterdir()}
+
+
+def test_send_receive_mdn_status_over_imap(net: Net) -> None:
+    ct, rad = net.gateway(CT), net.gateway(RAD)
+    a = synthetic_study(net.tmp / "studyA", n=3)
+    b = synthetic_study(net.tmp / "studyB", n=2)
+    out = gw("send", ct, "--to", RAD, str(net.tmp / "studyA"), str(b[0]), str(b[1])).stdout
+    assert out.count("sent study") == 2
+    assert out.count("UNCONFIRMED") == 0
+    assert gw("status", ct).stdout.count("UNCONFIRMED") == 2
+
+    r = gw("receive", rad, "--once")
+    assert "imported 2 studies, quarantined 0" in r.stdout
+    for files in (a, b):
+        uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        got = files_by_sop(rad.parent / "received" / uid)
+        assert got == {f"{pydicom.dcmread(f).SOPInstanceUID}.dcm": f.read_bytes() for f in files}
+    rel = net.relay.data_dir / "mail" / "example.test" / "rad"
+    assert not list((rel / "new").iterdir()) and not list((rel / "cur").iterdir())   # deleted
+
+    r = gw("receive", ct, "--once")
+    assert "MDNs 2" in r.stdout
+    assert "all sent studies are confirmed" in gw("status", ct).stdout
+    assert gw("status", ct, "--all").stdout.count("confirmed") == 2
+
+
+def test_split_study_reassembled_over_pop3_in_any_order(net: Net) -> None:
+    ct = net.gateway(CT, split_size="64KiB")
+    rad = net.gateway(RAD, pop3=f"127.0.0.1:{net.relay.pop3_port}")
+    files = synthetic_study(net.tmp / "big", n=4, rows=128, cols=128)      # ~130 KB of pixels
+    out = gw("send", ct, "--to", RAD, str(net.tmp / "big")).stdout
+    nparts = int(out.split(" message(s)")[0].rsplit(", ", 1)[1])
+    assert nparts >= 3
+    # the relay stored every part; the receiver sees them in reverse order
+    maildir = net.relay.data_dir / "mail" / "example.test" / "rad" / "new"
+    stored = [p for p in maildir.iterdir() if b"message/partial" in p.read_bytes()[:2000]]
+    assert len(stored) == nparts
+    for p in stored:
+        assert p.stat().st_size <= 64 * 1024 + 1024       # + the relay's trace headers
+        head = email.message_from_bytes(p.read_bytes().split(b"\r\n\r\n")[0], policy=email.policy.compat32)
+        assert head.get_content_type() == "message/partial"
+    r = gw("receive", rad, "--once")
+    assert "imported 1 study" in r.stdout, r.stdout + r.stderr
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert files_by_sop(rad.parent / "received" / uid) == {
+        f"{pydicom.dcmread(f).SOPInstanceUID}.dcm": f.read_bytes() for f in files}
+    assert not list(maildir.iterdir())
+
+
+def _quarantine(rad: Path) -> dict[str, str]:
+    q = rad.parent / "quarantine"
+    return {d.name: (d / "reason.txt").read_text().splitlines()[0] for d in q.iterdir()}
+
+
+def test_bad_messages_are_quarantined_with_reasons(net: Net) -> None:
+    from relay.gateway import dicommime
+    from relay.gateway import message as M
+    from relay.gateway.pgp import Keyring
+
+    rad = net.gateway(RAD)
+    ct_cfg = net.gateway(CT)
+    study = synthetic_study(net.tmp / "s", n=1)
+    insts = dicommime.group_studies(study)
+    entity = net.tmp / "entity"
+    dicommime.write_study(next(iter(insts.values())), entity)
+    notdicom = net.tmp / "notdicom"
+    notdicom.write_bytes(b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+                         b"Content-Type: application/dicom\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                         b"bm90IGRpY29tIGF0IGFsbA==\r\n--b--\r\n")
+    rad_pub = net.keys[RAD][1]
+
+    def ring(who: str, name: str) -> Keyring:
+        sec = net.tmp / f"{name}.sec"
+        sec.write_text(net.keys[who][0])
+        r = Keyring(net.tmp / f"ring-{name}", sec)
+        r.import_public(rad_pub)
+        return r
+
+    eve, ct = ring(EVE, "eve"), ring(CT, "ct")
+    stranger_sec, _ = generate_key(net.tmp / "strangerkey", "stranger <x@elsewhere.test>")
+    (net.tmp / "stranger.sec").write_text(stranger_sec)
+    stranger = Keyring(net.tmp / "ring-stranger", net.tmp / "stranger.sec")
+    stranger.import_public(rad_pub)
+    rad_fpr = ct.import_public(rad_pub)[0]
+    try:
+        def encrypted(r: Keyring, sender: str, src: Path) -> bytes:
+            out = net.tmp / f"m-{time.monotonic_ns()}"
+            M.build_encrypted(src, out, r, rad_fpr, sender, RAD, M.new_message_id("example.test"))
+            return out.read_bytes()
+
+        cases = {
+            "wrong-key": encrypted(eve, CT, entity),                # From: ct, signed by eve
+            "unknown-key": encrypted(stranger, CT, entity),         # signer not in the directory
+            "not-dicom": encrypted(ct, CT, notdicom),
+        }
+        # unsigned: encrypted to rad with gpg, no signature
+        plain = net.tmp / "unsigned.asc"
+        res = ct.gpg.encrypt_file(str(entity), recipients=[rad_fpr], always_trust=True, armor=True, output=str(plain))
+        assert res.ok
+        good = encrypted(ct, CT, entity).decode()
+        armored_good = good[good.index("-----BEGIN PGP MESSAGE-----"):good.index("-----END PGP MESSAGE-----")]
+        cases["unsigned"] = good.replace(armored_good, plain.read_text().split("-----END")[0].replace("\n", "\r\n")).encode()
+        cases["not-encrypted"] = (f"From: {CT}\r\nTo: {RAD}\r\nSubject: DICOM\r\nMessage-ID: <plain@x>\r\n"
+                                  f"MIME-Version: 1.0\r\n").encode() + entity.read_bytes()
+        # undecryptable: a valid PGP/MIME message for someone else (eve)
+        eve_fpr = ct.import_public(net.keys[EVE][1])[0]
+        other = net.tmp / "forEve"
+        M.build_encrypted(entity, other, ct, eve_fpr, CT, RAD, M.new_message_id("example.test"))
+        cases["undecryptable"] = other.read_bytes()
+    finally:
+        for r in (eve, ct, stranger):
+            r.close()
+    for raw in cases.values():
+        net.inject(RAD, raw)
+    r = gw("receive", rad, "--once", check=False)
+    assert r.returncode == 1
+    assert f"quarantined {len(cases)}" in r.stdout and "imported 0" in r.stdout
+    assert sorted(_quarantine(rad).values()) == sorted(cases)
+    for d in (rad.parent / "quarantine").iterdir():
+        assert (d / "message.eml").stat().st_size > 0
+    assert not any((rad.parent / "received").iterdir())
+    maildir = net.relay.data_dir / "mail" / "example.test" / "rad"
+    assert not list((maildir / "new").iterdir()) and not list((maildir / "cur").iterdir())
+    # nothing was confirmed: the sender of the refused messages got no MDN
+    del ct_cfg
+
+
+def test_incomplete_partial_set_is_quarantined_after_timeout(net: Net) -> None:
+    from relay.gateway import message as M
+    rad = net.gateway(RAD, reassembly_timeout=0.0)
+    mid = M.new_message_id("example.test")
+    part = (f"From: {CT}\r\nTo: {RAD}\r\nSubject: DICOM\r\nMessage-ID: <p1@x>\r\nMIME-Version: 1.0\r\n"
+            f'Content-Type: message/partial; id="{mid}"; number=1; total=3\r\n\r\n'
+            f"From: {CT}\r\nSubject: DICOM\r\nContent-Type: text/plain\r\n\r\nstart\r\n").encode()
+    net.inject(RAD, part)
+    r = gw("receive", rad, "--once", check=False)
+    assert r.returncode == 1 and "parts held 1" in r.stdout
+    assert list(_quarantine(rad).values()) == ["incomplete"]
+
+
+def test_directory_fetched_by_email(net: Net) -> None:
+    rad = net.gateway(RAD)
+    toml = rad.read_text().replace(f'directory = "{net.tmp / "dir" / "directory.json"}"\n', "")
+    rad.write_text(toml)
+    r = gw("directory", rad, "--wait", "30")
+    assert "(was -1), 3 participants" in r.stdout
+    doc = (rad.parent / "state" / "directory.json").read_bytes()
+    assert b"ct@example.test" in doc
+    # an older (or tampered) document is refused
+    r = gw("directory", rad, "--file", str(net.tmp / "dir" / "directory.json"))
+    assert r.returncode == 0
+
+
+def test_storescu_to_storescp_through_two_gateways(net: Net) -> None:
+    """The whole path: dcmtk storescu -> sending gateway (SCP) -> relay -> receiving gateway
+    (IMAP, verify, import, C-STORE) -> dcmtk storescp; then the MDN confirms at the sender."""
+    from tests.test_gateway_pacs import STORESCU, free_port, start_storescp, wait_for
+    pacs_port, scp_port = free_port(), free_port()
+    ct = net.gateway(CT, dicom_listen=f"127.0.0.1:{scp_port}", quiet_period=0.5, send_to=RAD)
+    rad = net.gateway(RAD, pacs=f"127.0.0.1:{pacs_port}", pacs_ae="PACS")
+    files = synthetic_study(net.tmp / "pacs-study", n=3)
+    storescp = start_storescp(net.tmp / "pacs-out", pacs_port)
+    listener = subprocess.Popen([sys.executable, "-m", "relay", "gateway", "pacs-listen", "--config", str(ct)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        from tests.test_gateway_pacs import _listening
+        wait_for(lambda: _listening(scp_port), 30)
+        subprocess.run([STORESCU, "-aec", "RELAYGW", "127.0.0.1", str(scp_port), *map(str, files)],
+                       check=True, capture_output=True, timeout=60)
+        maildir = net.relay.data_dir / "mail" / "example.test" / "rad" / "new"
+        wait_for(lambda: any(maildir.iterdir()), 30)
+        r = gw("receive", rad, "--once")
+        assert "imported 1 study" in r.stdout, (r.stdout, listener.terminate(), listener.communicate())
+        wait_for(lambda: len(list((net.tmp / "pacs-out").iterdir())) == 3, 30)
+    finally:
+        listener.terminate()
+        listener.wait(10)
+        storescp.terminate()
+        storescp.wait(10)
+    assert sorted(read_dataset_bytes(p) for p in (net.tmp / "pacs-out").iterdir()) == \
+        sorted(read_dataset_bytes(f) for f in files)
+    gw("receive", ct, "--once")
+    assert "all sent studies are confirmed" in gw("status", ct).stdout
+    assert os.path.exists(rad.parent / "received")
