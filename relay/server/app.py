@@ -25,7 +25,9 @@ class Relay:
         self.store = Store.open(config)
         self.sessions = SessionRegistry()
         self.ssl_ctx = make_server_ssl_context(config)
-        self.policy: Any = None           # relay.policy.backpressure (issue 4)
+        from relay.policy.backpressure import Backpressure
+
+        self.policy: Any = Backpressure(config, self.store)   # quotas, disk, pacing (issue 4)
         self.directory: Any = None        # relay.directory service (issue 7)
         # Read-only HTTP routes served on the metrics listener: path prefix ->
         # handler(path) -> (status, content_type, body). "/metrics" is the metrics module's.

@@ -1,0 +1,283 @@
+"""Backpressure: per-recipient quotas at RCPT / end of data, free-disk guard, and pacing of
+SMTP intake to the rate at which each congested receiver drains its mailbox (issue 4).
+
+The SMTP server calls (docs/architecture.md, "Policy hooks"):
+
+    policy.check_rcpt(address, declared_size) -> Reply | None
+    pacer = policy.pacer(recipients); delay = pacer.on_data(nbytes); pacer.close()
+    policy.check_end_of_data(recipients, size) -> Reply | None
+
+Per recipient the policy keeps: backlog (the store's ledger plus bytes streaming to it now),
+and the drain rate: bytes expunged per second as an exponentially weighted rate
+r(t) = sum_i n_i * lam * exp(-lam * (t - t_i)), lam = ln 2 / drain_halflife, fed by the store's
+"expunge" notifications. For a steady drain of D bytes/s its mean is D; with no drain it decays
+to 0 with the half-life.
+
+A recipient whose backlog passes its soft backlog is congested (it leaves congestion below
+90% of it, so that one message more or less does not flap). Bytes for a congested recipient are
+scheduled on that recipient's own timeline at pace = max(pace_floor, pace_factor x drain rate):
+every pacer that feeds it shares the timeline, so the sum of its senders is paced, not each of
+them. A message for several recipients waits for the latest of its congested recipients'
+timelines: the most congested one sets its pace.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relay.config import Config
+from relay.log import get_logger
+from relay.protocol.smtp import Reply
+from relay.store import Store, StoreError
+
+log = get_logger("policy")
+
+R_OVER_QUOTA = Reply(452, "4.2.2", "Mailbox full, try again later")
+R_DISK_LOW = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+REFRESH_SECONDS = 1.0      # re-read a recipient's ledger at most this often (CLI, reconcile)
+LEAVE_FRACTION = 0.9       # hysteresis: congestion ends below 90% of the soft backlog
+
+
+@dataclass(frozen=True)
+class RecipientStats:
+    backlog_bytes: int             # stored and undrained, plus bytes streaming to it now
+    backlog_messages: int
+    oldest_age_seconds: float      # 0 when empty
+    soft_backlog_bytes: int        # 0 = no soft limit (unlimited quota with a percentage)
+    drain_rate: float              # bytes/s, EWMA
+    pace: float                    # bytes/s the intake is paced to while congested
+    congested: bool
+
+
+@dataclass(frozen=True)
+class BackpressureStats:
+    recipients: dict[str, RecipientStats]
+    drain_rate: dict[str, float]   # mailbox -> bytes/s (relay_mailbox_drain_rate_bytes_per_second)
+    paced_seconds: float           # total pause handed to SMTP (relay_backpressure_paced_seconds_total)
+    deferrals: dict[str, int]      # reason -> count: quota, quota_end_of_data, disk
+    congested_mailboxes: int
+
+
+class _Recipient:
+    """What the policy knows of one mailbox."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.stored_bytes = 0          # the ledger, kept current by notifications
+        self.stored_messages = 0
+        self.quota_bytes = 0
+        self.quota_messages = 0
+        self.inflight = 0              # bytes streaming to it in open messages
+        self.settled = 0               # of those, already stored ("new" came before close())
+        self.refreshed = -math.inf
+        self.rate = 0.0                # EWMA state at rate_t
+        self.rate_t = 0.0
+        self.congested = False
+        self.next_free = 0.0           # its pacing timeline (clock seconds)
+
+    @property
+    def backlog(self) -> int:
+        return self.stored_bytes + self.inflight
+
+
+class Pacer:
+    """One per message. on_data(nbytes) -> seconds to pause reading before the next read."""
+
+    def __init__(self, policy: Backpressure, recipients: list[_Recipient]) -> None:
+        self.policy = policy
+        self.recipients = recipients
+        self.nbytes = 0
+        self.paced = 0.0
+        self._closed = False
+
+    def on_data(self, nbytes: int) -> float:
+        if self._closed or nbytes <= 0:
+            return 0.0
+        p = self.policy
+        now = p.clock()
+        self.nbytes += nbytes
+        delay = 0.0
+        for r in self.recipients:
+            r.inflight += nbytes
+            p._refresh(r, now)
+            if r.congested:
+                r.next_free = max(r.next_free, now) + nbytes / p.pace(r, now)
+                delay = max(delay, r.next_free - now)
+        self.paced += delay
+        p._paced_seconds += delay
+        return delay
+
+    def close(self) -> None:
+        """On every terminal outcome (idempotent): the bytes are no longer in flight."""
+        if self._closed:
+            return
+        self._closed = True
+        now = self.policy.clock()
+        for r in self.recipients:
+            from_settled = min(r.settled, self.nbytes)
+            r.settled -= from_settled
+            r.inflight = max(0, r.inflight - (self.nbytes - from_settled))
+            self.policy._update_congestion(r, now)
+
+
+def statvfs_free(path: str | os.PathLike[str]) -> Callable[[], int]:
+    def probe() -> int:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+    return probe
+
+
+class Backpressure:
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.monotonic,
+                 free_disk: Callable[[], int] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.free_disk = free_disk or statvfs_free(config.data_dir)
+        bp = config.backpressure
+        self.lam = math.log(2) / bp.drain_halflife if bp.drain_halflife > 0 else math.inf
+        self._recipients: dict[str, _Recipient] = {}
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._paced_seconds = 0.0
+        self._deferrals = {"quota": 0, "quota_end_of_data": 0, "disk": 0}
+        for acct in store.accounts.list():           # drain rates from the start
+            self._recipient(acct.address)
+
+    # --- per-recipient state -------------------------------------------------------------
+
+    def _recipient(self, address: str) -> _Recipient:
+        r = self._recipients.get(address)
+        if r is None:
+            r = self._recipients[address] = _Recipient(address)
+            r.rate_t = self.clock()
+            self._unsubscribe.append(self.store.subscribe(address, lambda kind, n, m: self._on_change(r, kind, n, m)))
+            self._refresh(r, self.clock(), force=True)
+        return r
+
+    def _on_change(self, r: _Recipient, kind: str, nbytes: int, nmessages: int) -> None:
+        now = self.clock()
+        if kind == "new":
+            r.stored_bytes += nbytes
+            r.stored_messages += nmessages
+            # a committed message's bytes move from in flight to stored: the SMTP server
+            # closes its pacer right after the commit, which then finds them settled
+            moved = min(r.inflight, nbytes)
+            r.inflight -= moved
+            r.settled += moved
+        elif kind == "expunge":
+            r.stored_bytes = max(0, r.stored_bytes - nbytes)
+            r.stored_messages = max(0, r.stored_messages - nmessages)
+            r.rate = self.drain_rate(r, now) + nbytes * self.lam
+            r.rate_t = now
+        self._update_congestion(r, now)
+
+    def _refresh(self, r: _Recipient, now: float, force: bool = False) -> None:
+        """Re-read the ledger (changes by the CLI, reconciliation) at most once a second."""
+        if force or now - r.refreshed >= REFRESH_SECONDS:
+            try:
+                u = self.store.usage(r.address)
+            except StoreError:
+                return                               # deleted meanwhile: keep what we know
+            r.stored_bytes, r.stored_messages = u.bytes, u.messages
+            r.quota_bytes, r.quota_messages = u.quota_bytes, u.quota_messages
+            r.refreshed = now
+        self._update_congestion(r, now)
+
+    def soft_backlog(self, r: _Recipient) -> int:
+        sb = self.config.backpressure.soft_backlog
+        if sb.percent is not None:
+            return sb.resolve(r.quota_bytes) if r.quota_bytes else 0
+        return sb.resolve(0)
+
+    def _update_congestion(self, r: _Recipient, now: float) -> None:
+        soft = self.soft_backlog(r)
+        if not soft:
+            congested = False
+        elif r.congested:
+            congested = r.backlog >= soft * LEAVE_FRACTION
+        else:
+            congested = r.backlog > soft
+        if congested != r.congested:
+            r.congested = congested
+            r.next_free = now
+            log.info("congested" if congested else "decongested", mailbox=r.address, backlog=r.backlog,
+                     soft_backlog=soft, drain_rate=round(self.drain_rate(r, now)),
+                     pace=round(self.pace(r, now)))
+
+    def drain_rate(self, r: _Recipient, now: float) -> float:
+        """Bytes/s drained by this receiver, smoothed with the configured half-life."""
+        if math.isinf(self.lam):
+            return 0.0
+        return r.rate * math.exp(-self.lam * max(0.0, now - r.rate_t))
+
+    def pace(self, r: _Recipient, now: float) -> float:
+        bp = self.config.backpressure
+        return max(float(bp.pace_floor), bp.pace_factor * self.drain_rate(r, now), 1.0)
+
+    # --- the hooks -------------------------------------------------------------------------
+
+    def check_rcpt(self, address: str, declared_size: int | None) -> Reply | None:
+        """None = accept. 452 4.3.1 when free disk would fall below min_free_disk; 452 4.2.2
+        when the declared SIZE (or one more message) would exceed the remaining quota."""
+        size = declared_size or 0
+        try:
+            free = self.free_disk()
+        except OSError as e:
+            log.warning("statvfs-failed", error=e.strerror)
+            free = None
+        if free is not None and free - size < self.config.min_free_disk:
+            self._deferrals["disk"] += 1
+            log.info("deferred", reason="disk", mailbox=address, free=free, size=size)
+            return R_DISK_LOW
+        r = self._recipient(address)
+        self._refresh(r, self.clock(), force=True)
+        reserved_bytes, reserved_msgs = self.store.quota.reserved(address)
+        if (r.quota_bytes and r.stored_bytes + reserved_bytes + size > r.quota_bytes
+                or r.quota_messages and r.stored_messages + reserved_msgs + 1 > r.quota_messages):
+            self._deferrals["quota"] += 1
+            log.info("deferred", reason="quota", mailbox=address, size=size, usage=r.stored_bytes,
+                     reserved=reserved_bytes, quota=r.quota_bytes)
+            return R_OVER_QUOTA
+        return None
+
+    def pacer(self, recipients: list[str]) -> Pacer:
+        return Pacer(self, [self._recipient(a) for a in dict.fromkeys(recipients)])
+
+    def check_end_of_data(self, recipients: list[str], size: int) -> Reply | None:
+        """452 4.2.2 for the whole message when storing it now takes any recipient over its
+        quota (one reply covers every recipient at the end of DATA/BDAT)."""
+        now = self.clock()
+        for address in recipients:
+            r = self._recipient(address)
+            self._refresh(r, now, force=True)
+            if (r.quota_bytes and r.stored_bytes + size > r.quota_bytes
+                    or r.quota_messages and r.stored_messages + 1 > r.quota_messages):
+                self._deferrals["quota_end_of_data"] += 1
+                log.info("deferred", reason="quota_end_of_data", mailbox=address, size=size,
+                         usage=r.stored_bytes, quota=r.quota_bytes)
+                return R_OVER_QUOTA
+        return None
+
+    # --- statistics ------------------------------------------------------------------------
+
+    def statistics(self) -> BackpressureStats:
+        now = self.clock()
+        ages = {a: m.oldest_age_seconds for a, m in self.store.statistics().mailboxes.items()}
+        recips = {}
+        for a, r in self._recipients.items():
+            if a not in ages:                       # account deleted
+                continue
+            recips[a] = RecipientStats(r.backlog, r.stored_messages, ages.get(a, 0.0), self.soft_backlog(r),
+                                       self.drain_rate(r, now), self.pace(r, now), r.congested)
+        return BackpressureStats(recips, {a: s.drain_rate for a, s in recips.items()}, self._paced_seconds,
+                                 dict(self._deferrals), sum(1 for s in recips.values() if s.congested))
+
+    def close(self) -> None:
+        for unsub in self._unsubscribe:
+            unsub()
+        self._unsubscribe.clear()

@@ -1,0 +1,115 @@
+"""Quota, disk and pacing decisions through the real SMTP server, with smtplib."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import time
+from typing import Any
+
+import pytest
+
+KiB = 1024
+
+
+def stored(relay: Any, address: str) -> list[str]:
+    local, domain = address.split("@")
+    md = relay.data_dir / "mail" / domain / local
+    return sorted(os.listdir(md / "new")) + sorted(os.listdir(md / "cur"))
+
+
+def tmp_files(relay: Any, address: str) -> list[str]:
+    local, domain = address.split("@")
+    return os.listdir(relay.data_dir / "mail" / domain / local / "tmp")
+
+
+def body(n: int) -> bytes:
+    line = b"A" * 76 + b"\r\n"
+    return b"Subject: study\r\n\r\n" + line * (n // len(line))
+
+
+def small_and_large(relay_factory: Any) -> Any:
+    """A relay where a@ has a 100 KiB quota and b@ 10,000 KiB."""
+    r = relay_factory(quota={"default_bytes": 100 * KiB})
+    r.add_user("a@example.test")
+    r.add_user("b@example.test", quota_bytes=10_000 * KiB)
+    return r
+
+
+def test_rcpt_with_size_over_quota_gets_452_per_recipient(relay_factory: Any) -> None:
+    r = small_and_large(relay_factory)
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as s:
+        s.ehlo("gw.test")
+        assert s.mail("gw@hospital.test", ["SIZE=200000"])[0] == 250
+        code, text = s.rcpt("a@example.test")
+        assert (code, text.split()[0]) == (452, b"4.2.2")
+        assert s.rcpt("b@example.test")[0] == 250
+        code, _ = s.data(body(150 * KiB))
+        assert code == 250
+    assert stored(r, "a@example.test") == [] and len(stored(r, "b@example.test")) == 1
+    st = r.call(lambda relay: relay.policy.statistics())
+    assert st.deferrals["quota"] == 1
+
+
+def test_quota_crossed_while_streaming_defers_the_whole_message(relay_factory: Any) -> None:
+    r = small_and_large(relay_factory)
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as s:
+        s.ehlo("gw.test")
+        assert s.mail("gw@hospital.test")[0] == 250                  # no SIZE= declared
+        assert s.rcpt("a@example.test")[0] == 250 and s.rcpt("b@example.test")[0] == 250
+        code, text = s.data(body(150 * KiB))
+        assert (code, text.split()[0]) == (452, b"4.2.2")           # one reply for every recipient
+        # the session stays usable, and a message that fits goes through
+        assert s.sendmail("gw@hospital.test", ["a@example.test"], body(50 * KiB)) == {}
+    assert len(stored(r, "a@example.test")) == 1 and stored(r, "b@example.test") == []
+    assert tmp_files(r, "a@example.test") == []
+
+
+def test_message_count_quota(relay_factory: Any) -> None:
+    r = relay_factory(quota={"default_messages": 1})
+    r.add_user("a@example.test")
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as s:
+        assert s.sendmail("gw@hospital.test", ["a@example.test"], body(KiB)) == {}
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as e:
+            s.sendmail("gw@hospital.test", ["a@example.test"], body(KiB))
+        code, text = e.value.recipients["a@example.test"]
+        assert (code, text.split()[0]) == (452, b"4.2.2")
+
+
+def test_low_disk_gets_452_431(relay_factory: Any) -> None:
+    r = relay_factory(backpressure={"min_free_disk": "1000TiB"})
+    r.add_user("a@example.test")
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as s:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as e:
+            s.sendmail("gw@hospital.test", ["a@example.test"], body(KiB))
+        code, text = e.value.recipients["a@example.test"]
+        assert (code, text.split()[0]) == (452, b"4.3.1")
+    assert stored(r, "a@example.test") == []
+    assert r.call(lambda relay: relay.policy.statistics()).deferrals["disk"] == 1
+
+
+def test_congested_recipient_slows_the_sender(relay_factory: Any) -> None:
+    """The receiver never drains: above the soft backlog intake runs at pace_floor. The pause
+    after a read delays the next read (of this message or the next command), so the rate is
+    measured over several messages."""
+    floor = 256 * KiB
+    r = relay_factory(quota={"default_bytes": "100MiB"},
+                      backpressure={"soft_backlog": "1%", "pace_floor": floor})
+    r.add_user("slow@example.test", quota_bytes=6400 * KiB)        # soft backlog 64 KiB
+    r.add_user("other@example.test")
+    size, n = 256 * KiB, 2
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=60) as s:
+        assert s.sendmail("gw@hospital.test", ["slow@example.test"], body(100 * KiB)) == {}  # now congested
+        t0 = time.monotonic()
+        for _ in range(n):
+            assert s.sendmail("gw@hospital.test", ["slow@example.test"], body(size)) == {}
+        paced = time.monotonic() - t0
+        for _ in range(n):
+            assert s.sendmail("gw@hospital.test", ["other@example.test"], body(size)) == {}
+    assert paced >= 0.7 * (n - 1) * size / floor, paced      # reads paused: about the floor rate
+    st = r.call(lambda relay: relay.policy.statistics())
+    assert st.recipients["slow@example.test"].congested and not st.recipients["other@example.test"].congested
+    assert st.recipients["other@example.test"].backlog_bytes > n * size   # below its 1 MiB soft
+    # every byte to slow@ was paced (and part of the first message), none to other@
+    assert 0.9 * n * size / floor <= st.paced_seconds <= 1.1 * (n * size + 100 * KiB) / floor
+    assert len(stored(r, "slow@example.test")) == n + 1

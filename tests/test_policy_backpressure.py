@@ -1,0 +1,216 @@
+"""Backpressure policy: replies at RCPT and end of data, pacing rules, statistics.
+Deterministic: a fake clock, an injected free-disk probe, a real store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from relay import config as configmod
+from relay.config import Config
+from relay.policy.backpressure import REFRESH_SECONDS, Backpressure
+from relay.protocol.smtp import Reply
+from relay.store import Store
+
+KiB = 1024
+MiB = 1024 * 1024
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(tmp_path: Path, **bp: object) -> tuple[Store, Backpressure, Clock, list[int]]:
+    raw = {"data_dir": str(tmp_path / "data"),
+           "quota": {"default_bytes": 1 * MiB, "default_messages": 10},
+           "backpressure": {"soft_backlog": "25%", "pace_factor": 2.0, "pace_floor": 64 * KiB,
+                            "min_free_disk": 10 * MiB, "drain_halflife": 30.0, **bp}}
+    cfg: Config = configmod.from_dict(raw)
+    store = Store.open(cfg)
+    store.accounts.add("slow@example.test")
+    store.accounts.add("fast@example.test")
+    free = [100 * MiB]
+    clock = Clock()
+    return store, Backpressure(cfg, store, clock=clock, free_disk=lambda: free[0]), clock, free
+
+
+def deliver(store: Store, rcpts: list[str], nbytes: int) -> None:
+    d = store.begin_delivery("s@x.test", rcpts)
+    d.write(b"x" * max(0, nbytes - d.size))
+    asyncio.run(d.commit())
+
+
+def test_check_rcpt_quota_from_size(tmp_path: Path) -> None:
+    store, bp, _, _ = make(tmp_path)
+    assert bp.check_rcpt("slow@example.test", None) is None
+    assert bp.check_rcpt("slow@example.test", MiB) is None                 # exactly fits
+    assert bp.check_rcpt("slow@example.test", MiB + 1) == Reply(452, "4.2.2", "Mailbox full, try again later")
+    deliver(store, ["slow@example.test"], 600 * KiB)
+    assert bp.check_rcpt("slow@example.test", 424 * KiB) is None
+    assert bp.check_rcpt("slow@example.test", 425 * KiB).code == 452       # type: ignore[union-attr]
+    r = store.quota.reserve("slow@example.test", 300 * KiB)                  # another message in flight
+    assert bp.check_rcpt("slow@example.test", 200 * KiB).enhanced == "4.2.2"  # type: ignore[union-attr]
+    r.release()
+    assert bp.statistics().deferrals == {"quota": 3, "quota_end_of_data": 0, "disk": 0}
+
+
+def test_check_rcpt_message_count(tmp_path: Path) -> None:
+    store, bp, _, _ = make(tmp_path)
+    for _ in range(9):
+        deliver(store, ["slow@example.test"], 100)
+    assert bp.check_rcpt("slow@example.test", 100) is None
+    deliver(store, ["slow@example.test"], 100)
+    assert bp.check_rcpt("slow@example.test", 100).enhanced == "4.2.2"     # type: ignore[union-attr]
+    store.accounts.set_quota("slow@example.test", quota_messages=0)          # unlimited
+    assert bp.check_rcpt("slow@example.test", 100) is None
+
+
+def test_check_rcpt_disk_low(tmp_path: Path) -> None:
+    _, bp, _, free = make(tmp_path)
+    free[0] = 10 * MiB + 1000
+    assert bp.check_rcpt("fast@example.test", 1000) is None
+    assert bp.check_rcpt("fast@example.test", 1001) == Reply(452, "4.3.1",
+                                                             "Insufficient system storage, try again later")
+    free[0] = 5 * MiB
+    assert bp.check_rcpt("fast@example.test", None).enhanced == "4.3.1"   # type: ignore[union-attr]
+    assert bp.statistics().deferrals["disk"] == 2
+
+
+def test_min_free_disk_auto_is_twice_max_message_size(tmp_path: Path) -> None:
+    cfg = configmod.from_dict({"data_dir": str(tmp_path), "smtp": {"max_message_size": "3MiB"}})
+    store = Store.open(cfg)
+    store.accounts.add("a@example.test")
+    bp = Backpressure(cfg, store, free_disk=lambda: 6 * MiB)
+    assert bp.check_rcpt("a@example.test", None) is None
+    assert bp.check_rcpt("a@example.test", 1).enhanced == "4.3.1"         # type: ignore[union-attr]
+    st = os.statvfs(tmp_path)                                               # the real probe
+    assert Backpressure(cfg, store).free_disk() == pytest.approx(st.f_bavail * st.f_frsize, rel=0.01)
+
+
+def test_check_end_of_data(tmp_path: Path) -> None:
+    store, bp, _, _ = make(tmp_path)
+    deliver(store, ["slow@example.test"], 700 * KiB)
+    assert bp.check_end_of_data(["fast@example.test", "slow@example.test"], 300 * KiB) is None
+    assert bp.check_end_of_data(["fast@example.test", "slow@example.test"], 400 * KiB).enhanced == "4.2.2"  # type: ignore[union-attr]
+    assert bp.statistics().deferrals["quota_end_of_data"] == 1
+
+
+def test_uncongested_recipient_is_not_paced(tmp_path: Path) -> None:
+    _, bp, _, _ = make(tmp_path)
+    p = bp.pacer(["fast@example.test"])
+    assert all(p.on_data(64 * KiB) == 0 for _ in range(3))                # 192 KiB < soft 256 KiB
+    p.close()
+    assert bp.statistics().paced_seconds == 0
+
+
+def test_floor_when_the_receiver_does_not_drain(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    store, bp, clock, _ = make(tmp_path)
+    deliver(store, ["slow@example.test"], 300 * KiB)                        # above soft (256 KiB)
+    p = bp.pacer(["slow@example.test"])
+    start, sent = clock.t, 0
+    for _ in range(50):
+        clock.t += p.on_data(16 * KiB)
+        sent += 16 * KiB
+    assert sent / (clock.t - start) == pytest.approx(64 * KiB, rel=0.03)   # pace_floor, never below
+    st = bp.statistics()
+    assert st.congested_mailboxes == 1 and st.recipients["slow@example.test"].congested
+    assert st.paced_seconds == pytest.approx(clock.t - start, rel=0.03)
+    assert any("congested" in r.getMessage() and getattr(r, "fields", {}).get("mailbox") == "slow@example.test"
+               for r in caplog.records)
+    p.close()
+
+
+def test_several_pacers_share_a_recipients_pace(tmp_path: Path) -> None:
+    store, bp, clock, _ = make(tmp_path)
+    deliver(store, ["slow@example.test"], 300 * KiB)
+    p1, p2 = bp.pacer(["slow@example.test"]), bp.pacer(["slow@example.test"])
+    start = clock.t
+    for _ in range(20):                    # two sessions, interleaved, each waits its own delay
+        d1 = p1.on_data(16 * KiB)
+        d2 = p2.on_data(16 * KiB)
+        clock.t += max(d1, d2)
+    assert 40 * 16 * KiB / (clock.t - start) == pytest.approx(64 * KiB, rel=0.05)
+
+
+def test_message_for_several_recipients_paced_by_the_most_congested(tmp_path: Path) -> None:
+    store, bp, _, _ = make(tmp_path)
+    deliver(store, ["slow@example.test"], 300 * KiB)
+    p = bp.pacer(["fast@example.test", "slow@example.test"])
+    d = p.on_data(64 * KiB)
+    assert d == pytest.approx(1.0)                                        # 64 KiB at the 64 KiB/s floor
+    p.close()
+    q = bp.pacer(["fast@example.test"])
+    assert q.on_data(64 * KiB) == 0
+
+
+def test_pace_follows_the_drain_rate_while_streaming(tmp_path: Path) -> None:
+    store, bp, clock, _ = make(tmp_path, pace_floor=1024)
+    deliver(store, ["slow@example.test"], 300 * KiB)
+    deliver(store, ["slow@example.test"], 100 * KiB)
+    p = bp.pacer(["slow@example.test"])
+    slow_delay = p.on_data(8 * KiB)
+    assert slow_delay == pytest.approx(8.0)                               # 1 KiB/s floor, no drain yet
+    clock.t += slow_delay
+    store.mailbox("slow@example.test").expunge([2])                       # the receiver drains ~100 KiB
+    rate = bp.statistics().drain_rate["slow@example.test"]
+    assert rate == pytest.approx(100 * KiB * bp.lam, rel=0.02)
+    fast_delay = p.on_data(8 * KiB)
+    assert fast_delay == pytest.approx(8 * KiB / (2 * rate), rel=0.02)
+    p.close()
+
+
+def test_leaving_congestion(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    store, bp, _, _ = make(tmp_path)
+    deliver(store, ["slow@example.test"], 200 * KiB)
+    deliver(store, ["slow@example.test"], 100 * KiB)
+    p = bp.pacer(["slow@example.test"])
+    assert p.on_data(KiB) > 0
+    p.close()
+    store.mailbox("slow@example.test").expunge([2])         # 200 KiB left: < 90% of 256 KiB
+    assert not bp.statistics().recipients["slow@example.test"].congested
+    assert [r.getMessage() for r in caplog.records if r.getMessage().endswith("congested")] == [
+        "congested", "decongested"]
+    assert bp.pacer(["slow@example.test"]).on_data(16 * KiB) == 0
+
+
+def test_unlimited_quota_with_a_percentage_never_congests(tmp_path: Path) -> None:
+    store, bp, clock, _ = make(tmp_path)
+    store.accounts.set_quota("slow@example.test", quota_bytes=0)   # e.g. by the CLI: seen within 1 s
+    deliver(store, ["slow@example.test"], 2 * MiB)
+    clock.t += REFRESH_SECONDS
+    assert bp.pacer(["slow@example.test"]).on_data(MiB) == 0
+    assert bp.check_rcpt("slow@example.test", 10 * MiB) is None
+
+
+def test_soft_backlog_as_a_size(tmp_path: Path) -> None:
+    store, bp, _, _ = make(tmp_path, soft_backlog="100KiB")
+    deliver(store, ["slow@example.test"], 101 * KiB)
+    assert bp.pacer(["slow@example.test"]).on_data(KiB) > 0
+    assert bp.statistics().recipients["slow@example.test"].soft_backlog_bytes == 100 * KiB
+
+
+def test_committed_bytes_are_not_counted_twice(tmp_path: Path) -> None:
+    """Between commit ("new") and pacer.close() the message is stored, no longer in flight."""
+    store, bp, _, _ = make(tmp_path)
+    p = bp.pacer(["slow@example.test"])
+    assert p.on_data(200 * KiB) == 0                                        # 200 KiB < soft 256 KiB
+    assert bp.statistics().recipients["slow@example.test"].backlog_bytes == 200 * KiB
+    deliver(store, ["slow@example.test"], 200 * KiB)                        # commit: notifies "new"
+    stats = bp.statistics().recipients["slow@example.test"]
+    assert stats.backlog_bytes == 200 * KiB and not stats.congested
+    p.close()
+    assert bp.statistics().recipients["slow@example.test"].backlog_bytes == 200 * KiB
+    q = bp.pacer(["slow@example.test"])                                     # an aborted message
+    q.on_data(10 * KiB)
+    q.close()
+    assert bp.statistics().recipients["slow@example.test"].backlog_bytes == 200 * KiB
