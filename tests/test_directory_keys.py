@@ -18,17 +18,15 @@ import pytest
 
 from relay.directory import DirectoryError, verify_document
 from relay.directory.document import canonical_json
-from relay.directory.keys import DirectoryKey, check_public_key
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    import pgpy
-    from pgpy.constants import (
-        EllipticCurveOID,
-        HashAlgorithm,
-        KeyFlags,
-        PubKeyAlgorithm,
-    )
+from relay.directory.keys import (  # pgpy, imported there with its warnings silenced
+    DirectoryKey,
+    EllipticCurveOID,
+    HashAlgorithm,
+    KeyFlags,
+    PubKeyAlgorithm,
+    check_public_key,
+    pgpy,
+)
 
 UTC = datetime.UTC
 
