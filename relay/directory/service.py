@@ -195,9 +195,8 @@ class DirectoryService:
         d.registry.set_pushed_serial(signed.serial)
         self._pushes += 1
         self._push_recipients += len(rcpts)
-        log.info("directory-push", serial=signed.serial, recipients=len(rcpts),
-                 over_quota=",".join(skipped) or None, no_account=",".join(missing) or None,
-                 bytes=len(raw))
+        notes = {k: ",".join(v) for k, v in (("over_quota", skipped), ("no_account", missing)) if v}
+        log.info("directory-push", serial=signed.serial, recipients=len(rcpts), bytes=len(raw), **notes)
 
     async def _deliver(self, recipients: list[str], raw: bytes) -> None:
         d = self.relay.store.begin_delivery("", recipients, session_id="directory",
