@@ -47,3 +47,9 @@ def test_alerts_use_only_documented_metrics() -> None:
         assert used <= set(documented) | {"up"}, f"{rule['alert']}: {used - set(documented)}"
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_operations_guide_explains_every_alert() -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    for rule in _rules():
+        assert f"| {rule['alert']} (" in guide, f"{rule['alert']} is not explained in docs/operations.md"
