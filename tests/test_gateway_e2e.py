@@ -306,3 +306,58 @@ def test_storescu_to_storescp_through_two_gateways(net: Net) -> None:
     gw("receive", ct, "--once")
     assert "all sent studies are confirmed" in gw("status", ct).stdout
     assert os.path.exists(rad.parent / "received")
+
+
+def test_receive_waits_with_idle_and_stops_on_sigterm(net: Net) -> None:
+    ct, rad = net.gateway(CT), net.gateway(RAD)
+    files = synthetic_study(net.tmp / "live", n=2)
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    p = subprocess.Popen([sys.executable, "-m", "relay", "gateway", "receive", "--config", str(rad)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)            # let it log in, drain the directory pushes and enter IDLE
+        gw("send", ct, "--to", RAD, *map(str, files))
+        from tests.test_gateway_pacs import wait_for
+        wait_for(lambda: (rad.parent / "received" / uid).exists()
+                 and len(list((rad.parent / "received" / uid).iterdir())) == 2, 60)
+    finally:
+        p.terminate()
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "imported 1 study" in out
+
+
+def test_broken_download_resumes_from_the_size_on_disk(net: Net) -> None:
+    from relay.gateway import transport
+    from relay.gateway.config import load
+    from relay.gateway.core import Gateway
+    from relay.gateway.receive import Receiver
+
+    ct, rad = net.gateway(CT), net.gateway(RAD)
+    files = synthetic_study(net.tmp / "resume", n=2, rows=128, cols=128)
+    gw("send", ct, "--to", RAD, *map(str, files))
+    calls: list[int] = []
+    broken: list[str] = []
+
+    class Flaky(transport.ImapSource):
+        def fetch(self, key: str, path: Path, offset: int) -> None:
+            calls.append(offset)
+            super().fetch(key, path, offset)
+            if not broken and path.stat().st_size > 30_000:    # the study: "breaks" at 10000 bytes
+                broken.append(key)
+                with open(path, "r+b") as f:
+                    f.truncate(10_000)
+                raise transport.TransportError("connection reset")
+
+    with Gateway(load(rad)) as g:
+        src = Flaky(g.cfg)
+        try:
+            r = Receiver(g, src)
+            r.run_once()            # directory pushes, then the study breaks off
+            assert broken and r.summary.imported == []
+            r.run_once()
+        finally:
+            src.close()
+    assert calls[-1] == 10_000, calls           # the second attempt started at byte 10000
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert len(list((rad.parent / "received" / uid).iterdir())) == 2

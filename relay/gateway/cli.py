@@ -72,6 +72,10 @@ def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
         print(f"  quarantined {folder}: {reason}")
 
 
+class _Stop(BaseException):
+    """SIGTERM/SIGINT while the receiver waits for mail."""
+
+
 def _receive(args: argparse.Namespace) -> int:
     from relay.gateway.transport import TransportError
 
@@ -87,8 +91,18 @@ def _receive(args: argparse.Namespace) -> int:
                 _print_summary(s)
                 return 1 if s.quarantined else 0
             stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            rc.run_forever(stop.is_set)
+
+            def on_signal(*_: object) -> None:
+                stop.set()
+                if rc.waiting:          # blocked in IDLE or a poll sleep: leave at once
+                    raise _Stop
+
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            try:
+                rc.run_forever(stop.is_set)
+            except _Stop:
+                pass
             _print_summary(rc.summary)
             return 0
         finally:

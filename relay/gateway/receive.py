@@ -8,6 +8,7 @@ Refused messages go to quarantine/<id>/ with `message.eml` (or the parts) and `r
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import os
@@ -70,6 +71,7 @@ class Receiver:
         self.source = source
         self.pacs_push = pacs_push
         self.summary = Summary()
+        self.waiting = False
         self.downloads = self.cfg.state_dir / "downloads"
         self.downloads.mkdir(parents=True, exist_ok=True)
 
@@ -89,9 +91,30 @@ class Receiver:
         return self.summary
 
     def run_forever(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Handle mail as it comes: IMAP IDLE (re-issued every idle_timeout, RFC 2177: before
+        29 min) or POP3 polls; reconnects when the relay goes away. `self.waiting` is True
+        while blocked in IDLE/sleep, so a signal handler may interrupt there safely."""
         while not stop():
-            self.run_once()
-            self.source.wait(self.cfg.idle_timeout if self.cfg.pop3 == "" else self.cfg.poll_interval)
+            try:
+                self.run_once()
+                if stop():
+                    break
+                self.waiting = True
+                try:
+                    self.source.wait(self.cfg.idle_timeout if self.cfg.pop3 == "" else self.cfg.poll_interval)
+                finally:
+                    self.waiting = False
+            except (transport.TransportError, OSError) as e:
+                log.error("mailbox_unreachable", error=str(e))
+                self.waiting = True
+                try:
+                    time.sleep(min(30.0, self.cfg.poll_interval))
+                finally:
+                    self.waiting = False
+                with contextlib.suppress(transport.TransportError, OSError):
+                    self.source.close()
+                with contextlib.suppress(transport.TransportError, OSError):
+                    self.source = transport.open_source(self.cfg)
 
     # --- one mailbox message --------------------------------------------------------------
 

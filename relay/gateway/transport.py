@@ -143,8 +143,12 @@ class Pop3Source:
         return c
 
     def messages(self) -> list[tuple[str, int]]:
-        uidl = self.c.uidl()
-        sizes = self.c.list()
+        from relay.clients.pop3 import Pop3Error
+        try:
+            uidl = self.c.uidl()
+            sizes = self.c.list()
+        except Pop3Error as e:
+            raise TransportError(f"POP3: {e}") from None
         self._num = {f"pop3:{u}": n for n, u in uidl.items()}
         return [(f"pop3:{uidl[n]}", sizes[n]) for n in sorted(uidl)]
 
