@@ -158,7 +158,7 @@ def test_second_session_gets_in_use(relay: RunningRelay) -> None:
 
 
 def test_wrong_password_and_unknown_user_get_auth_code(relay: RunningRelay) -> None:
-    for user, pw in ((ALICE, "wrong"), ("nobody@example.test", "secret")):
+    for user, pw in ((ALICE, "wrong"), ("nobody@example.test", "secret"), ("not-an-address", "x")):
         with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[AUTH\]"):
             pop(relay, user, pw)
 
@@ -180,6 +180,27 @@ def test_snapshot_at_login_and_bad_input_keeps_session_usable(relay: RunningRela
     p = pop(relay)
     assert p.stat()[0] == 2
     p.quit()
+
+
+def test_pipelined_commands_with_retr_in_the_middle(relay: RunningRelay) -> None:
+    deliver(relay, DOTTY)
+    [(_, path, size)] = stored(relay)
+    original = path.read_bytes()
+    s = socket.create_connection(("127.0.0.1", relay.pop3_port), timeout=10)
+    s.sendall(f"USER {ALICE}\r\nPASS secret\r\nSTAT\r\nRETR 1\r\nUIDL 1\r\nDELE 1\r\n"
+              "QUIT\r\n".encode())
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    lines = data.split(b"\r\n")
+    assert lines[0].startswith(b"+OK") and lines[1] == b"+OK Send PASS"
+    assert lines[3] == f"+OK 1 {size}".encode() and lines[4] == f"+OK {size} octets".encode()
+    body, after = data.split(f"+OK {size} octets\r\n".encode(), 1)[1].split(b"\r\n.\r\n", 1)
+    assert body.replace(b"\r\n..", b"\r\n.") + b"\r\n" == original
+    assert after.startswith(b"+OK 1 ") and b"+OK Message 1 deleted\r\n" in after
+    assert after.endswith(b"(1 messages deleted)\r\n")
+    assert stored(relay) == []
 
 
 def test_streaming_client_retr_to_file_exact_bytes(relay: RunningRelay, tmp_path: Path) -> None:
