@@ -331,6 +331,8 @@ def test_search_keys() -> None:
     assert search("FLAGGED") == [20]
     assert search("UID", "11:15") == [11, 15]
     assert search("UID", "*") == [20]
+    assert search("UID", "10,16:*") == [10, 20]
+    assert search("1,3:2") == [10, 11, 15]
     assert search("2:3") == [11, 15]
     assert search("LARGER", "100") == [11, 20]
     assert search("SMALLER", "100") == [15]

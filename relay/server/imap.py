@@ -637,12 +637,9 @@ class ImapSession:
         if args and isinstance(args[0], str) and args[0].upper() == "RETURN":
             raise ImapSyntaxError("SEARCH RETURN (ESEARCH) is not supported")
         key = proto.parse_search(args)
-        max_uid = self.view[-1].uid if self.view else 0
-        hits = []
-        for i, m in enumerate(self.view):
-            facts = proto.MessageFacts(i + 1, m.uid, m.flags, m.internaldate, m.size)
-            if key.matches(facts, len(self.view), max_uid):
-                hits.append(m.uid if cmd.uid else i + 1)
+        match = key.compile(len(self.view), self.view[-1].uid if self.view else 0)
+        hits = [m.uid if cmd.uid else i for i, m in enumerate(self.view, 1)
+                if match(i, m.uid, m.flags, m.internaldate, m.size)]
         self.write(untagged("SEARCH" + "".join(f" {h}" for h in hits)))
         self.write(tagged(cmd.tag, "OK", "SEARCH completed"))
 
