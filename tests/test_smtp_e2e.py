@@ -228,6 +228,18 @@ def test_client_data_path_from_iterator_byte_identical(relay: RunningRelay) -> N
     stored_body(new_files(relay, ALICE)[0], DOTTY)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 4096])
+def test_client_data_path_from_file_byte_identical(relay: RunningRelay, tmp_path: Path,
+                                                   chunk_size: int) -> None:
+    payload = b"A" * 4100 + DOTTY[:200] + b"B" * 5000 + b"\r\n"   # dot-free and dotted pieces
+    src = tmp_path / "m.eml"
+    src.write_bytes(payload)
+    res = send_message("127.0.0.1", relay.smtp_port, "s@remote.test", [ALICE], src, bdat=False,
+                       chunk_size=chunk_size)
+    assert res.method == "DATA" and res.size == len(payload)
+    stored_body(new_files(relay, ALICE)[0], payload)
+
+
 def test_client_raises_on_refused_recipients(relay: RunningRelay) -> None:
     with pytest.raises(SmtpError) as e:
         send_message("127.0.0.1", relay.smtp_port, "s@remote.test", ["n@example.test"], b"x\r\n")
