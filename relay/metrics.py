@@ -15,6 +15,7 @@ the same `bounds`, `counts`, `sum` attributes): fixed buckets, O(1) memory.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import os
 import platform
@@ -351,21 +352,59 @@ class RelayCollector(Collector):
         return bool(getattr(getattr(self.relay.config, "metrics", None), "per_mailbox", True))
 
     def collect(self) -> Iterator[Metric]:
-        for name, value in self.values().items():
-            if value is None:
-                continue
-            try:
-                yield family(SPEC_BY_NAME[name], value)
-            except (TypeError, ValueError, AttributeError, KeyError) as e:
-                log.warning("metric_skipped", metric=name, error=repr(e))
+        yield from families(self.values())
+
+
+def families(values: Mapping[str, Any]) -> Iterator[Metric]:
+    """Metric families from a values() snapshot; a value that does not fit its spec is
+    skipped (and logged), never an error."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            yield family(SPEC_BY_NAME[name], value)
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            log.warning("metric_skipped", metric=name, error=repr(e))
+
+
+class _Snapshot(Collector):
+    """Families from one values() snapshot (rendered off the event loop)."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = values
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self._values)
+
+
+# relay_process_*: CPU, memory and file descriptors of this process (from /proc).
+_PROCESS = ProcessCollector(namespace="relay", registry=None)
 
 
 def make_registry(relay: Any) -> CollectorRegistry:
+    """A registry reading `relay` live (for in-process use; the endpoint uses render())."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RelayCollector(relay))
-    # relay_process_*: CPU, memory and file descriptors of this process (from /proc).
-    ProcessCollector(namespace="relay", registry=registry)
+    registry.register(_PROCESS)
     return registry
+
+
+def render(values: Mapping[str, Any]) -> bytes:
+    """The exposition text for a values() snapshot. Thread-safe: the snapshot holds only
+    fresh dicts and frozen dataclasses, and /proc is read here."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(values))
+    registry.register(_PROCESS)
+    return generate_latest(registry)
+
+
+async def scrape(relay: Any, collector: RelayCollector) -> tuple[int, str, bytes]:
+    """GET /metrics: read the components' statistics on the loop (they are not thread-safe;
+    ~4 ms at 300 accounts, ~40 ms at 3000), format in a thread (~300 ms at 3000 accounts with
+    per-mailbox series, which would otherwise stall every session)."""
+    values = collector.values()
+    body = await asyncio.to_thread(render, values)
+    return 200, CONTENT_TYPE_PLAIN_0_0_4, body
 
 
 def healthz(relay: Any) -> tuple[int, str, bytes]:
@@ -378,10 +417,9 @@ async def start(relay: Any, listen: str) -> list[Any]:
     """Register /metrics and /healthz in relay.http_routes and serve them on `listen`."""
     from relay.server import http
 
-    registry = make_registry(relay)
-    relay.metrics_registry = registry
+    collector = RelayCollector(relay)
+    relay.metrics_registry = make_registry(relay)
     # Text format 0.0.4: what Debian's Prometheus 2.42 and promtool parse.
-    relay.http_routes["/metrics"] = lambda target: (200, CONTENT_TYPE_PLAIN_0_0_4,
-                                                    generate_latest(registry))
+    relay.http_routes["/metrics"] = lambda target: scrape(relay, collector)
     relay.http_routes["/healthz"] = lambda target: healthz(relay)
     return await http.start(relay.http_routes, [listen])
