@@ -203,6 +203,34 @@ def test_pipelined_commands_with_retr_in_the_middle(relay: RunningRelay) -> None
     assert stored(relay) == []
 
 
+def test_retr_to_a_client_that_stops_reading_is_flow_controlled(relay: RunningRelay) -> None:
+    line = b"A" * 76 + b"\r\n"
+    deliver(relay, b"Subject: big\r\n\r\n" + line * (40_000_000 // len(line)))
+    [(_, path, size)] = stored(relay)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", relay.pop3_port))
+    s.sendall(f"USER {ALICE}\r\nPASS secret\r\nRETR 1\r\n".encode())
+
+    def sent() -> int:
+        return relay.call(lambda r: r.pop3.statistics().fetched_bytes)  # type: ignore[no-any-return]
+
+    deadline = time.monotonic() + 10
+    while sent() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)                       # the client reads nothing meanwhile
+    stalled = sent()
+    # kernel buffers (a few MiB) + the transport's 2 MiB + one chunk: far below the message
+    assert 0 < stalled < 12_000_000 < size
+    data = bytearray()
+    while not data.endswith(b"\r\n.\r\n"):
+        data += s.recv(1 << 20)
+    s.close()
+    assert sent() == size
+    assert data.endswith(b"+OK %d octets\r\n" % size + path.read_bytes() + b".\r\n")
+
+
 def test_streaming_client_retr_to_file_exact_bytes(relay: RunningRelay, tmp_path: Path) -> None:
     # ~3 MB with dot lines spread over many 1 MiB chunks, and a long line without dots
     body = b"Subject: big\r\n\r\n" + b"".join(
