@@ -46,7 +46,7 @@ class Part:
     params: list[tuple[str, str]] = field(default_factory=list)
     children: list[Part] = field(default_factory=list)      # multipart
     message: Part | None = None                              # message/rfc822
-    body_lines: int = 0
+    body_lines: int = -1          # -1: not counted yet (see fill_lines; only text/message need it)
 
     @property
     def is_multipart(self) -> bool:
@@ -145,8 +145,6 @@ class _Builder:
                     p.children.append(self.entity(s, e, depth + 1, child_default))
         elif p.maintype == "message" and p.subtype in ("rfc822", "global") and depth < MAX_DEPTH:
             p.message = self.entity(body, end, depth + 1)
-        if p.maintype in _MIN_LINE_TEXT and not p.is_multipart:
-            p.body_lines = count_lines(self.fd, p.body_offset, p.body_size)
         return p
 
     def delimited(self, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
@@ -202,11 +200,14 @@ def _content_type(value: str) -> tuple[str, str, list[tuple[str, str]]]:
     return maintype, subtype, params
 
 
-def parse(path: str | Path) -> Part:
+def parse(path: str | Path, lines: bool = True) -> Part:
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        return _Builder(fd).entity(0, size, 0)
+        root = _Builder(fd).entity(0, size, 0)
+        if lines:
+            fill_lines(root, fd)
+        return root
     finally:
         os.close(fd)
 
@@ -227,7 +228,7 @@ def tree(path: str | Path, size: int | None = None, fd: int | None = None) -> Pa
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    t = _Builder(fd).entity(0, size, 0) if fd is not None else parse(p)
+    t = _Builder(fd).entity(0, size, 0) if fd is not None else parse(p, lines=False)
     with _lock:
         _cache[key] = t
         while len(_cache) > CACHE_SIZE:
@@ -236,6 +237,19 @@ def tree(path: str | Path, size: int | None = None, fd: int | None = None) -> Pa
 
 
 # --- sections ------------------------------------------------------------------------------
+
+def fill_lines(part: Part, fd: int) -> None:
+    """Count the body lines of the text and message parts (BODYSTRUCTURE needs them): a scan
+    of those bodies, done once per cached tree and only when asked for, so that BODY[HEADER]
+    of a 2 GB text message does not read 2 GB."""
+    if part.body_lines < 0:
+        part.body_lines = (count_lines(fd, part.body_offset, part.body_size)
+                           if part.maintype in _MIN_LINE_TEXT and not part.is_multipart else 0)
+    for child in part.children:
+        fill_lines(child, fd)
+    if part.message is not None:
+        fill_lines(part.message, fd)
+
 
 def find_part(root: Part, numbers: tuple[int, ...]) -> Part | None:
     """The part named by a section part number "2.1.3" (RFC 9051 6.4.5)."""
@@ -327,7 +341,8 @@ def _disposition(part: Part) -> Value:
 
 
 def bodystructure(part: Part, extended: bool = True) -> bytes:
-    """BODYSTRUCTURE (extended) or BODY (not extended) of `part`, as IMAP bytes."""
+    """BODYSTRUCTURE (extended) or BODY (not extended) of `part`, as IMAP bytes
+    (after fill_lines; uncounted lines show as 0)."""
     if part.is_multipart:
         kids = b"".join(bodystructure(c, extended) for c in part.children)
         if not kids:                             # no parts found: describe an empty text part
@@ -348,9 +363,9 @@ def bodystructure(part: Part, extended: bool = True) -> bytes:
     head = render(fields)[:-1]
     if part.message is not None:
         mid = b" " + render(envelope(part.message)) + b" " + bodystructure(part.message, extended)
-        mid += b" " + render(part.body_lines)
+        mid += b" " + render(max(0, part.body_lines))
     elif part.maintype == "text":
-        mid = b" " + render(part.body_lines)
+        mid = b" " + render(max(0, part.body_lines))
     else:
         mid = b""
     return head + mid + (b" " + render(tail)[1:-1] if tail else b"") + b")"

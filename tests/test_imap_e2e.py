@@ -304,3 +304,33 @@ def test_socket_closed_mid_fetch_leaves_the_server_healthy(mail: Any) -> None:
     m.select()
     assert m.fetch("1", "(BODY.PEEK[TEXT])")[1][0][1] == b"first body\r\n"  # type: ignore[index]
     m.logout()
+
+
+def test_partial_fetch_at_the_end_of_a_3_gb_message(relay: Any, tmp_path: Path) -> None:
+    """A sparse 3 GiB message (no disk written) put into the Maildir from outside: the size
+    beyond 2**31 is reported, and a partial FETCH of its last MiB is exact."""
+    size = 3 * 1024**3
+    tail = os.urandom(1024 * 1024)
+    name = f"1700000000.M1P1Q1.relay.test,S={size}"
+    tmp = maildir(relay) / "tmp" / name
+    with open(tmp, "wb") as f:
+        f.write(b"Subject: sparse\r\n\r\n")
+        f.truncate(size - len(tail))
+        f.seek(size - len(tail))
+        f.write(tail)
+    os.rename(tmp, maildir(relay) / "new" / name)
+    with ImapClient("127.0.0.1", relay.imap_port) as c:
+        c.login(ALICE, "secret")
+        c.select()
+        assert c.sizes() == {1: size}
+        out = tmp_path / "tail"
+        out.write_bytes(b"")
+        with open(out, "r+b") as f:                 # a sparse head, as a resumed download has it
+            f.truncate(size - len(tail))
+        assert c.fetch_to_file(1, out, offset=size - len(tail)) == size
+        with open(out, "rb") as f:
+            f.seek(size - len(tail))
+            assert f.read() == tail
+        lines = c.command(b"UID FETCH 1 (BODY.PEEK[HEADER] BODY.PEEK[]<%d.10>)" % (size - 10))
+        assert b"BODY[HEADER] {19}\r\nSubject: sparse\r\n\r\n" in lines[0]
+        assert lines[0].endswith(b"BODY[]<%d> {10}\r\n" % (size - 10) + tail[-10:] + b")\r\n")

@@ -57,6 +57,7 @@ WRITE_HIGH_WATER = 2 * CHUNK      # transport buffer bound before drain() waits
 MAX_AUTH_FAILURES = 5             # then BYE (slows password guessing)
 IDLE_POLL = 30.0                  # IDLE also re-reads the index this often (changes by other processes)
 PERMANENT = proto.SYSTEM_FLAGS
+_TREE_ITEMS = frozenset({"RFC822.HEADER", "RFC822.TEXT", "ENVELOPE", "BODYSTRUCTURE", "BODY"})
 
 
 @dataclass(frozen=True)
@@ -697,10 +698,15 @@ class ImapSession:
                     if not any(a.name == "FLAGS" for a in atts):
                         atts = [*atts, proto.FetchAtt("FLAGS")]
             size = os.fstat(fd).st_size if fd is not None else m.size
+            root = None
+            if any(a.name in _TREE_ITEMS or (a.section is not None and a.section != proto.Section())
+                   for a in atts):
+                assert fd is not None                  # a boundary scan may read the whole file:
+                root = await asyncio.to_thread(self._tree, m.name, size, fd, atts)   # not on the loop
             resp = proto.FetchResponse(seq)
             whole = False
             for a in atts:
-                whole |= self._render_att(resp, a, m, fd, size)
+                whole |= self._render_att(resp, a, m, fd, size, root)
             resp.finish()
             t0 = time.monotonic()
             for piece in resp.parts:
@@ -720,8 +726,15 @@ class ImapSession:
             if fd is not None:
                 os.close(fd)
 
+    @staticmethod
+    def _tree(name: str, size: int, fd: int, atts: list[proto.FetchAtt]) -> mimetree.Part:
+        root = mimetree.tree(name, size, fd)
+        if any(a.name == "BODYSTRUCTURE" or (a.name == "BODY" and a.section is None) for a in atts):
+            mimetree.fill_lines(root, fd)
+        return root
+
     def _render_att(self, resp: proto.FetchResponse, a: proto.FetchAtt, m: Any, fd: int | None,
-                    size: int) -> bool:
+                    size: int, root: mimetree.Part | None) -> bool:
         """Add one item; True when it sends the whole message up to its last byte."""
         name = a.name
         if name == "UID":
@@ -740,17 +753,15 @@ class ImapSession:
             assert fd is not None
             if a.section == proto.Section():              # BODY[]: no MIME parse needed
                 return self._render_section(resp, a, None, fd, size)
-            root = mimetree.tree(m.name, size, fd)
+            assert root is not None
             if name == "RFC822.HEADER":
                 resp.add_file_literal(name, root.header_offset, root.header_size)
             elif name == "RFC822.TEXT":
                 resp.add_file_literal(name, root.body_offset, root.body_size)
             elif name == "ENVELOPE":
                 resp.add(name, proto.render(mimetree.envelope(root)))
-            elif name == "BODYSTRUCTURE":
-                resp.add(name, mimetree.bodystructure(root))
-            elif name == "BODY" and a.section is None:
-                resp.add(name, mimetree.bodystructure(root, extended=False))
+            elif name == "BODYSTRUCTURE" or (name == "BODY" and a.section is None):
+                resp.add(name, mimetree.bodystructure(root, extended=name == "BODYSTRUCTURE"))
             else:
                 return self._render_section(resp, a, root, fd, size)
         return False
