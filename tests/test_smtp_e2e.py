@@ -36,6 +36,11 @@ def maildir(r: RunningRelay, address: str) -> Path:
     return r.data_dir / "mail" / domain / local
 
 
+def add_account(r: RunningRelay, address: str, **kw: Any) -> None:
+    """An account without a password (no argon2: these tests need no AUTH)."""
+    r.call(lambda rl: rl.store.accounts.add(address, **kw))
+
+
 def new_files(r: RunningRelay, address: str) -> list[Path]:
     return sorted((maildir(r, address) / "new").iterdir())
 
@@ -105,6 +110,16 @@ class Raw:
 
 
 @pytest.fixture
+def relay(relay_factory: Callable[..., RunningRelay]) -> RunningRelay:
+    """Overrides conftest's: alice and bob without passwords (argon2 costs ~0.5 s a user on
+    this loaded machine); a test that logs in sets one."""
+    r = relay_factory()
+    add_account(r, ALICE)
+    add_account(r, BOB)
+    return r
+
+
+@pytest.fixture
 def raw(relay: RunningRelay) -> Iterator[Callable[[], Raw]]:
     opened: list[Raw] = []
 
@@ -156,6 +171,7 @@ def test_unknown_user_and_foreign_domain(relay: RunningRelay) -> None:
 
 
 def test_authenticated_client_still_cannot_relay(relay: RunningRelay) -> None:
+    relay.call(lambda rl: rl.store.accounts.set_password(ALICE, "secret"))
     with smtplib.SMTP("127.0.0.1", relay.smtp_port) as s:
         s.login(ALICE, "secret")
         with pytest.raises(smtplib.SMTPRecipientsRefused) as e:
@@ -165,7 +181,7 @@ def test_authenticated_client_still_cannot_relay(relay: RunningRelay) -> None:
 
 def test_declared_size_over_limit_552(relay_factory: Callable[..., RunningRelay]) -> None:
     r = relay_factory(smtp={"max_message_size": 1000})
-    r.add_user(ALICE)
+    add_account(r, ALICE)
     with smtplib.SMTP("127.0.0.1", r.smtp_port) as s:
         s.ehlo()
         assert s.esmtp_features["size"] == "1000"
@@ -178,7 +194,7 @@ def test_declared_size_over_limit_552(relay_factory: Callable[..., RunningRelay]
 
 def test_streaming_over_limit_552_then_session_usable(relay_factory: Callable[..., RunningRelay]) -> None:
     r = relay_factory(smtp={"max_message_size": 100_000})
-    r.add_user(ALICE)
+    add_account(r, ALICE)
     big = (b"y" * 998 + b"\r\n") * 300                  # 300 kB, SIZE not declared
     with SmtpClient("127.0.0.1", r.smtp_port) as c:
         for bdat in (False, True):
@@ -194,7 +210,7 @@ def test_streaming_over_limit_552_then_session_usable(relay_factory: Callable[..
 
 def test_quota_declared_and_while_streaming(relay_factory: Callable[..., RunningRelay]) -> None:
     r = relay_factory()
-    r.add_user(ALICE, quota_bytes=10_000)
+    add_account(r, ALICE, quota_bytes=10_000)
     with SmtpClient("127.0.0.1", r.smtp_port) as c:
         with pytest.raises(SmtpError) as e:
             c.send("s@remote.test", [ALICE], b"x" * 20_000)       # SIZE=20000 at RCPT
@@ -389,7 +405,7 @@ def test_overlong_line_refused_without_buffering(relay: RunningRelay, raw: Calla
 def test_max_recipients(relay_factory: Callable[..., RunningRelay]) -> None:
     r = relay_factory(smtp={"max_recipients": 2})
     for n in range(3):
-        r.add_user(f"u{n}@example.test")
+        add_account(r, f"u{n}@example.test")
     c = Raw(r.smtp_port)
     c.cmd("EHLO c")
     c.cmd("MAIL FROM:<s@remote.test>")
@@ -430,7 +446,7 @@ def test_command_timeout_421(relay_factory: Callable[..., RunningRelay]) -> None
 
 def test_data_timeout_reset_by_data_then_421(relay_factory: Callable[..., RunningRelay]) -> None:
     r = relay_factory(smtp={"data_timeout": 0.4, "command_timeout": 5})
-    r.add_user(ALICE)
+    add_account(r, ALICE)
     c = Raw(r.smtp_port)
     c.cmd("EHLO c")
     c.cmd("MAIL FROM:<s@remote.test>")
