@@ -113,3 +113,18 @@ def test_routes_added_after_start_are_served() -> None:
         assert (await _curl(f"http://127.0.0.1:{port}/late")).endswith("\r\n\r\nhere")
 
     asyncio.run(_serve(routes, run))
+
+
+def test_connections_are_bounded() -> None:
+    async def run(port: int) -> None:
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(http.MAX_CONNECTIONS)]
+        await asyncio.sleep(0.1)
+        assert (await _raw(port, b"GET /a/ HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 503 ")
+        for _, w in idle[:1]:
+            w.close()
+        await asyncio.sleep(0.1)
+        assert (await _raw(port, b"GET /a/ HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        for _, w in idle[1:]:
+            w.close()
+
+    asyncio.run(_serve(_routes(), run))

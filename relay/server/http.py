@@ -4,12 +4,13 @@ GET and HEAD only, one request per connection (`Connection: close`), request hea
 Routes live in `relay.http_routes`: path prefix -> handler(target) -> (status, content_type,
 body); the longest matching prefix wins. The handler gets the request target as sent (path
 plus any query string); matching uses the path alone. A handler may also be a coroutine
-function. Anything else is answered with a plain status: 400, 404, 405, 413, 431, 500, 505.
+function. Anything else is answered with a plain status: 400, 404, 405, 431, 500, 503, 505.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
@@ -26,6 +27,9 @@ log = get_logger("http")
 MAX_REQUEST_HEAD = 8 * 1024
 # A client that sends nothing useful for this long is dropped (slowloris).
 READ_TIMEOUT = 10.0
+# Connections served at once per listener; beyond it: 503 at once. Scrapers, `relay status`
+# and gateways fetching the directory need a handful.
+MAX_CONNECTIONS = 64
 
 Response = tuple[int, str, bytes | str]
 Handler = Callable[[str], Any]
@@ -102,16 +106,23 @@ async def _serve_one(routes: Mapping[str, Handler], reader: asyncio.StreamReader
         writer.write(response)
         await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
         if response.startswith(b"HTTP/1.1 431"):
-            # Unread input makes close() send RST, which can destroy the answer in flight:
-            # half-close, then swallow a bounded amount of what the client still sends.
-            writer.write_eof()
-            for _ in range(64):
-                if not await asyncio.wait_for(reader.read(64 * 1024), 1.0):
-                    break
+            await _linger(reader, writer)
     except (TimeoutError, ConnectionError):
         pass
     finally:
         writer.close()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After answering without reading the whole request: unread input would make close()
+    send RST, which can destroy the answer in flight. Half-close, then swallow a bounded
+    amount of what the client still sends (at most 1 s)."""
+    writer.write_eof()
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(1.0):
+            for _ in range(64):
+                if not await reader.read(64 * 1024):
+                    break
 
 
 async def start(routes: Mapping[str, Handler], addrs: list[str] | tuple[str, ...],
@@ -119,11 +130,22 @@ async def start(routes: Mapping[str, Handler], addrs: list[str] | tuple[str, ...
     """Serve `routes` on each "HOST:PORT" (port 0 = any free port). `routes` is read at each
     request, so handlers added later (the directory's) are served too."""
     servers = []
+    active = [0]          # connections being served, over all of this call's listeners
     for addr in addrs:
         host, port = parse_hostport(addr, key)
 
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _serve_one(routes, reader, writer)
+            if active[0] >= MAX_CONNECTIONS:
+                with contextlib.suppress(ConnectionError):
+                    writer.write(_plain(503))
+                    await _linger(reader, writer)
+                writer.close()
+                return
+            active[0] += 1
+            try:
+                await _serve_one(routes, reader, writer)
+            finally:
+                active[0] -= 1
 
         servers.append(await asyncio.start_server(on_client, host or None, port,
                                                   limit=MAX_REQUEST_HEAD, reuse_address=True))
