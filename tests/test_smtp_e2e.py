@@ -359,6 +359,27 @@ def test_connection_dropped_mid_message_leaves_nothing(relay: RunningRelay, raw:
     assert tmp_files(relay) == [] and new_files(relay, ALICE) == []
 
 
+def test_store_errors_answer_451_and_leave_nothing(relay: RunningRelay, raw: Callable[[], Raw]) -> None:
+    tmp, new = maildir(relay, ALICE) / "tmp", maildir(relay, ALICE) / "new"
+    c = raw()
+    c.cmd("EHLO c")
+    tmp.rmdir()                                       # the tmp file cannot be created
+    c.cmd("MAIL FROM:<s@remote.test>")
+    c.cmd(f"RCPT TO:<{ALICE}>")
+    assert c.cmd("DATA").startswith("451 4.3.0")
+    c.send(b"BDAT 4 LAST\r\nabcd")
+    assert c.reply().startswith("451 4.3.0")          # the chunk was drained
+    tmp.mkdir()
+    new.rmdir()                                       # the link into new/ fails at commit
+    c.cmd("MAIL FROM:<s@remote.test>")
+    c.cmd(f"RCPT TO:<{ALICE}>")
+    c.cmd("DATA")
+    assert c.cmd(b"Subject: x\r\n\r\nbody\r\n.").startswith("451 4.3.0")
+    new.mkdir()
+    assert tmp_files(relay) == [] and new_files(relay, ALICE) == []
+    assert c.cmd("NOOP").startswith("250")            # the session goes on
+
+
 def test_rset_mid_bdat_removes_tmp(relay: RunningRelay, raw: Callable[[], Raw]) -> None:
     c = raw()
     c.cmd("EHLO c")

@@ -169,10 +169,11 @@ def test_connection_lost_mid_data_aborts(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("key", ["max_sessions_per_client", "max_sessions"])
 @pytest.mark.parametrize("limit", [1, 2])
-def test_session_limit_per_client(tmp_path: Path, limit: int) -> None:
+def test_session_limits(tmp_path: Path, limit: int, key: str) -> None:
     async def run() -> None:
-        relay = FakeRelay(tmp_path, smtp={"max_sessions_per_client": limit})
+        relay = FakeRelay(tmp_path, smtp={key: limit})
         ts = []
         for _ in range(limit + 1):
             s = SmtpSession(relay, None, False, SmtpCounters())  # type: ignore[arg-type]
