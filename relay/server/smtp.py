@@ -134,7 +134,6 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._bytes = 0
         self._messages = 0
         self._outcome = "ok"
-        self._closing = False
 
     # --- connection ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
