@@ -225,9 +225,11 @@ MAILBOX_FIELDS = (
 # (RFC 3463), so that dashboards read without a code table. Unlisted codes fall back to
 # their subject (RFC 3463 section 3); a fixed set either way.
 _REASONS = {
-    "1.1": "unknown_user", "2.2": "over_quota", "3.0": "local_error", "3.1": "storage_low",
-    "3.2": "shutting_down", "3.4": "too_big", "7.0": "throttled", "7.1": "relay_denied",
-    "7.8": "auth_failed", "5.1": "bad_command", "5.2": "syntax", "5.4": "bad_arguments",
+    "1.1": "unknown_user", "1.3": "bad_address", "1.7": "bad_address", "2.2": "over_quota",
+    "3.0": "local_error", "3.1": "storage_low", "3.2": "shutting_down", "3.4": "too_big",
+    "5.1": "bad_command", "5.2": "syntax", "5.3": "too_many_recipients", "5.4": "bad_arguments",
+    "6.7": "needs_smtputf8", "7.1": "relay_denied", "7.8": "auth_failed",
+    "7.11": "encryption_required",
 }
 _SUBJECTS = {"0": "other", "1": "address", "2": "mailbox", "3": "system", "4": "network",
              "5": "protocol", "6": "content", "7": "policy"}
@@ -238,8 +240,8 @@ def reply_reason(cls: str, code: str) -> str:
         return "ok"
     _, _, rest = code.partition(".")
     subject = rest.partition(".")[0]
-    if cls.startswith("4") and rest == "7.1":
-        return "throttled"              # 451 4.7.1: paced or rate-limited, try later
+    if cls.startswith("4") and rest in ("7.0", "7.1"):
+        return "throttled"      # 421 4.7.0 / 451 4.7.1: too many connections or errors, paced
     return _REASONS.get(rest, _SUBJECTS.get(subject, "other"))
 
 

@@ -190,6 +190,7 @@ def test_collector_tolerates_absent_failing_and_partial_components(tmp_path: Any
     ("2xx", "2.0.0", "ok"), ("4xx", "4.2.2", "over_quota"), ("4xx", "4.3.1", "storage_low"),
     ("5xx", "5.3.4", "too_big"), ("4xx", "4.7.1", "throttled"), ("5xx", "5.7.1", "relay_denied"),
     ("5xx", "5.5.2", "syntax"), ("5xx", "5.6.9", "content"), ("4xx", "4.9.9", "other"),
+    ("4xx", "4.7.0", "throttled"), ("5xx", "5.7.0", "policy"), ("5xx", "5.7.11", "encryption_required"),
 ])
 def test_reply_reasons(cls: str, code: str, reason: str) -> None:
     assert reply_reason(cls, code) == reason
