@@ -39,6 +39,8 @@ def _send(args: argparse.Namespace) -> int:
         for r in reports:
             print(f"sent study {r.study_uid} to {args.to}: {r.files} files, {r.dicom_bytes} bytes, "
                   f"{r.parts} message(s), message-id {r.message_id}")
+            print("  seconds: " + " ".join(f"{k}={v:.3f}" for k, v in r.seconds.items())
+                  + f" message_bytes={r.message_bytes}")
     return 0
 
 
@@ -68,6 +70,9 @@ def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
           f"directory updates {s.directory_updates}")
     for study in s.imported:
         print(f"  imported {study}")
+    if s.seconds:
+        print("  seconds: " + " ".join(f"{k}={v:.3f}" for k, v in s.seconds.items())
+              + f" bytes_fetched={s.bytes_fetched}")
     for folder, reason in s.quarantined:
         print(f"  quarantined {folder}: {reason}")
 

@@ -26,7 +26,8 @@ class Gateway:
             d.mkdir(parents=True, exist_ok=True)
         self.state = State(cfg.state_dir / "gateway.db")
         assert cfg.secret_key is not None
-        self.ring = Keyring(cfg.state_dir / "gnupg", cfg.secret_key, cfg.get_passphrase())
+        self.ring = Keyring(cfg.state_dir / "gnupg", cfg.secret_key, cfg.get_passphrase(),
+                            cfg.compress_level)
         self.directory = Directory(cfg, self.state, self.ring)
         self.directory.load()
 

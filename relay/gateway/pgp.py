@@ -46,7 +46,8 @@ def _status_lines(stderr: str) -> list[list[str]]:
 
 
 class Keyring:
-    def __init__(self, home: Path, secret_key: Path | None = None, passphrase: str | None = None) -> None:
+    def __init__(self, home: Path, secret_key: Path | None = None, passphrase: str | None = None,
+                 compress_level: int = 0) -> None:
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._link: Path | None = None
         gpg_home = home
@@ -60,6 +61,7 @@ class Keyring:
         self.gpg = gnupg.GPG(gnupghome=str(gpg_home))
         self.gpg.encoding = "utf-8"
         self.passphrase = passphrase
+        self.compress_level = compress_level
         self.fingerprint = ""
         if secret_key is not None:
             res = self.gpg.import_keys(secret_key.read_text(encoding="ascii"), passphrase=passphrase)
@@ -85,7 +87,8 @@ class Keyring:
         """Sign with our key and encrypt to recipient_fpr, armored, src file -> dst file."""
         res = self.gpg.encrypt_file(str(src), recipients=[recipient_fpr], sign=self.fingerprint,
                                     always_trust=True, armor=True, output=str(dst),
-                                    passphrase=self.passphrase)
+                                    passphrase=self.passphrase,
+                                    extra_args=["--compress-level", str(self.compress_level)])
         if not res.ok:
             dst.unlink(missing_ok=True)
             raise PgpError(f"encryption to {recipient_fpr} failed: {res.status} {res.stderr[-500:]}")

@@ -226,7 +226,9 @@ class Receiver:
             log.info("partial_held", id=info.id, number=info.number, have=len(parts), total=total)
             return
         whole = pdir / "whole.eml"
+        t = time.monotonic()
         message.reassemble([p for _, _, p, *_ in parts], whole)
+        self.summary.add_time("reassemble", t)
         keys = [k for _, _, _, k, _, _ in parts]
         files = [p for _, _, p, *_ in parts]
         log.info("partial_complete", id=info.id, total=total)
@@ -279,11 +281,11 @@ class Receiver:
 
     def verify_and_import(self, path: Path, head: object, sender: str, work: Path) -> tuple[str, int]:
         peer = self.gw.directory.peer(sender)
+        t = time.monotonic()
         try:
             message.extract_encrypted(path, work / "encrypted.asc")
         except MimeError as e:
             raise Quarantined(NOT_ENCRYPTED, str(e)) from None
-        t = time.monotonic()
         v = self.gw.ring.decrypt_verify(work / "encrypted.asc", work / "plain.mime")
         self.summary.add_time("decrypt", t)
         if not v.decrypted:
