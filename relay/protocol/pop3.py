@@ -419,20 +419,25 @@ class Pop3Connection:
         return n
 
     def _listing(self, args: list[str], cmd: str, value: str) -> Event:
-        """LIST and UIDL: one message, or every live message as a multi-line reply."""
-        def item(n: int, m: Message) -> str:
-            return f"{n} {m.size if value == 'size' else uidl_of(self.uidvalidity, m.uid)}"
+        """LIST and UIDL: one message, or every live message as a multi-line reply (lines that
+        start with a digit: nothing to byte-stuff)."""
+        uv = self.uidvalidity
         if len(args) > 1:
             return Respond(err(f"Syntax: {cmd} [msg]"))
         if args:
             n = self._msgno(args[0])
             if isinstance(n, Respond):
                 return n
-            return Respond(ok(item(n, self._messages[n - 1])))
-        lines = [item(n, m) for n, m in enumerate(self._messages, 1) if n not in self._deleted]
+            m = self._messages[n - 1]
+            return Respond(ok(f"{n} {m.size}" if value == "size" else f"{n} {uidl_of(uv, m.uid)}"))
+        live = [(n, m) for n, m in enumerate(self._messages, 1) if n not in self._deleted]
         if value == "size":
-            return Respond(multiline(ok(f"{len(lines)} messages ({self._stat()[1]} octets)"), lines))
-        return Respond(multiline(ok("Unique-id listing follows"), lines))
+            first = ok(f"{len(live)} messages ({sum(m.size for _, m in live)} octets)")
+            body = "".join([f"{n} {m.size}\r\n" for n, m in live])
+        else:
+            first = ok("Unique-id listing follows")
+            body = "".join([f"{n} {uidl_of(uv, m.uid)}\r\n" for n, m in live])
+        return Respond(first + body.encode("ascii") + TERMINATOR)
 
     def _cmd_list(self, args: list[str]) -> Event:
         return self._listing(args, "LIST", "size")
