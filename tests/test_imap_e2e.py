@@ -334,3 +334,21 @@ def test_partial_fetch_at_the_end_of_a_3_gb_message(relay: Any, tmp_path: Path) 
         lines = c.command(b"UID FETCH 1 (BODY.PEEK[HEADER] BODY.PEEK[]<%d.10>)" % (size - 10))
         assert b"BODY[HEADER] {19}\r\nSubject: sparse\r\n\r\n" in lines[0]
         assert lines[0].endswith(b"BODY[]<%d> {10}\r\n" % (size - 10) + tail[-10:] + b")\r\n")
+
+
+def test_idle_reports_expunge_by_another_session(mail: Any) -> None:
+    c = Raw(mail.imap_port)
+    c.cmd(b"a LOGIN alice@example.test secret")
+    c.cmd(b"b SELECT INBOX")
+    c.send(b"c IDLE\r\n")
+    assert c.line() == b"+ idling"
+    m = login(mail)
+    m.select()
+    m.store("2", "+FLAGS", "(\\Deleted)")
+    m.expunge()
+    assert c.line() == b"* 2 EXPUNGE"
+    send(mail, b"Subject: after\r\n\r\nx\r\n")
+    assert c.line() == b"* 3 EXISTS"
+    assert c.cmd(b"DONE", b"c") == [b"c OK IDLE terminated"]
+    assert c.cmd(b"d UID SEARCH ALL") == [b"* SEARCH 1 3 4", b"d OK SEARCH completed"]
+    m.logout()

@@ -199,7 +199,7 @@ class ImapSession:
             self.writer.write(b"* BYE [UNAVAILABLE] Too many connections or shutting down\r\n")
             await self._close()
             return
-        self.session.closer = self.writer.close
+        self.session.closer = self._shutdown
         outcome = "dropped"
         try:
             self.writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
@@ -225,6 +225,12 @@ class ImapSession:
                      outcome=outcome, bytes_out=self.sent)
             self.session.close(outcome)
             await self._close()
+
+    def _shutdown(self) -> None:
+        """Called by Relay.stop() after the grace period: say BYE (RFC 9051 7.1.5), close."""
+        with contextlib.suppress(Exception):
+            self.writer.write(untagged("BYE Server shutting down"))
+        self.writer.close()
 
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
@@ -254,6 +260,10 @@ class ImapSession:
                 await handler(ev)
             except ImapSyntaxError as e:
                 self.write(tagged(ev.tag, "BAD", str(e) if str(e).startswith("[") else f"Syntax error: {e}"))
+            except StoreError as e:            # I/O trouble, account removed meanwhile: temporary
+                log.error("store_error", sid=self.session.sid if self.session else "", command=ev.name,
+                          error=str(e))
+                self.write(tagged(ev.tag, "NO", "[UNAVAILABLE] Temporary failure, try again later"))
             if self.state == proto.LOGOUT:
                 await self.flush()
                 return "ok"
@@ -661,6 +671,7 @@ class ImapSession:
             if not req.silent:
                 uid = b" UID %d" % m.uid if cmd.uid else b""
                 self.write(untagged(b"%d FETCH (FLAGS %s%s)" % (seq, proto.render_flags(m.flags), uid)))
+                await self.flush()
         self.write(tagged(cmd.tag, "OK", "STORE completed"))
 
     async def cmd_fetch(self, cmd: Command) -> None:
@@ -672,6 +683,7 @@ class ImapSession:
         for seq, m in self._targets(cmd, cmd.args[0]):
             if not await self._fetch_one(seq, m, atts):
                 missing += 1
+            await self.flush()                 # FETCH 1:* of 10,000 messages: bounded buffer
         if missing:
             self.write(tagged(cmd.tag, "NO", "[EXPUNGEISSUED] Some messages no longer exist"))
         else:
