@@ -39,7 +39,8 @@ def test_status_summarises_the_running_server(tmp_path: Path) -> None:
         assert 0 <= boxes["mr@b.test"]["last_poll_age_seconds"] < 60
         assert boxes["mr@b.test"]["backlog_messages"] == 0
 
-        p = run([*RELAY, "status", "--config", str(cfg)], env={**os.environ, "COLUMNS": "160"})
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        p = run([*RELAY, "status", "--config", str(cfg)], env=env)     # piped: full width
         assert p.returncode == 0, p.stderr
         out = p.stdout
         row = next(line for line in out.splitlines() if "ct@a.test" in line)

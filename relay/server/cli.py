@@ -35,7 +35,10 @@ def _status(args: argparse.Namespace) -> int:
     else:
         from rich.console import Console
 
-        Console().print(status.render(data))
+        console = Console()
+        if not console.is_terminal:       # piped: full lines for grep, not 80 columns
+            console = Console(width=200)
+        console.print(status.render(data))
     return 0
 
 
