@@ -388,3 +388,12 @@ def test_reject_bytes() -> None:
     assert Reject("a", "BAD", "nope").to_bytes() == b"a BAD nope\r\n"
     assert p.tagged("a", "OK", "done") == b"a OK done\r\n"
     assert p.untagged("3 EXISTS") == b"* 3 EXISTS\r\n"
+
+
+def test_client_uid_set_collapses_runs() -> None:
+    from relay.clients.imap import uid_set
+
+    assert uid_set([9, 1, 2, 3, 7, 10, 3]) == b"1:3,7,9:10"
+    assert uid_set([5]) == b"5"
+    assert len(uid_set(list(range(1, 100_001)))) == len(b"1:100000")
+    assert p.parse_sequence_set(uid_set([1, 2, 4]).decode()).select([1, 2, 3, 4]) == [1, 2, 4]

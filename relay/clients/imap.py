@@ -50,6 +50,21 @@ def _quote(s: str) -> bytes:
     return b'"' + b.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+def uid_set(uids: list[int]) -> bytes:
+    """[1, 2, 3, 7, 9, 10] -> b"1:3,7,9:10": runs collapsed, so that a command naming 100,000
+    UIDs stays far below the server's line bound."""
+    out: list[str] = []
+    nums = sorted(set(uids))
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
+        i = j + 1
+    return ",".join(out).encode()
+
+
 class _Reader:
     """Buffered reading from a socket, with the buffer visible (IDLE waits with select only
     when nothing is buffered; socket timeouts would spoil a BufferedReader)."""
@@ -224,10 +239,10 @@ class ImapClient:
 
     def sizes(self, uids: list[int] | None = None) -> dict[int, int]:
         """UID -> RFC822.SIZE for the given UIDs (default all)."""
-        spec = ",".join(map(str, uids)).encode() if uids else b"1:*"
         out: dict[int, int] = {}
         if uids == []:
             return out
+        spec = uid_set(uids) if uids else b"1:*"
         for line in self.command(b"UID FETCH", spec, b"(RFC822.SIZE)"):
             u, s = re.search(rb"UID (\d+)", line), re.search(rb"RFC822\.SIZE (\d+)", line)
             if u and s:
@@ -308,7 +323,7 @@ class ImapClient:
         """Mark \\Deleted and remove exactly these messages (UIDPLUS UID EXPUNGE)."""
         if not uids:
             return
-        spec = ",".join(map(str, uids)).encode()
+        spec = uid_set(uids)
         self.command(b"UID STORE", spec, b"+FLAGS.SILENT (\\Deleted)")
         for line in self.command(b"UID EXPUNGE", spec):
             self._note_untagged(line)
