@@ -3,11 +3,11 @@ what happened, every name is documented, promtool accepts the exposition."""
 
 from __future__ import annotations
 
+import asyncio
 import imaplib
 import platform
 import poplib
 import smtplib
-import threading
 import time
 import types
 import urllib.request
@@ -148,8 +148,8 @@ def test_healthz_and_head(relay: RunningRelay) -> None:
     # while shutting down (a session still finishing), /healthz says 503
     with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as s:
         s.ehlo("gw.test")
-        stopper = threading.Thread(target=relay.stop)
-        stopper.start()
+        # stop with a long grace: the open session keeps the relay in its shutdown phase
+        stopping = asyncio.run_coroutine_threadsafe(relay.relay.stop(grace=30), relay.loop)
         codes = []
         deadline = time.monotonic() + 10
         while "503" not in codes and time.monotonic() < deadline:
@@ -157,7 +157,7 @@ def test_healthz_and_head(relay: RunningRelay) -> None:
                               f"{url}/healthz"]).stdout)
         assert "503" in codes, codes
         s.quit()
-    stopper.join(30)
+    stopping.result(30)
 
 
 def test_two_relays_in_one_process_have_their_own_figures(relay_factory: Callable[..., RunningRelay]) -> None:
