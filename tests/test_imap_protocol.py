@@ -6,6 +6,8 @@ from __future__ import annotations
 import calendar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.protocol import imap as p
 from relay.protocol.imap import (
@@ -397,3 +399,33 @@ def test_client_uid_set_collapses_runs() -> None:
     assert uid_set([5]) == b"5"
     assert len(uid_set(list(range(1, 100_001)))) == len(b"1:100000")
     assert p.parse_sequence_set(uid_set([1, 2, 4]).decode()).select([1, 2, 3, 4]) == [1, 2, 4]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=20))
+def test_parser_never_raises_and_stays_bounded(chunks: list[bytes]) -> None:
+    parser = ImapParser(max_line=200, max_literal=100)
+    for chunk in chunks:
+        parser.receive_data(chunk)
+        for _ in range(1000):
+            ev = parser.next_event()
+            if ev is NEED_DATA:
+                break
+            assert isinstance(ev, (Command, Continuation, Reject, ClientLine))
+        assert parser.buffered <= 200 + 300 + 100
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([b"a NOOP", b'b LOGIN "x y" {3+}\r\nabc', b"c FETCH 1:* (FLAGS BODY.PEEK[1.MIME])",
+                                 b"d UID SEARCH OR SEEN (UID 2:*)", b"e LOGIN {2}\r\nab x"]), min_size=1, max_size=8),
+       st.integers(min_value=1, max_value=17))
+def test_pipelined_commands_survive_any_split(cmds: list[bytes], step: int) -> None:
+    data = b"".join(c + b"\r\n" for c in cmds)
+    parser = ImapParser()
+    names = []
+    for i in range(0, len(data), step):
+        parser.receive_data(data[i:i + step])
+        while (ev := parser.next_event()) is not NEED_DATA:
+            if isinstance(ev, Command):
+                names.append(ev.tag)
+    assert names == [c[:1].decode() for c in cmds]
