@@ -90,6 +90,14 @@ class Sim:
         mb.expunge([msgs[0].uid])
         return self.t + msgs[0].size / DRAIN
 
+    def hang_up(self) -> None:
+        """The sender goes away mid-message: the SMTP server aborts it."""
+        if self.msg is not None:
+            self.msg["delivery"].abort()
+            self.msg["reservation"].release()
+            self.msg["pacer"].close()
+            self.msg = None
+
     def run(self, until: float, sending: bool = True) -> None:
         s_next, r_next = self.t, self.t
         while self.t < until:
@@ -124,6 +132,7 @@ def test_slow_receiver_paces_then_defers_and_loses_nothing(tmp_path: Path) -> No
     assert st.recipients[RCPT].congested and st.paced_seconds > 100
     assert st.deferrals["quota"] + st.deferrals["quota_end_of_data"] == len(sim.deferred)
     # the sender stops; the receiver catches up: every message exactly once, in order
+    sim.hang_up()
     sim.run(until=10_000.0, sending=False)
     assert sim.received == sim.sent and len(set(sim.sent)) == len(sim.sent) > 50
     st = sim.policy.statistics()

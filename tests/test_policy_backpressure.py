@@ -162,7 +162,8 @@ def test_pace_follows_the_drain_rate_while_streaming(tmp_path: Path) -> None:
     clock.t += slow_delay
     store.mailbox("slow@example.test").expunge([2])                       # the receiver drains ~100 KiB
     rate = bp.statistics().drain_rate["slow@example.test"]
-    assert rate == pytest.approx(100 * KiB * bp.lam, rel=0.02)
+    # one event, 8 s after the policy started: n * lam, warm-up corrected by the maximum x2
+    assert rate == pytest.approx(2 * 100 * KiB * bp.lam, rel=0.02)
     fast_delay = p.on_data(8 * KiB)
     assert fast_delay == pytest.approx(8 * KiB / (2 * rate), rel=0.02)
     p.close()
@@ -214,3 +215,24 @@ def test_committed_bytes_are_not_counted_twice(tmp_path: Path) -> None:
     q.on_data(10 * KiB)
     q.close()
     assert bp.statistics().recipients["slow@example.test"].backlog_bytes == 200 * KiB
+
+
+def test_drain_estimate_of_a_steady_receiver(tmp_path: Path) -> None:
+    """One 10 KiB message every 2 s: the estimate is near 5 KiB/s after one half-life (the
+    warm-up correction) and stays there; it halves every half-life once draining stops."""
+    store, bp, clock, _ = make(tmp_path, drain_halflife=30.0)
+    store.accounts.set_quota("slow@example.test", quota_messages=0)
+    for _ in range(60):
+        deliver(store, ["slow@example.test"], 10 * KiB)
+    mb = store.mailbox("slow@example.test")
+    size = mb.info(1).size
+    estimates = {}
+    for uid in range(1, 61):
+        clock.t += 2.0
+        mb.expunge([uid])
+        estimates[uid * 2] = bp.statistics().drain_rate["slow@example.test"]
+    true_rate = size / 2.0
+    for t in (40, 60, 90, 120):
+        assert estimates[t] == pytest.approx(true_rate, rel=0.2), (t, estimates[t])
+    clock.t += 30.0
+    assert bp.statistics().drain_rate["slow@example.test"] == pytest.approx(estimates[120] / 2, rel=0.05)

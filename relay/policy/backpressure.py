@@ -11,7 +11,10 @@ Per recipient the policy keeps: backlog (the store's ledger plus bytes streaming
 and the drain rate: bytes expunged per second as an exponentially weighted rate
 r(t) = sum_i n_i * lam * exp(-lam * (t - t_i)), lam = ln 2 / drain_halflife, fed by the store's
 "expunge" notifications. For a steady drain of D bytes/s its mean is D; with no drain it decays
-to 0 with the half-life.
+to 0 with the half-life. While the policy has watched a mailbox for less than a few
+half-lives (after a restart) r(t) still underestimates D by the factor 1 - exp(-lam * age);
+the estimate is divided by that factor, at most by 2 (so that one early deletion does not
+look like a fast receiver).
 
 A recipient whose backlog passes its soft backlog is congested (it leaves congestion below
 90% of it, so that one message more or less does not flap). Bytes for a congested recipient are
@@ -41,6 +44,7 @@ R_DISK_LOW = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 REFRESH_SECONDS = 1.0      # re-read a recipient's ledger at most this often (CLI, reconcile)
 LEAVE_FRACTION = 0.9       # hysteresis: congestion ends below 90% of the soft backlog
+WARMUP_MIN = 0.5           # warm-up correction of the drain estimate: at most x2
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class _Recipient:
         self.refreshed = -math.inf
         self.rate = 0.0                # EWMA state at rate_t
         self.rate_t = 0.0
+        self.since = 0.0               # when the policy began to watch it
         self.congested = False
         self.next_free = 0.0           # its pacing timeline (clock seconds)
 
@@ -154,7 +159,7 @@ class Backpressure:
         r = self._recipients.get(address)
         if r is None:
             r = self._recipients[address] = _Recipient(address)
-            r.rate_t = self.clock()
+            r.rate_t = r.since = self.clock()
             self._unsubscribe.append(self.store.subscribe(address, lambda kind, n, m: self._on_change(r, kind, n, m)))
             self._refresh(r, self.clock(), force=True)
         return r
@@ -172,7 +177,7 @@ class Backpressure:
         elif kind == "expunge":
             r.stored_bytes = max(0, r.stored_bytes - nbytes)
             r.stored_messages = max(0, r.stored_messages - nmessages)
-            r.rate = self.drain_rate(r, now) + nbytes * self.lam
+            r.rate = r.rate * math.exp(-self.lam * max(0.0, now - r.rate_t)) + nbytes * self.lam
             r.rate_t = now
         self._update_congestion(r, now)
 
@@ -213,7 +218,8 @@ class Backpressure:
         """Bytes/s drained by this receiver, smoothed with the configured half-life."""
         if math.isinf(self.lam):
             return 0.0
-        return r.rate * math.exp(-self.lam * max(0.0, now - r.rate_t))
+        warmed = max(WARMUP_MIN, 1.0 - math.exp(-self.lam * max(0.0, now - r.since)))
+        return r.rate * math.exp(-self.lam * max(0.0, now - r.rate_t)) / warmed
 
     def pace(self, r: _Recipient, now: float) -> float:
         bp = self.config.backpressure
