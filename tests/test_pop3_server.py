@@ -102,6 +102,12 @@ def test_uidl_is_stable_across_sessions_and_matches_imap_uids(relay: RunningRela
     p.quit()
     ids = [line.split()[1] for line in second]
     assert [line.split()[1] for line in first[1:]] == ids   # the two left keep their unique-ids
+    with Pop3Client("127.0.0.1", relay.pop3_port) as c:     # STAT + UIDL pipelined
+        c.login(ALICE, "secret")
+        count, octets, uidl = c.poll()
+        c.quit()
+    assert (count, octets) == (2, sum(size for _, _, size in stored(relay)))
+    assert list(uidl.values()) == [i.decode() for i in ids]
     uids = [uid for uid, _, _ in stored(relay)]
     assert [parse_uidl(i.decode()) for i in ids] == [(uidvalidity, u) for u in uids]
 

@@ -159,6 +159,17 @@ class Pop3Client:
             out[int(num)] = value
         return out
 
+    def poll(self) -> tuple[int, int, dict[int, str]]:
+        """STAT and UIDL pipelined (one round trip): (count, octets, {msgno: unique-id})."""
+        self.sock.sendall(b"STAT\r\nUIDL\r\n")
+        stat = self._line()
+        self._ok()
+        uidl = {int(num): value for num, value in (line.split()[:2] for line in self._multiline())}
+        if not stat.startswith("+OK"):
+            raise Pop3Error(stat)
+        count, size = stat[3:].split()[:2]
+        return int(count), int(size), uidl
+
     def list(self, n: int | None = None) -> dict[int, int]:
         """LIST -> {msgno: size}."""
         return {k: int(v) for k, v in self._listing("LIST", n).items()}

@@ -151,7 +151,14 @@ class Pop3Session:
 
     async def _write(self, data: bytes) -> None:
         self.writer.write(data)
-        await asyncio.wait_for(self.writer.drain(), self.relay.config.pop3.idle_timeout)
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait until the transport is below its high-water mark; a client that reads nothing
+        for the idle timeout is dropped."""
+        if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER // 2:
+            async with asyncio.timeout(self.relay.config.pop3.idle_timeout):
+                await self.writer.drain()
 
     async def _loop(self) -> str:
         conn = self.conn
@@ -159,9 +166,10 @@ class Pop3Session:
         while True:
             ev = conn.next_event()
             if ev is proto.NEED_DATA:
-                await self.writer.drain()
+                await self._drain()
                 try:
-                    data = await asyncio.wait_for(self.reader.read(READ_SIZE), idle)
+                    async with asyncio.timeout(idle):     # no task per read, unlike wait_for
+                        data = await self.reader.read(READ_SIZE)
                 except TimeoutError:
                     # RFC 1939 3: autologout; nothing is deleted.
                     self.writer.write(proto.err("Idle timeout, closing the connection"))
@@ -257,7 +265,7 @@ class Pop3Session:
                 self.sent += len(data)
                 self.stats.fetched_bytes += len(data)
                 self.writer.write(stuffer.feed(data))
-                await asyncio.wait_for(self.writer.drain(), self.relay.config.pop3.idle_timeout)
+                await self._drain()
                 if top is not None and top.done:
                     break
             self.writer.write(stuffer.finish())
