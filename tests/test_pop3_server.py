@@ -317,3 +317,15 @@ def test_idle_timeout_closes_without_deleting(relay_factory: Callable[..., Runni
     assert raw.line() == b""                        # closed
     wait_unlocked(r)
     assert len(stored(r)) == 1
+
+
+def test_shutdown_with_a_session_in_transaction_deletes_nothing(relay: RunningRelay) -> None:
+    deliver(relay, b"Subject: a\r\n\r\na\r\n")
+    [(_, path, _)] = stored(relay)
+    raw = Raw(relay.pop3_port)
+    raw.cmd(b"USER " + ALICE.encode())
+    raw.cmd(b"PASS secret")
+    assert raw.cmd(b"DELE 1").startswith(b"+OK")
+    relay.stop()                       # grace 2 s, then open sessions are closed
+    assert raw.line() == b""
+    assert path.exists()

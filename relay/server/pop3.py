@@ -227,6 +227,7 @@ class Pop3Session:
         except Exception as e:
             log.error("maildrop_error", sid=self.sid, exc_info=e)
             self._unlock()
+            self.address = None
             return self.conn.auth_failed("temp")
         self.mailbox = mb
         self.stats.logins += 1
