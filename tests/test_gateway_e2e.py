@@ -133,6 +133,13 @@ def test_send_receive_mdn_status_over_imap(net: Net) -> None:
     assert out.count("UNCONFIRMED") == 0
     assert gw("status", ct).stdout.count("UNCONFIRMED") == 2
 
+    # a forged receipt (unsigned, From: rad) confirms nothing
+    from relay.gateway.message import build_mdn
+    first_id = out.split("message-id ")[1].split()[0]
+    net.inject(CT, build_mdn(RAD, CT, first_id, "forged"))
+    assert "MDNs 0" in gw("receive", ct, "--once").stdout
+    assert gw("status", ct).stdout.count("UNCONFIRMED") == 2
+
     r = gw("receive", rad, "--once")
     assert "imported 2 studies, quarantined 0" in r.stdout
     for files in (a, b):

@@ -176,7 +176,7 @@ def test_pgp_mime_split_reassemble_decrypt(tmp_path: Path, two_keys: dict[str, t
             r.close()
 
 
-def test_mdn_roundtrip(tmp_path: Path) -> None:
+def test_mdn_roundtrip_plain_and_signed(tmp_path: Path, two_keys: dict[str, tuple[str, str]]) -> None:
     raw = M.build_mdn("b@example.test", "a@example.test", "<x1@example.test>", "2 DICOM objects imported")
     (tmp_path / "mdn").write_bytes(raw)
     msg = email.message_from_bytes(raw, policy=email.policy.compat32)
@@ -185,7 +185,26 @@ def test_mdn_roundtrip(tmp_path: Path) -> None:
     assert msg["Auto-Submitted"] == "auto-replied"
     mdn = M.parse_mdn(tmp_path / "mdn")
     assert mdn == M.Mdn("<x1@example.test>", "automatic-action/MDN-sent-automatically; processed",
-                        "b@example.test")
+                        "b@example.test", "")
+
+    a = _ring(tmp_path, "a", two_keys, "b")
+    b = _ring(tmp_path, "b", two_keys, "a")
+    try:
+        signed = M.build_mdn("b@example.test", "a@example.test", "<x2@example.test>", "ok", b)
+        msg = email.message_from_bytes(signed, policy=email.policy.compat32)
+        assert msg.get_content_type() == "multipart/signed"
+        assert msg.get_param("protocol") == "application/pgp-signature"
+        assert str(msg.get_param("micalg")).startswith("pgp-sha")
+        (tmp_path / "signed").write_bytes(signed)
+        mdn = M.parse_mdn(tmp_path / "signed", a)
+        assert mdn is not None and mdn.original_id == "<x2@example.test>" and mdn.signer == b.fingerprint
+        (tmp_path / "tampered").write_bytes(signed.replace(b"<x2@example.test>\r\nDisposition",
+                                                           b"<x3@example.test>\r\nDisposition"))
+        mdn = M.parse_mdn(tmp_path / "tampered", a)
+        assert mdn is not None and mdn.original_id == "<x3@example.test>" and mdn.signer == ""
+    finally:
+        a.close()
+        b.close()
 
 
 def test_synthetic_study_is_valid_dicom(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ class GatewayConfig:
     pacs: str = ""                          # receiver: C-STORE imported studies to HOST:PORT
     pacs_ae: str = "PACS"                   # the PACS's AE title
     keep_after_store: bool = True           # keep inbox/<study> after a successful C-STORE
+    accept_unsigned_mdn: bool = False       # our MDNs are signed; others' may not be (forgeable)
     source: Path | None = None
 
     @property

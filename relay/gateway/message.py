@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import email.policy
 import email.utils
+import io
 import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from relay.gateway.mime import (
@@ -213,25 +216,42 @@ def reassemble(parts: list[Path], out: Path) -> None:
 
 # --- MDN (RFC 3798) --------------------------------------------------------------------------
 
-def build_mdn(reporter: str, to: str, original_id: str, text: str,
+MAX_MDN = 1024 * 1024        # an MDN is a few KiB; we read no more than this of one
+
+
+def build_mdn(reporter: str, to: str, original_id: str, text: str, ring: Keyring | None = None,
               disposition: str = "automatic-action/MDN-sent-automatically; processed") -> bytes:
+    """The MDN message. With `ring`, the report is signed as RFC 3156 multipart/signed, so the
+    sender can tell a real receipt from a forged one (the relay does not bind From: to the
+    authenticated account)."""
     boundary = new_boundary()
     domain = reporter.rpartition("@")[2]
-    return (envelope_headers(reporter, to, new_message_id(domain), "Disposition notification")
-            + _hdr("In-Reply-To", original_id) + _hdr("References", original_id)
-            + _hdr("Auto-Submitted", "auto-replied")
-            + _hdr("Content-Type", f"multipart/report; report-type=disposition-notification;"
+    report = (_hdr("Content-Type", f"multipart/report; report-type=disposition-notification;"
                                    f' boundary="{boundary}"')
-            + b"\r\n"
-            + f"--{boundary}\r\n".encode()
-            + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode() + b"\r\n"
-            + f"--{boundary}\r\n".encode()
-            + b"Content-Type: message/disposition-notification\r\n\r\n"
-            + _hdr("Reporting-UA", f"{socket.gethostname()}; relay-gateway")
-            + _hdr("Final-Recipient", f"rfc822;{reporter}")
-            + _hdr("Original-Message-ID", original_id)
-            + _hdr("Disposition", disposition)
-            + f"\r\n--{boundary}--\r\n".encode())
+              + b"\r\n"
+              + f"--{boundary}\r\n".encode()
+              + b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + text.encode() + b"\r\n"
+              + f"--{boundary}\r\n".encode()
+              + b"Content-Type: message/disposition-notification\r\n\r\n"
+              + _hdr("Reporting-UA", f"{socket.gethostname()}; relay-gateway")
+              + _hdr("Final-Recipient", f"rfc822;{reporter}")
+              + _hdr("Original-Message-ID", original_id)
+              + _hdr("Disposition", disposition)
+              + f"\r\n--{boundary}--\r\n".encode())
+    head = (envelope_headers(reporter, to, new_message_id(domain), "Disposition notification")
+            + _hdr("In-Reply-To", original_id) + _hdr("References", original_id)
+            + _hdr("Auto-Submitted", "auto-replied"))
+    if ring is None:
+        return head + report
+    signature, micalg = ring.sign_bytes(report)
+    outer = new_boundary()
+    return (head + _hdr("Content-Type", f'multipart/signed; micalg={micalg};'
+                                        f' protocol="application/pgp-signature"; boundary="{outer}"')
+            + b"\r\n" + f"--{outer}\r\n".encode() + report
+            + f"\r\n--{outer}\r\n".encode()
+            + b'Content-Type: application/pgp-signature; name="signature.asc"\r\n\r\n'
+            + signature.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            + f"\r\n--{outer}--\r\n".encode())
 
 
 @dataclass(frozen=True)
@@ -239,25 +259,59 @@ class Mdn:
     original_id: str
     disposition: str
     reporter: str
+    signer: str = ""         # VALIDSIG fingerprint of a signed MDN, "" if unsigned/invalid
 
 
-def parse_mdn(msg_path: Path) -> Mdn | None:
-    """The disposition notification in a multipart/report, or None if it is not one."""
+def _signed_parts(raw: bytes, boundary: str) -> tuple[bytes, bytes]:
+    """RFC 3156 5: the signed entity (exact bytes; the CRLF before a delimiter belongs to it)
+    and the signature part's body."""
+    delim = b"--" + boundary.encode()
+    start = raw.find(delim + b"\r\n")
+    if start < 0:
+        raise MimeError("multipart/signed without its first part")
+    start += len(delim) + 2
+    end = raw.find(b"\r\n" + delim, start)
+    if end < 0:
+        raise MimeError("multipart/signed without a second part")
+    sig_part = raw[end + 2 + len(delim):]
+    sig_start = sig_part.find(b"\r\n\r\n")
+    sig_end = sig_part.find(b"\r\n" + delim)
+    if sig_start < 0 or sig_end < 0:
+        raise MimeError("multipart/signed with a broken signature part")
+    return raw[start:end], sig_part[sig_start + 4:sig_end]
+
+
+def parse_mdn(msg_path: Path, ring: Keyring | None = None) -> Mdn | None:
+    """The disposition notification in a multipart/report (plain, or inside an RFC 3156
+    multipart/signed, verified with `ring`), or None if the message is not an MDN."""
     with open(msg_path, "rb") as fp:
         head, _ = read_headers(fp)
+        signer = ""
+        reporter = email.utils.parseaddr(head.get("From", ""))[1].lower()
+        ctype = head.get_content_type()
+        if ctype == "multipart/signed":
+            boundary = param(head, "boundary")
+            if not boundary or msg_path.stat().st_size > MAX_MDN:
+                return None
+            entity, signature = _signed_parts(fp.read(MAX_MDN), boundary)
+            inner = BytesHeaderParser(policy=email.policy.compat32).parsebytes(entity.split(b"\r\n\r\n")[0])
+            if inner.get_content_type() != "multipart/report":
+                return None
+            if ring is not None:
+                signer = ring.verify_bytes(entity, signature)
+            fp = io.BytesIO(entity)
+            head, _ = read_headers(fp)
         if head.get_content_type() != "multipart/report" or \
                 (param(head, "report-type") or "").lower() != "disposition-notification":
             return None
         boundary = param(head, "boundary")
-        if not boundary or msg_path.stat().st_size > 1024 * 1024:
+        if not boundary or msg_path.stat().st_size > MAX_MDN:
             raise MimeError("malformed MDN")
         for h, chunks in MultipartReader(fp, boundary).parts():
             if h.get_content_type() == "message/disposition-notification":
-                from email.parser import BytesHeaderParser
                 fields = BytesHeaderParser().parsebytes(b"".join(chunks).lstrip(b"\r\n"))
                 oid = (fields.get("Original-Message-ID") or "").strip()
                 if not oid:
                     raise MimeError("MDN without Original-Message-ID")
-                return Mdn(oid, (fields.get("Disposition") or "").strip(),
-                           email.utils.parseaddr(head.get("From", ""))[1].lower())
+                return Mdn(oid, (fields.get("Disposition") or "").strip(), reporter, signer)
     raise MimeError("multipart/report without a disposition-notification part")

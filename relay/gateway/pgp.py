@@ -93,12 +93,23 @@ class Keyring:
             dst.unlink(missing_ok=True)
             raise PgpError(f"encryption to {recipient_fpr} failed: {res.status} {res.stderr[-500:]}")
 
-    def sign_detached(self, src: Path) -> str:
-        res = self.gpg.sign_file(str(src), keyid=self.fingerprint, detach=True, binary=False,
-                                 passphrase=self.passphrase)
+    def sign_bytes(self, data: bytes) -> tuple[bytes, str]:
+        """Detached armored signature of small data -> (signature, RFC 3156 micalg)."""
+        res = self.gpg.sign(data, keyid=self.fingerprint, detach=True, binary=False,
+                            passphrase=self.passphrase)
         if not res.data:
             raise PgpError(f"signing failed: {res.status}")
-        return str(res)
+        algo = {"2": "sha1", "8": "sha256", "9": "sha384", "10": "sha512", "11": "sha224"}.get(
+            str(res.hash_algo), "sha512")
+        return bytes(res.data), f"pgp-{algo}"
+
+    def verify_bytes(self, data: bytes, signature: bytes) -> str:
+        """The primary key fingerprint of a good detached signature over data, else ""."""
+        with tempfile.NamedTemporaryFile(dir=self.home, suffix=".asc") as sig:
+            sig.write(signature)
+            sig.flush()
+            res = self.gpg.verify_data(sig.name, data)
+        return str(res.pubkey_fingerprint or "") if res.valid else ""
 
     def decrypt_verify(self, src: Path, dst: Path) -> Verdict:
         """Decrypt src into dst and check the signature. dst is deleted unless the result is

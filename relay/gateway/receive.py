@@ -153,7 +153,7 @@ class Receiver:
             return
         mdn = None
         try:
-            mdn = message.parse_mdn(path)
+            mdn = message.parse_mdn(path, self.gw.ring)
         except MimeError as e:
             self.quarantine([path], [key], MALFORMED, str(e))
             return
@@ -177,7 +177,13 @@ class Receiver:
     # --- MDNs and directory documents ------------------------------------------------------
 
     def take_mdn(self, mdn: message.Mdn, sender: str) -> None:
-        if sender != mdn.reporter or not self.gw.state.confirm(mdn.original_id, sender, mdn.disposition):
+        peer = self.gw.directory.peer(sender)
+        signed_ok = peer is not None and mdn.signer == peer.fingerprint
+        if not signed_ok and not self.cfg.accept_unsigned_mdn:
+            log.warning("mdn_unverified", original_id=mdn.original_id, sender=sender,
+                        signer=mdn.signer or "none")
+            return
+        if not self.gw.state.confirm(mdn.original_id, sender, mdn.disposition):
             log.warning("mdn_unmatched", original_id=mdn.original_id, sender=sender)
             return
         self.summary.mdns += 1
@@ -213,14 +219,16 @@ class Receiver:
     # --- message/partial -------------------------------------------------------------------
 
     def hold_partial(self, key: str, path: Path, info: message.PartialInfo, sender: str) -> None:
-        pdir = self.cfg.state_dir / "partials" / hashlib.sha256(info.id.encode()).hexdigest()[:24]
+        # a set is keyed by sender and id: a stranger's part with the same id cannot join it
+        pid = f"{sender} {info.id}"
+        pdir = self.cfg.state_dir / "partials" / hashlib.sha256(pid.encode()).hexdigest()[:24]
         pdir.mkdir(parents=True, exist_ok=True)
         target = pdir / f"{info.number:05d}.eml"
         os.replace(path, target)
-        self.gw.state.add_partial(info.id, info.number, info.total, target, key, sender)
+        self.gw.state.add_partial(pid, info.number, info.total, target, key, sender)
         self.gw.state.set_download(key, target, target.stat().st_size, "held")
         self.summary.parts_held += 1
-        parts = self.gw.state.partial_set(info.id)
+        parts = self.gw.state.partial_set(pid)
         total = next((t for _, t, *_ in parts if t), None)
         if total is None or [n for n, *_ in parts] != list(range(1, total + 1)):
             log.info("partial_held", id=info.id, number=info.number, have=len(parts), total=total)
@@ -235,7 +243,7 @@ class Receiver:
         try:
             self.process(whole, keys, files + [whole])
         finally:
-            self.gw.state.drop_partials(info.id)
+            self.gw.state.drop_partials(pid)
             remove_tree(pdir)
 
     def expire_partials(self) -> None:
@@ -273,7 +281,8 @@ class Receiver:
         self.finish(keys, files)
         if head.get("Disposition-Notification-To") and mid:
             mdn = message.build_mdn(self.cfg.address, sender, mid,
-                                    f"{count} DICOM objects of one study were verified and imported.")
+                                    f"{count} DICOM objects of one study were verified and imported.",
+                                    self.gw.ring)
             with transport.smtp_session(self.cfg) as smtp:
                 smtp.send(self.cfg.address, sender, [mdn], size=len(mdn))
         self.summary.imported.append(study_uid)
