@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from relay import __version__
 from tests.tlsutil import client_context, make_cert
 
 pytestmark = pytest.mark.e2e
@@ -79,7 +80,7 @@ def test_login_and_states(relay: Any) -> None:
     assert c.cmd(b'm LIST "" "Sent*"') == [b"m OK LIST completed"]
     assert c.cmd(b'n LSUB "" "%"') == [b'* LSUB () "/" INBOX', b"n OK LSUB completed"]
     assert c.cmd(b"o NAMESPACE") == [b'* NAMESPACE (("" "/")) NIL NIL', b"o OK NAMESPACE completed"]
-    assert c.cmd(b'p ID ("name" "test")')[0] == b'* ID ("name" "relay" "version" "0.1.0")'
+    assert c.cmd(b'p ID ("name" "test")')[0] == b'* ID ("name" "relay" "version" "%s")' % __version__.encode()
     assert c.cmd(b"q ENABLE CONDSTORE") == [b"* ENABLED", b"q OK ENABLE completed"]
     assert c.cmd(b"r APPEND INBOX {3}")[-1].startswith(b"r NO [CANNOT] APPEND")
     assert c.cmd(b"s NOOP") == [b"s OK NOOP completed"]
