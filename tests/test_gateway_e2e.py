@@ -32,14 +32,6 @@ pytestmark = pytest.mark.e2e
 CT, RAD, EVE = "ct@example.test", "rad@example.test", "eve@example.test"
 
 
-def run(*args: str, stdin: str | None = None, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "relay", *args], input=stdin, capture_output=True,
-                       text=True, timeout=timeout, check=False)
-    if check and r.returncode != 0:
-        raise AssertionError(f"relay {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
-    return r
-
-
 @dataclass
 class Net:
     tmp: Path
@@ -116,7 +108,17 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]
 
 
 def gw(cmd: str, cfg: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run("gateway", cmd, "--config", str(cfg), *args, check=check)
+    """`relay gateway CMD --config CFG ARGS` in-process (the command's own code; the console
+    script itself runs as a subprocess in the IDLE and PACS tests)."""
+    from relay.cli import main
+    argv = ["gateway", cmd, "--config", str(cfg), *args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    r = subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+    if check and rc != 0:
+        raise AssertionError(f"relay {' '.join(argv)} -> {rc}\n{r.stdout}\n{r.stderr}")
+    return r
 
 
 def files_by_sop(folder: Path) -> dict[str, bytes]:
@@ -299,7 +301,7 @@ def test_storescu_to_storescp_through_two_gateways(net: Net) -> None:
         subprocess.run([STORESCU, "-aec", "RELAYGW", "127.0.0.1", str(scp_port), *map(str, files)],
                        check=True, capture_output=True, timeout=60)
         maildir = net.relay.data_dir / "mail" / "example.test" / "rad" / "new"
-        wait_for(lambda: any(maildir.iterdir()), 30)
+        wait_for(lambda: any(b"multipart/encrypted" in p.read_bytes()[:3000] for p in maildir.iterdir()), 30)
         r = gw("receive", rad, "--once")
         assert "imported 1 study" in r.stdout, (r.stdout, listener.terminate(), listener.communicate())
         wait_for(lambda: len(list((net.tmp / "pacs-out").iterdir())) == 3, 30)
