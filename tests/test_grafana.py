@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import re
 
 import yaml
 from opsutil import (
@@ -39,6 +40,17 @@ def test_dashboard_rows_and_panels() -> None:
             assert p["datasource"]["uid"] == "prometheus"
             g = p["gridPos"]
             assert g["x"] + g["w"] <= 24
+
+
+def test_every_query_follows_the_relay_selector() -> None:
+    d = json.loads(DASHBOARD.read_text())
+    (var,) = d["templating"]["list"]
+    assert var["name"] == "instance"
+    for p in d["panels"]:
+        for t in p.get("targets", []):
+            for selector in re.findall(r"\b(?:relay_[a-z0-9_]+|up)\{([^}]*)\}", t["expr"]):
+                assert 'instance=~"$instance"' in selector, (p["title"], t["expr"])
+            assert not re.search(r"\brelay_[a-z0-9_]+\b(?!\{)", t["expr"]), (p["title"], t["expr"])
 
 
 def test_dashboard_uses_only_documented_metrics() -> None:
