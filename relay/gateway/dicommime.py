@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 
 import pydicom
@@ -147,9 +148,7 @@ def extract_study(mime_path: Path, out_dir: Path) -> list[ExtractedFile]:
         else:
             raise NotDicom(f"content is {head.get_content_type()}, not DICOM")
 
-        def one(headers: object, chunks: Iterable[bytes], n: int) -> None:
-            h = headers
-            assert hasattr(h, "get_content_type")
+        def one(h: Message, chunks: Iterable[bytes], n: int) -> None:
             if h.get_content_type() != "application/dicom":
                 raise NotDicom(f"part {n} is {h.get_content_type()}, not application/dicom")
             cte = (h.get("content-transfer-encoding") or "7bit").strip().lower()

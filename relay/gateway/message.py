@@ -299,7 +299,7 @@ def parse_mdn(msg_path: Path, ring: Keyring | None = None) -> Mdn | None:
                 return None
             if ring is not None:
                 signer = ring.verify_bytes(entity, signature)
-            fp = io.BytesIO(entity)
+            fp = io.BytesIO(entity)  # type: ignore[assignment]
             head, _ = read_headers(fp)
         if head.get_content_type() != "multipart/report" or \
                 (param(head, "report-type") or "").lower() != "disposition-notification":

@@ -22,7 +22,7 @@ from typing import Any
 import pydicom
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from relay.config import parse_hostport
 from relay.gateway.config import GatewayConfig
@@ -86,6 +86,7 @@ class StorageScp:
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_pdu_size = 0
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax, _ALL_TS)
         ae.add_supported_context(Verification)
         self.server = ae.start_server((host, port), block=False,

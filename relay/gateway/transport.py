@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from relay.clients.pop3 import Pop3Client
 from relay.config import parse_hostport
 from relay.gateway.config import GatewayConfig
 
@@ -132,8 +133,8 @@ class Pop3Source:
         self.c = self._connect()
         self._deleted = False
 
-    def _connect(self):  # type: ignore[no-untyped-def]
-        from relay.clients.pop3 import Pop3Client, Pop3Error
+    def _connect(self) -> Pop3Client:
+        from relay.clients.pop3 import Pop3Error
         host, port = parse_hostport(self.cfg.pop3, "pop3")
         try:
             c = Pop3Client(host, port)
