@@ -51,6 +51,7 @@ log = get_logger("imap")
 
 CHUNK = 1024 * 1024               # pread size when sendfile cannot be used
 SENDFILE_MAX = 16 * 1024 * 1024   # one os.sendfile call at most
+INLINE_SCAN = 1024 * 1024         # MIME structure of files up to this size is parsed on the loop
 WAKE_CHUNK = 64 * 1024            # sent through the transport when sendfile finds the socket full
 READ_SIZE = 64 * 1024
 WRITE_HIGH_WATER = 2 * CHUNK      # transport buffer bound before drain() waits
@@ -714,7 +715,10 @@ class ImapSession:
             if any(a.name in _TREE_ITEMS or (a.section is not None and a.section != proto.Section())
                    for a in atts):
                 assert fd is not None                  # a boundary scan may read the whole file:
-                root = await asyncio.to_thread(self._tree, m.name, size, fd, atts)   # not on the loop
+                if size <= INLINE_SCAN:                # not on the loop, unless the file is small
+                    root = self._tree(m.name, size, fd, atts)
+                else:
+                    root = await asyncio.to_thread(self._tree, m.name, size, fd, atts)
             resp = proto.FetchResponse(seq)
             whole = False
             for a in atts:
