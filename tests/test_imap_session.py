@@ -169,3 +169,13 @@ def test_implicit_tls_listener(tls_relay: tuple[Any, ssl.SSLContext]) -> None:
     assert b"STARTTLS" not in m.capability()[1][0].split()
     assert m.login("alice@example.test", "secret")[0] == "OK"
     m.logout()
+
+
+def test_too_many_failed_logins_end_the_session(relay: Any) -> None:
+    c = Raw(relay.imap_port)
+    for i in range(4):
+        assert c.cmd(b"a%d LOGIN nobody@example.test x" % i)[-1].startswith(b"a%d NO [AUTHENTICATIONFAILED]" % i)
+    assert c.cmd(b"b LOGIN nobody@example.test x") == [b"b NO [AUTHENTICATIONFAILED] Authentication failed"]
+    assert c.line() == b"* BYE Too many authentication failures"
+    with pytest.raises(ConnectionError):
+        c.line()

@@ -119,9 +119,12 @@ class _Closed(Exception):
 
 
 class _Bye(Exception):
-    def __init__(self, text: str) -> None:
+    """End the session with "* BYE <text>"; `outcome` is the session log's/registry's word."""
+
+    def __init__(self, text: str, outcome: str = "timeout") -> None:
         super().__init__(text)
         self.text = text
+        self.outcome = outcome
 
 
 def _is_inbox(name: str) -> bool:
@@ -209,7 +212,7 @@ class ImapSession:
         except _Closed:
             pass
         except _Bye as e:
-            outcome = "timeout"
+            outcome = e.outcome
             with contextlib.suppress(Exception):
                 self.write(untagged(f"BYE {e.text}"))
                 await asyncio.wait_for(self.flush(), 5)
@@ -314,7 +317,7 @@ class ImapSession:
             return
         if self.parser.buffered or self.reader._buffer:  # type: ignore[attr-defined]
             self.write(tagged(cmd.tag, "BAD", "Nothing may follow STARTTLS before the handshake"))
-            raise _Bye("Command injection refused")
+            raise _Bye("Command injection refused", "protocol_error")
         self.write(tagged(cmd.tag, "OK", "Begin TLS negotiation now"))
         await self.flush()
         await self.writer.start_tls(self.ssl_ctx)
@@ -333,7 +336,7 @@ class ImapSession:
             log.info("login_failed", sid=self.session.sid if self.session else "", user=user[:100])
             if self.auth_failures >= MAX_AUTH_FAILURES:
                 self.write(tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed"))
-                raise _Bye("Too many authentication failures")
+                raise _Bye("Too many authentication failures", "auth_failures")
             await asyncio.sleep(0.2 * self.auth_failures)
             self.write(tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed"))
             return
