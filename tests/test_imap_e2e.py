@@ -352,3 +352,14 @@ def test_idle_reports_expunge_by_another_session(mail: Any) -> None:
     assert c.cmd(b"DONE", b"c") == [b"c OK IDLE terminated"]
     assert c.cmd(b"d UID SEARCH ALL") == [b"* SEARCH 1 3 4", b"d OK SEARCH completed"]
     m.logout()
+
+
+def test_quota_from_the_ledger(relay: Any) -> None:
+    relay.add_user("carol@example.test", "secret", quota_bytes=10 * 1024 * 1024, quota_messages=5)
+    send(relay, b"Subject: q\r\n\r\n" + b"q" * 3000 + b"\r\n", to="carol@example.test")
+    c = Raw(relay.imap_port)
+    c.cmd(b"a LOGIN carol@example.test secret")
+    assert c.cmd(b"b GETQUOTAROOT INBOX") == [b'* QUOTAROOT INBOX ""', b'* QUOTA "" (STORAGE 4 10240 MESSAGE 1 5)',
+                                             b"b OK GETQUOTAROOT completed"]
+    assert c.cmd(b'c GETQUOTA ""')[0] == b'* QUOTA "" (STORAGE 4 10240 MESSAGE 1 5)'
+    assert c.cmd(b"d GETQUOTAROOT Trash") == [b"d NO [NONEXISTENT] Only INBOX exists"]
