@@ -28,6 +28,7 @@ from relay.protocol.pop3 import DotUnstuffer
 
 CHUNK = 1024 * 1024
 MAX_REPLY_LINE = 64 * 1024        # RFC 2449 4 says 512 octets; be lenient, but bounded
+MAX_LISTING = 64 * 1024 * 1024    # a LIST/UIDL reply: ~25 bytes per message
 
 
 class Pop3Error(Exception):
@@ -51,7 +52,8 @@ class Pop3Client:
         self._ctx = ssl_context
         self.sock: socket.socket = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._buf = b""
+        self._buf = b""                   # received, not yet consumed from self._pos on
+        self._pos = 0
         if implicit_tls:
             self._wrap()
         self.greeting = self._ok()
@@ -72,13 +74,14 @@ class Pop3Client:
 
     def _line(self) -> str:
         while True:
-            i = self._buf.find(b"\n")
-            if i >= 0:
-                line, self._buf = self._buf[:i + 1], self._buf[i + 1:]
+            i = self._buf.find(b"\n", self._pos)
+            if i >= 0:              # advance an index: no copy of the rest per line
+                line, self._pos = self._buf[self._pos:i + 1], i + 1
                 return line.rstrip(b"\r\n").decode("utf-8", "replace")
-            if len(self._buf) > MAX_REPLY_LINE:
+            if len(self._buf) - self._pos > MAX_REPLY_LINE:
                 raise ConnectionError("POP3 reply line too long")
-            self._buf += self._recv()
+            self._buf = self._buf[self._pos:] + self._recv()
+            self._pos = 0
 
     def _ok(self) -> str:
         line = self._line()
@@ -95,12 +98,26 @@ class Pop3Client:
         return self._ok()
 
     def _multiline(self) -> list[str]:
-        lines: builtins.list[str] = []
+        """The lines of a multi-line reply (LIST, UIDL, CAPA), unstuffed: the whole block up
+        to the terminating "." line is found first, then split at once."""
+        scanned = self._pos
         while True:
-            line = self._line()
-            if line == ".":
-                return lines
-            lines.append(line.removeprefix("."))
+            if self._buf.startswith(b".\r\n", self._pos):
+                end = self._pos
+                break
+            i = self._buf.find(b"\r\n.\r\n", scanned)
+            if i >= 0:
+                end = i + 2
+                break
+            if len(self._buf) - self._pos > MAX_LISTING:
+                raise ConnectionError("POP3 multi-line reply too long")
+            scanned = max(self._pos, len(self._buf) - 4)
+            self._buf = self._buf[self._pos:] + self._recv()
+            scanned -= self._pos
+            self._pos = 0
+        block, self._pos = self._buf[self._pos:end], end + 3
+        lines = block.decode("utf-8", "replace").split("\r\n")[:-1]
+        return [line.removeprefix(".") for line in lines]
 
     # --- commands ------------------------------------------------------------------------
     def capa(self) -> dict[str, list[str]]:
@@ -118,7 +135,7 @@ class Pop3Client:
 
     def stls(self) -> None:
         self.command("STLS")
-        if self._buf:
+        if len(self._buf) > self._pos:
             raise ConnectionError("POP3 server sent data after the STLS reply")
         self._wrap()
         self._capa = None
@@ -206,7 +223,7 @@ class Pop3Client:
         self.command(cmd)
         u = DotUnstuffer()
         written = 0
-        data, self._buf = self._buf, b""
+        data, self._buf, self._pos = self._buf[self._pos:], b"", 0
         while True:
             pieces = u.feed(data) if data else []
             if pieces:
