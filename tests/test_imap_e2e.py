@@ -363,3 +363,16 @@ def test_quota_from_the_ledger(relay: Any) -> None:
                                              b"b OK GETQUOTAROOT completed"]
     assert c.cmd(b'c GETQUOTA ""')[0] == b'* QUOTA "" (STORAGE 4 10240 MESSAGE 1 5)'
     assert c.cmd(b"d GETQUOTAROOT Trash") == [b"d NO [NONEXISTENT] Only INBOX exists"]
+
+
+def test_statistics_count_whole_fetches(mail: Any, tmp_path: Path) -> None:
+    size = file_of(mail, 3).stat().st_size
+    with ImapClient("127.0.0.1", mail.imap_port) as c:
+        c.login(ALICE, "secret")
+        c.select()
+        c.fetch_to_file(3, tmp_path / "m", chunk=7000)          # partial ranges; the last one completes
+        c.command(b"UID FETCH 1 (BODY.PEEK[HEADER])")            # not a whole message
+    st = mail.call(lambda r: r.imap_stats.statistics())
+    assert st.messages_fetched == 1 and st.fetched_bytes >= size
+    assert st.logins == 1 and st.login_failures == 0
+    assert sum(st.fetch_duration.counts) == 1
