@@ -113,3 +113,68 @@ def test_congested_recipient_slows_the_sender(relay_factory: Any) -> None:
     # every byte to slow@ was paced (and part of the first message), none to other@
     assert 0.9 * n * size / floor <= st.paced_seconds <= 1.1 * (n * size + 100 * KiB) / floor
     assert len(stored(r, "slow@example.test")) == n + 1
+
+
+def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> None:
+    """A sender as fast as loopback allows, a receiver draining 512 KiB/s through IMAP: the
+    sender is slowed (paced), then deferred at the quota (452 4.2.2, it retries), and every
+    message arrives exactly once."""
+    import threading
+
+    from relay.clients.imap import ImapClient
+    from relay.clients.smtp import SmtpClient, SmtpError
+
+    quota, msg, drain = 1024 * KiB, 64 * KiB, 512 * KiB
+    r = relay_factory(quota={"default_bytes": quota},
+                      backpressure={"soft_backlog": "25%", "pace_floor": "1MiB", "drain_halflife": 2})
+    r.add_user("practice@example.test", "pw")
+    sent: list[int] = []
+    received: list[int] = []
+    deferrals: list[str] = []
+    peak = [0]
+    sending = threading.Event()
+    sending.set()
+
+    def receive() -> None:
+        with ImapClient("127.0.0.1", r.imap_port, timeout=30) as c:
+            c.login("practice@example.test", "pw")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                c.select()
+                uids = c.uid_search("ALL")
+                if not uids and not sending.is_set():
+                    return
+                for uid in uids[:1]:
+                    t0 = time.monotonic()
+                    path = tmp_path / "fetched"
+                    n = c.fetch_to_file(uid, path)
+                    received.append(int(path.read_bytes().split(b"X-Seq: ", 1)[1].split(b"\r\n", 1)[0]))
+                    c.delete([uid])
+                    time.sleep(max(0.0, n / drain - (time.monotonic() - t0)))
+                if not uids:
+                    time.sleep(0.05)
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    with SmtpClient("127.0.0.1", r.smtp_port, timeout=60) as c:
+        seq, t_end = 0, time.monotonic() + 4.0
+        while time.monotonic() < t_end:
+            seq += 1
+            m = b"Subject: s\r\nX-Seq: %d\r\n\r\n" % seq + body(msg)
+            try:
+                c.send("ct@hospital.test", ["practice@example.test"], m)
+                sent.append(seq)
+            except SmtpError as e:
+                assert e.temporary, e
+                deferrals.append(f"{e.reply.code} {e.reply.enhanced}")
+                time.sleep(0.2)                               # the MTA retries later
+            peak[0] = max(peak[0], r.call(lambda relay: relay.store.usage("practice@example.test").bytes))
+    sending.clear()
+    receiver.join(60)
+    assert not receiver.is_alive()
+    st = r.call(lambda relay: relay.policy.statistics())
+    assert st.paced_seconds > 0.5                             # slowed ...
+    assert deferrals and set(deferrals) == {"452 4.2.2"}      # ... then deferred at the quota
+    assert peak[0] <= quota
+    assert sorted(received) == sent and len(set(received)) == len(received) > 10   # exactly once
+    assert r.call(lambda relay: relay.store.usage("practice@example.test").messages) == 0

@@ -236,3 +236,22 @@ def test_drain_estimate_of_a_steady_receiver(tmp_path: Path) -> None:
         assert estimates[t] == pytest.approx(true_rate, rel=0.2), (t, estimates[t])
     clock.t += 30.0
     assert bp.statistics().drain_rate["slow@example.test"] == pytest.approx(estimates[120] / 2, rel=0.05)
+
+
+def test_short_gaps_between_messages_are_made_up(tmp_path: Path) -> None:
+    """Round trips and the commit between two messages (here 0.3 s) do not lower the average
+    rate below the pace; longer idle times are not saved up beyond one second."""
+    store, bp, clock, _ = make(tmp_path)
+    deliver(store, ["slow@example.test"], 300 * KiB)
+    start, sent = clock.t, 0
+    for _ in range(10):
+        p = bp.pacer(["slow@example.test"])
+        for _ in range(8):
+            clock.t += p.on_data(16 * KiB)
+            sent += 16 * KiB
+        p.close()
+        clock.t += 0.3
+    assert sent / (clock.t - start) == pytest.approx(64 * KiB, rel=0.05)
+    clock.t += 100.0                                       # a long pause: at most 1 s of credit
+    p = bp.pacer(["slow@example.test"])
+    assert p.on_data(64 * KiB) == 0 and p.on_data(64 * KiB) == pytest.approx(1.0)

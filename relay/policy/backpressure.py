@@ -21,7 +21,9 @@ A recipient whose backlog passes its soft backlog is congested (it leaves conges
 scheduled on that recipient's own timeline at pace = max(pace_floor, pace_factor x drain rate):
 every pacer that feeds it shares the timeline, so the sum of its senders is paced, not each of
 them. A message for several recipients waits for the latest of its congested recipients'
-timelines: the most congested one sets its pace.
+timelines: the most congested one sets its pace. Idle time of up to BURST_SECONDS on a
+timeline (round trips and the commit between two messages) is credited, so that the average
+rate over many messages is the pace rather than the pace minus the protocol's gaps.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ R_DISK_LOW = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 REFRESH_SECONDS = 1.0      # re-read a recipient's ledger at most this often (CLI, reconcile)
 LEAVE_FRACTION = 0.9       # hysteresis: congestion ends below 90% of the soft backlog
 WARMUP_MIN = 0.5           # warm-up correction of the drain estimate: at most x2
+BURST_SECONDS = 1.0        # idle time on a recipient's timeline that a sender may make up
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,9 @@ class Pacer:
             r.inflight += nbytes
             p._refresh(r, now)
             if r.congested:
-                r.next_free = max(r.next_free, now) + nbytes / p.pace(r, now)
+                # gaps shorter than BURST_SECONDS (round trips, the commit's fsync between two
+                # messages) are made up, so the average rate is the pace, not less
+                r.next_free = max(r.next_free, now - BURST_SECONDS) + nbytes / p.pace(r, now)
                 delay = max(delay, r.next_free - now)
         self.paced += delay
         p._paced_seconds += delay
