@@ -376,3 +376,24 @@ def test_statistics_count_whole_fetches(mail: Any, tmp_path: Path) -> None:
     assert st.messages_fetched == 1 and st.fetched_bytes >= size
     assert st.logins == 1 and st.login_failures == 0
     assert sum(st.fetch_duration.counts) == 1
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(relay_factory: Any) -> None:
+    r = relay_factory(imap={"idle_timeout": 1})
+    r.add_user(ALICE, "secret")
+    send(r, b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 20000)
+    c = Raw(r.imap_port)
+    c.cmd(b"a LOGIN alice@example.test secret")
+    c.cmd(b"b SELECT INBOX")
+    c.send(b"c FETCH 1 (BODY.PEEK[])\r\n")
+    time.sleep(2.5)                              # the reader stalls longer than the timeout
+    got = len(c.buf)
+    try:
+        while data := c.sock.recv(1 << 20):
+            got += len(data)
+    except ConnectionResetError:
+        pass
+    assert got < 20_000_000                      # the server gave up and closed
+    m = login(r)                                 # and it serves others as before
+    assert m.select()[1] == [b"1"]
+    m.logout()

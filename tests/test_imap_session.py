@@ -179,3 +179,13 @@ def test_too_many_failed_logins_end_the_session(relay: Any) -> None:
     assert c.line() == b"* BYE Too many authentication failures"
     with pytest.raises(ConnectionError):
         c.line()
+
+
+def test_shutdown_says_bye_to_idle_sessions(relay_factory: Any) -> None:
+    r = relay_factory()
+    c = Raw(r.imap_port)
+    assert c.cmd(b"a NOOP") == [b"a OK NOOP completed"]
+    r.stop()                                      # grace (2 s) passes, then sessions are closed
+    assert c.line() == b"* BYE Server shutting down"
+    with pytest.raises(ConnectionError):
+        c.line()

@@ -172,7 +172,12 @@ class ImapSession:
         self.writer.write(data)
 
     async def flush(self) -> None:
-        await self.writer.drain()
+        """drain(), but a client that stops reading for idle_timeout is dropped (bounded
+        memory either way: nothing more is produced while the buffer is full)."""
+        if self.writer.transport.get_write_buffer_size():
+            await asyncio.wait_for(self.writer.drain(), self.config.imap.idle_timeout)
+        else:
+            await self.writer.drain()
 
     async def read_more(self) -> None:
         """Feed the parser the next bytes from the client (autologout on idle_timeout)."""
@@ -860,9 +865,9 @@ class ImapSession:
             offset += len(data)
             count -= len(data)
             if sockfd >= 0:
-                await self._wait_flushed()
+                await asyncio.wait_for(self._wait_flushed(), self.config.imap.idle_timeout)
             else:
-                await self.writer.drain()
+                await self.flush()
 
     async def _wait_flushed(self) -> None:
         """Wait until the transport has sent everything (then os.sendfile may go on): with a
