@@ -181,13 +181,21 @@ def main() -> int:
         dicommime.write_study(insts, base / "entity")
         ring = Keyring(base / "rawgpg", base / "ct" / "gateway.sec.asc")
         rad_fpr = ring.import_public((base / f"{RAD}.pub").read_text())[0]
+        gpg = ["gpg", "--homedir", str(ring.home), "--batch", "--yes", "--trust-model", "always",
+               "--compress-level", "0"]           # as the gateway's default compress_level
         t = time.monotonic()
-        subprocess.run(["gpg", "--homedir", str(ring.home), "--batch", "--yes", "--trust-model", "always",
-                        "--armor", "--sign", "--encrypt", "-r", rad_fpr, "-o", str(base / "raw.asc"),
+        subprocess.run([*gpg, "--armor", "--sign", "--encrypt", "-r", rad_fpr, "-o", str(base / "raw.asc"),
                         str(base / "entity")], check=True, capture_output=True)
         raw_gpg_enc = dicom_bytes / MB / (time.monotonic() - t)
         ring.close()
-        for p in (base / "entity", base / "raw.asc"):
+        rad_ring = Keyring(base / "rawgpg-rad", base / "rad" / "gateway.sec.asc")
+        rad_ring.import_public((base / f"{CT}.pub").read_text())
+        t = time.monotonic()
+        subprocess.run(["gpg", "--homedir", str(rad_ring.home), "--batch", "--yes", "-o", str(base / "raw.out"),
+                        "--decrypt", str(base / "raw.asc")], check=True, capture_output=True)
+        raw_gpg_dec = dicom_bytes / MB / (time.monotonic() - t)
+        rad_ring.close()
+        for p in (base / "entity", base / "raw.asc", base / "raw.out"):
             p.unlink()
 
         # --- the path ------------------------------------------------------------------------
@@ -216,7 +224,7 @@ def main() -> int:
             ("send (SMTP)", s_send.get("send", 0), raw_net, "loopback"),
             ("fetch (IMAP partial FETCH)", s_recv.get("fetch", 0), raw_net, "loopback"),
             ("reassemble (message/partial)", s_recv.get("reassemble", 0), raw_disk, "disk copy"),
-            ("decrypt (gpg decrypt+verify)", s_recv.get("decrypt", 0), raw_gpg_enc, "gpg CLI enc"),
+            ("decrypt (gpg decrypt+verify)", s_recv.get("decrypt", 0), raw_gpg_dec, "gpg CLI"),
             ("import (decode, DICOM check, fsync)", s_recv.get("import", 0), raw_disk, "disk copy"),
         ]
         print(f"\n{'stage':<38} {'s':>7} {'MB/s':>8} {'raw MB/s':>9}  ratio  (raw)")
