@@ -279,9 +279,27 @@ def test_directory_fetched_by_email(net: Net) -> None:
     assert "(was -1), 3 participants" in r.stdout
     doc = (rad.parent / "state" / "directory.json").read_bytes()
     assert b"ct@example.test" in doc
-    # an older (or tampered) document is refused
-    r = gw("directory", rad, "--file", str(net.tmp / "dir" / "directory.json"))
-    assert r.returncode == 0
+    t = time.monotonic()
+    r = gw("directory", rad, "--wait", "30")         # GET SINCE 3 -> "unchanged"
+    assert "directory serial 3 (was 3)" in r.stdout and time.monotonic() - t < 20
+    # a tampered document is refused
+    old = net.tmp / "dir" / "directory.json"
+    bad = net.tmp / "bad" / "directory.json"
+    bad.parent.mkdir()
+    bad.write_bytes(old.read_bytes().replace(b"rad@example.test", b"rad@example.tesu"))
+    (bad.parent / "directory.json.asc").write_bytes((old.parent / "directory.json.asc").read_bytes())
+    r = gw("directory", rad, "--file", str(bad), check=False)
+    assert r.returncode == 1 and "refused" in r.stderr
+    # a newer one is adopted, and then the older one (a replay) is refused
+    (net.tmp / "dir-old").mkdir()
+    for name in ("directory.json", "directory.json.asc"):
+        (net.tmp / "dir-old" / name).write_bytes((old.parent / name).read_bytes())
+    relay_cli("participant", "update", EVE, "--name", "Eve's new name", "--config", str(net.relay_toml))
+    net.export_directory()
+    r = gw("directory", rad, "--file", str(old))
+    assert "directory serial 4 (was 3)" in r.stdout
+    r = gw("directory", rad, "--file", str(net.tmp / "dir-old" / "directory.json"), check=False)
+    assert r.returncode == 1 and "older" in r.stderr
 
 
 def test_storescu_to_storescp_through_two_gateways(net: Net) -> None:

@@ -129,13 +129,18 @@ def _status(args: argparse.Namespace) -> int:
 
 def _directory(args: argparse.Namespace) -> int:
     from relay.gateway import transport
+    from relay.gateway.peers import DirectoryError
 
     with _gateway(args) as gw:
         before = gw.directory.serial
         if args.file:
             data = Path(args.file).read_bytes()
             sig = Path(args.file + ".asc").read_bytes()
-            gw.directory.accept(data, sig)
+            try:
+                gw.directory.accept(data, sig)
+            except DirectoryError as e:
+                print(f"relay gateway directory: refused: {e}", file=sys.stderr)
+                return 1
         else:
             cmd = f"GET SINCE {before}" if before >= 0 else "GET"
             raw = (f"From: {gw.cfg.address}\r\nTo: {gw.cfg.directory_mailbox}\r\nSubject: GET\r\n"
@@ -145,9 +150,9 @@ def _directory(args: argparse.Namespace) -> int:
             rc = _receiver(gw, pacs=False)
             try:
                 deadline = time.monotonic() + args.wait
-                while rc.summary.directory_updates == 0 and time.monotonic() < deadline:
+                while rc.summary.directory_replies == 0 and time.monotonic() < deadline:
                     rc.run_once()
-                    if rc.summary.directory_updates == 0:
+                    if rc.summary.directory_replies == 0:
                         time.sleep(0.2)
             finally:
                 rc.source.close()

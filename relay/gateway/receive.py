@@ -46,6 +46,7 @@ class Summary:
     mdns: int = 0
     parts_held: int = 0
     directory_updates: int = 0
+    directory_replies: int = 0
     bytes_fetched: int = 0
     seconds: dict[str, float] = field(default_factory=dict)   # fetch, decrypt, import
 
@@ -161,7 +162,11 @@ class Receiver:
             self.take_mdn(mdn, sender)
             self.finish([key], [path])
             return
-        if sender == self.cfg.directory_mailbox.lower() and self.take_directory(path):
+        if sender == self.cfg.directory_mailbox.lower():
+            # a service reply (signed document, "unchanged", a key): never a study
+            self.summary.directory_replies += 1
+            if not self.take_directory(path):
+                log.info("directory_reply", subject=head.get("Subject", ""))
             self.finish([key], [path])
             return
         self.process(path, [key], [path])
@@ -279,14 +284,18 @@ class Receiver:
             remove_tree(work)
         self.gw.state.add_received(mid, study_uid, sender, count)
         self.finish(keys, files)
+        self.summary.imported.append(study_uid)
+        log.info("study_imported", study=study_uid, sender=sender, files=count, message_id=mid)
         if head.get("Disposition-Notification-To") and mid:
             mdn = message.build_mdn(self.cfg.address, sender, mid,
                                     f"{count} DICOM objects of one study were verified and imported.",
                                     self.gw.ring)
-            with transport.smtp_session(self.cfg) as smtp:
-                smtp.send(self.cfg.address, sender, [mdn], size=len(mdn))
-        self.summary.imported.append(study_uid)
-        log.info("study_imported", study=study_uid, sender=sender, files=count, message_id=mid)
+            try:
+                with transport.smtp_session(self.cfg) as smtp:
+                    smtp.send(self.cfg.address, sender, [mdn], size=len(mdn))
+            except transport.TransportError as e:
+                # the study is imported either way; the sender's status keeps it unconfirmed
+                log.error("mdn_send_failed", message_id=mid, to=sender, error=str(e))
 
     def verify_and_import(self, path: Path, head: object, sender: str, work: Path) -> tuple[str, int]:
         peer = self.gw.directory.peer(sender)
