@@ -14,7 +14,7 @@ from loadgen.report import fmt_bytes as _fmt_bytes
 def cmd_model(args: argparse.Namespace) -> int:
     from loadgen import model
 
-    profile = load_profile(args.profile).scaled(args.participants_scale)
+    profile = load_profile(args.profile, args.pgp_share).scaled(args.participants_scale)
     m = model.build(profile, args.seed)
     s = m.summary()
     if args.json:
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None, help="override the profile's seed")
         p.add_argument("--participants-scale", type=_positive, default=1.0, metavar="X",
                        help="X times the participants of every group, volume in proportion (default 1)")
+        p.add_argument("--pgp-share", type=float, default=None, metavar="X",
+                       help="override the profile's [messages] pgp_share: this share (0..1) of the "
+                            "studies goes PGP/MIME-encrypted")
 
     pm = sub.add_parser("model", help="print the profile's traffic model; sends nothing")
     common(pm)
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--period", choices=("month", "week", "day", "hour"), default="month",
                     help="the whole month, or its busiest week, day or hour (default month)")
     pr.add_argument("--speedup", type=_positive, default=None, metavar="X",
-                    help="simulated seconds per wall second (default: the period in 10 minutes)")
+                    help="simulated seconds per wall second (default: the period in 9.5 minutes, so that "
+                         "with the drain a run takes about 10)")
     pr.add_argument("--scale", type=_positive, default=1.0, metavar="X",
                     help="byte scale: every message is X times its modelled size (default 1.0)")
     pr.add_argument("--report", default=None, metavar="DIR",

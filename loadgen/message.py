@@ -17,8 +17,10 @@ boundaries; each piece is a message with its own id and digest.
 from __future__ import annotations
 
 import base64
+import math
 import os
 import random
+import shutil
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -170,6 +172,79 @@ class Pool:
         return out or [self.parts[0]]
 
 
+class PgpPool:
+    """Pre-encrypted PGP/MIME payloads (RFC 3156): for each size step (x2, 4 KiB .. 256 MiB)
+    one multipart/mixed entity with one DICOM part, signed and encrypted by gpg (the gateway's
+    streaming Keyring) to a key made for the run, armored, with CRLF line ends. A PGP/MIME
+    message takes the step nearest its size; receivers check its digest, not its plaintext."""
+
+    MAX = BASE * 2 ** 16                           # 256 MiB
+
+    def __init__(self, parts: list[Part], home: Path) -> None:
+        self.parts = parts
+        self.home = home
+
+    @classmethod
+    def build(cls, directory: Path, largest_message: int, seed: int = 1) -> PgpPool:
+        from relay.gateway.pgp import Keyring, generate_key
+
+        directory.mkdir(parents=True, exist_ok=True)
+        sec, _ = generate_key(directory / "keygen", "loadgen <loadgen@loadgen.invalid>")
+        (directory / "key.asc").write_text(sec)
+        ring = Keyring(directory / "gnupg", secret_key=directory / "key.asc")
+        rng = random.Random(seed + 1)
+        parts = []
+        try:
+            size = BASE
+            while True:
+                dicom = _dicom_object(max(512, (size - 1200) * 57 // 78 * 3 // 4), rng, len(parts) + 1)
+                plain = _write_part(directory / "part.mime", dicom, f"IM{len(parts) + 1:06d}")
+                inner = directory / "inner.mime"
+                with open(inner, "wb") as o, open(plain.path, "rb") as i:
+                    o.write(f"Content-Type: multipart/mixed; boundary=\"{BOUNDARY}\"\r\n\r\n"
+                            f"--{BOUNDARY}\r\n".encode())
+                    shutil.copyfileobj(i, o, READ)
+                    o.write(f"--{BOUNDARY}--\r\n".encode())
+                ring.encrypt_sign(inner, directory / "armor.asc", ring.fingerprint)
+                parts.append(_crlf_copy(directory / "armor.asc", directory / f"pgp{len(parts)}.asc"))
+                if size >= min(largest_message, cls.MAX):
+                    break
+                size *= 2
+        finally:
+            ring.close()
+            for f in ("part.mime", "inner.mime", "armor.asc"):
+                (directory / f).unlink(missing_ok=True)
+        return cls(parts, directory / "gnupg")
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.size for p in self.parts)
+
+    def nearest(self, target: int) -> Part:
+        return min(self.parts, key=lambda p: abs(math.log(p.size / max(1, target))))
+
+
+def _crlf_copy(src: Path, dst: Path) -> Part:
+    """gpg's armor (LF lines) as CRLF lines, with its CRC-32."""
+    crc, size = 0, 0
+    with open(src, "rb") as i, open(dst, "wb") as o:
+        while chunk := i.read(READ):
+            out = chunk.replace(b"\n", b"\r\n")          # armor has no CR of its own
+            o.write(out)
+            crc, size = zlib.crc32(out, crc), size + len(out)
+    return Part(dst, size, crc)
+
+
+PGP_BOUNDARY = "loadgen-pgp-boundary-3c9a"
+_PGP_HEAD = (f"This is an OpenPGP/MIME encrypted message (RFC 3156).\r\n--{PGP_BOUNDARY}\r\n"
+             "Content-Type: application/pgp-encrypted\r\n"
+             "Content-Description: PGP/MIME version identification\r\n\r\nVersion: 1\r\n\r\n"
+             f"--{PGP_BOUNDARY}\r\n"
+             "Content-Type: application/octet-stream; name=\"encrypted.asc\"\r\n"
+             "Content-Disposition: inline; filename=\"encrypted.asc\"\r\n\r\n").encode()
+_PGP_TAIL = f"--{PGP_BOUNDARY}--\r\n".encode()
+
+
 # --- messages ------------------------------------------------------------------------------
 
 Segment = bytes | Part
@@ -220,11 +295,23 @@ def digest_header(crc: int, size: int) -> str:
 
 
 def build_study(run_id: str, study: int, sender: str, recipient: str, modality: str,
-                target: int, pieces: int, pool: Pool, sim_time: float = 0.0) -> list[Message]:
+                target: int, pieces: int, pool: Pool, sim_time: float = 0.0,
+                pgp: PgpPool | None = None) -> list[Message]:
     """The messages carrying one study of about `target` e-mail bytes: one multipart/mixed
-    message, or `pieces` message/partial pieces of it."""
-    parts = pool.compose(target)
+    message, or `pieces` message/partial pieces of it; with `pgp`, one PGP/MIME message."""
     date = formatdate(sim_time + 1_767_571_200, usegmt=True)   # simulated time from Mon 2026-01-05
+    if pgp is not None:
+        segs: list[Segment] = [_PGP_HEAD, pgp.nearest(target), _PGP_TAIL]
+        crc, size = _digest(segs)
+        mid = f"{run_id}.{study}.1"
+        head = [f"From: <{sender}>", f"To: <{recipient}>", f"Date: {date}",
+                f"Message-ID: <{mid}@loadgen.invalid>", "Subject: DICOM", "MIME-Version: 1.0",
+                (f"Content-Type: multipart/encrypted; protocol=\"application/pgp-encrypted\"; "
+                f"boundary=\"{PGP_BOUNDARY}\""),
+                f"X-Loadgen-Id: {mid}", f"X-Loadgen-Digest: {digest_header(crc, size)}"]
+        header = ("\r\n".join(head) + "\r\n\r\n").encode()
+        return [Message(mid, sender, recipient, header, segs, size, crc, study)]
+    parts = pool.compose(target)
     inner_id = f"<{run_id}.{study}@loadgen.invalid>"
     subject = f"DICOM study {study} ({modality}, {len(parts)} objects)"
     mime = (f"MIME-Version: 1.0\r\n"

@@ -23,6 +23,7 @@ MONTH_DAYS = 30
 MONTH = MONTH_DAYS * DAY
 PERIODS = {"month": MONTH, "week": 7 * DAY, "day": DAY, "hour": 3600}
 WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+PGP_MAX = 256 * 1024**2      # larger studies go in clear: the pre-encrypted pool stops here
 
 
 def email_size(dicom_bytes: int) -> int:
@@ -47,6 +48,7 @@ class Study:
     dicom_bytes: int
     email_bytes: int         # the whole study as e-mail
     pieces: int              # 1, or the number of message/partial pieces
+    pgp: bool = False        # sent PGP/MIME-encrypted (studies up to PGP_MAX only)
 
 
 @dataclass
@@ -120,6 +122,8 @@ class Model:
             "bytes_per_month": total,
             "studies_per_month": len(self.studies),
             "messages_per_month": sum(s.pieces for s in self.studies),
+            "pgp_share": p.pgp_share,
+            "pgp_studies_per_month": sum(1 for s in self.studies if s.pgp),
             "largest_study_bytes": max((s.email_bytes for s in self.studies), default=0),
             "by_modality": by_mod,
             "bytes_by_hour_of_day": by_hour,
@@ -173,7 +177,9 @@ def build(profile: Profile, seed: int | None = None) -> Model:
         drawn.append((t, sender.address, rcpt.address, mod.name, dicom, size))
         total += size
     drawn.sort()
-    studies = [Study(n, t, s, r, m, d, e, pieces(p, e)) for n, (t, s, r, m, d, e) in enumerate(drawn)]
+    crypt = random.Random(f"pgp-{p.seed if seed is None else seed}")   # apart: pgp_share changes nothing else
+    studies = [Study(n, t, s, r, m, d, e, pieces(p, e), crypt.random() < p.pgp_share and e <= PGP_MAX)
+               for n, (t, s, r, m, d, e) in enumerate(drawn)]
     return Model(p, participants, studies, {x.address: x for x in participants})
 
 

@@ -75,6 +75,7 @@ class Profile:
     partial_above: int       # e-mail bytes: a study larger than this is split (message/partial)
     partial_size: int        # e-mail bytes per message/partial piece
     retry_after: float       # simulated seconds between retries of a deferred message (MTA queue)
+    pgp_share: float         # share of the studies (up to 256 MiB) sent PGP/MIME-encrypted
     modalities: tuple[Modality, ...]
     groups: tuple[Group, ...]
     source: str
@@ -295,6 +296,7 @@ def parse_profile(text: str, source: str = "<profile>") -> Profile:
     retry_after = msgs.get("retry_after", "5m", conv=parse_duration)
     if retry_after <= 0:
         raise msgs.fail("retry_after", "impossible value: must be > 0")
+    pgp_share = msgs.get("pgp_share", 0.0, conv=_number(0, 1))
     msgs.done()
 
     mod_raw = top.get("modality")
@@ -369,7 +371,7 @@ def parse_profile(text: str, source: str = "<profile>") -> Profile:
     if not any(g.sends > 0 for g in groups):
         raise top.fail("participants", "nobody sends anything (every group has sends = 0)")
     return Profile(name, description, domain, volume, seed, weekdays, hours, partial_above,
-                   partial_size, retry_after, tuple(modalities), tuple(groups), source)
+                   partial_size, retry_after, pgp_share, tuple(modalities), tuple(groups), source)
 
 
 def shipped() -> list[str]:
@@ -378,8 +380,19 @@ def shipped() -> list[str]:
                   if p.name.endswith(".toml"))
 
 
-def load_profile(name_or_path: str) -> Profile:
-    """A shipped profile by name (`ruhr-pilot`) or a TOML file by path."""
+def load_profile(name_or_path: str, pgp_share: float | None = None) -> Profile:
+    """A shipped profile by name (`ruhr-pilot`) or a TOML file by path; `pgp_share` overrides
+    the profile's [messages] pgp_share."""
+    p = _load(name_or_path)
+    if pgp_share is None:
+        return p
+    if not 0 <= pgp_share <= 1:
+        raise ProfileError(f"--pgp-share: impossible value {pgp_share!r} (must be within 0 .. 1)")
+    import dataclasses
+    return dataclasses.replace(p, pgp_share=pgp_share)
+
+
+def _load(name_or_path: str) -> Profile:
     p = Path(name_or_path)
     if p.suffix == ".toml" or "/" in name_or_path:
         try:

@@ -31,17 +31,17 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from loadgen import model as modelmod
 from loadgen import report
-from loadgen.message import Message, Pool, Verdict, build_study, verify_file
+from loadgen.message import Message, PgpPool, Pool, Verdict, build_study, verify_file
 from loadgen.profile import Profile, ProfileError, load_profile
 
-MIN_WAIT = 0.05            # seconds: the shortest wall-clock poll interval / retry delay
+MIN_WAIT = 0.5             # seconds: the shortest wall-clock poll interval / retry delay
 IDLE_SLICE = 0.5           # seconds: IMAP IDLE is re-issued this often to check for the end
 
 
@@ -137,10 +137,13 @@ class Endpoints:
 
 
 class OwnRelay:
-    """`relay serve` as a subprocess on a temporary data dir, ports chosen by the kernel; the
-    participants' accounts are created with the store API before it starts."""
+    """`relay serve` as a subprocess on a temporary data dir, ports chosen by the kernel. The
+    participants' accounts are added with the store API while it runs (as `relay user add`
+    would), so our password hashing overlaps the relay's first-login verifications."""
 
-    def __init__(self, data_dir: Path, addresses: list[str]) -> None:
+    def __init__(self, data_dir: Path) -> None:
+        from relay import config as configmod
+
         self.data_dir = data_dir
         self.password = secrets.token_urlsafe(12)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -149,15 +152,7 @@ class OwnRelay:
             f'data_dir = "{data_dir}"\nhostname = "relay.loadgen.test"\ngrace_period = 10\n'
             '[smtp]\nlisten = ["127.0.0.1:0"]\n[imap]\nlisten = ["127.0.0.1:0"]\n'
             '[pop3]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:0"\n')
-        from relay import config as configmod
-        from relay.store import Store
-
-        store = Store.open(configmod.load(cfg_path))
-        try:
-            for a in addresses:
-                store.accounts.add(a, self.password)
-        finally:
-            store.close()
+        self.config = configmod.load(cfg_path)
         self.log = open(data_dir.parent / "relay.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(cfg_path)],
                                      stdout=self.log, stderr=subprocess.STDOUT,
@@ -171,10 +166,20 @@ class OwnRelay:
             time.sleep(0.05)
         bound = json.loads(listeners.read_text())
         self.endpoints = Endpoints(tuple(bound["smtp"][0]), tuple(bound["imap"][0]),  # type: ignore[arg-type]
-                                   tuple(bound["pop3"][0]), dict.fromkeys(addresses, self.password),
+                                   tuple(bound["pop3"][0]), {},
                                    description=f"own relay (pid {self.proc.pid}, {data_dir})")
 
+    def add_account(self, address: str) -> None:
+        from relay.store import Store
+
+        if not hasattr(self, "store"):
+            self.store = Store.open(self.config)
+        self.store.accounts.add(address, self.password)
+        self.endpoints.passwords[address] = self.password
+
     def stop(self) -> None:
+        if hasattr(self, "store"):
+            self.store.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -224,14 +229,17 @@ class Plan:
 def make_plan(profile: Profile, m: modelmod.Model, period: str, speedup: float | None,
               scale: float, pool_dir: Path, run_id: str) -> tuple[Plan, Pool]:
     start, length, studies = m.studies_in(period)
-    speedup = speedup or length / 600.0
+    speedup = speedup or length / 570.0           # the period in 9.5 min, 30 s left to drain
     largest = max((int(s.email_bytes * scale / s.pieces) for s in studies), default=4096)
     pool = Pool.build(pool_dir, largest, m.profile.seed)
+    largest_pgp = max((int(s.email_bytes * scale) for s in studies if s.pgp), default=0)
+    pgp = PgpPool.build(pool_dir / "pgp", largest_pgp, m.profile.seed) if largest_pgp else None
     plan = Plan(profile, m, period, start, length, speedup, scale)
     for s in studies:
         due = (s.t - start) / speedup
         for msg in build_study(run_id, s.n, s.sender, s.recipient, s.modality,
-                               max(1, int(s.email_bytes * scale)), s.pieces, pool, s.t):
+                               max(1, int(s.email_bytes * scale)), s.pieces, pool, s.t,
+                               pgp if s.pgp else None):
             plan.messages.append((due, msg))
     plan.messages.sort(key=lambda x: x[0])
     return plan, pool
@@ -386,11 +394,11 @@ class Run:
             self.stop_all.wait(interval)
 
     # the whole run --------------------------------------------------------------------------
-    def warm_up(self, addresses: list[str]) -> None:
+    def warm_up(self, addresses: list[str], create: Callable[[str], None] | None = None) -> None:
         """Log every participant in once before the clock starts: a server's first login per
         account costs a password-hash verification (argon2 on the relay, ~0.1-0.5 s of CPU),
         which at a month's speed-up would be simulated hours; in a real network these logins
-        are long done."""
+        are long done. `create(address)` first makes the account (our own relay)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from relay.clients.imap import ImapClient
@@ -410,7 +418,13 @@ class Run:
                     c.logout()
 
         with ThreadPoolExecutor(4) as ex:
-            list(ex.map(login, addresses))
+            futures = []
+            for a in addresses:
+                if create is not None:
+                    create(a)
+                futures.append(ex.submit(login, a))
+            for f in futures:
+                f.result()
 
     def execute(self, progress: bool) -> report.RunData:
         per_sender: dict[str, list[tuple[float, int, Message]]] = {}
@@ -494,7 +508,7 @@ class _Progress:
 
 
 def main(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile).scaled(args.participants_scale)
+    profile = load_profile(args.profile, args.pgp_share).scaled(args.participants_scale)
     m = modelmod.build(profile, args.seed)
     _, length, studies = m.studies_in(args.period)
     involved = sorted({a for s in studies for a in (s.sender, s.recipient)})
@@ -515,16 +529,13 @@ def main(args: argparse.Namespace) -> int:
               f"scale {args.scale:g}; pool {report.fmt_bytes(pool.bytes)} in {time.monotonic() - t:.1f} s",
               flush=True)
         if ep is None:
-            t = time.monotonic()
-            own = OwnRelay(work / "relay" / "data", involved)
+            own = OwnRelay(work / "relay" / "data")
             ep = own.endpoints
-            print(f"loadgen: relay started with {len(involved)} accounts ({time.monotonic() - t:.1f} s)",
-                  flush=True)
         run = Run(plan, ep, work, args.drain_timeout)
         t = time.monotonic()
-        run.warm_up(involved)
-        print(f"loadgen: {len(involved)} participants logged in ({time.monotonic() - t:.1f} s); "
-              f"running against {ep.description}", flush=True)
+        run.warm_up(involved, own.add_account if own else None)
+        print(f"loadgen: {len(involved)} participants {'created and ' if own else ''}logged in "
+              f"({time.monotonic() - t:.1f} s); running against {ep.description}", flush=True)
         data = run.execute(not args.no_progress)
     finally:
         if own is not None:
@@ -535,7 +546,8 @@ def main(args: argparse.Namespace) -> int:
                  "scale": args.scale, "seed": profile.seed if args.seed is None else args.seed,
                  "participants": len(m.participants), "server": ep.description, "run_id": run_id,
                  "sim_start": plan.sim_start, "sim_length": length,
-                 "participants_scale": args.participants_scale}
+                 "participants_scale": args.participants_scale,
+                 "pgp_messages": sum(1 for s in studies if s.pgp)}
     fig = report.write(data, report_dir)
     ok = fig["lost"] == fig["duplicated"] == fig["corrupted"] == 0 and fig["complete"]
     print(f"loadgen: {'PASS' if ok else 'FAIL'}: {fig['delivered']}/{fig['planned']} delivered, "

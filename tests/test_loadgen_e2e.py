@@ -93,14 +93,15 @@ def _report(tmp: Path) -> dict[str, Any]:
 
 
 def test_small_run_against_its_own_relay(tmp_path: Path) -> None:
-    r = subprocess.run(_loadgen(tmp_path, "--speedup", "21600"), capture_output=True, text=True,
-                       timeout=100, check=False)
+    r = subprocess.run(_loadgen(tmp_path, "--speedup", "21600", "--pgp-share", "0.5"),
+                       capture_output=True, text=True, timeout=100, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     rep = _report(tmp_path)
     assert rep["lost"] == rep["duplicated"] == rep["corrupted"] == 0
     assert rep["delivered"] == rep["planned"] == rep["accepted"] >= 8
     assert rep["bytes_sent"] > 500_000 and rep["wall_seconds"] < 20
     assert any(rec["id"].endswith(".2") for rec in rep["raw"]["records"])     # message/partial pieces
+    assert rep["meta"]["pgp_messages"] >= 2                                    # PGP/MIME ones too
     receivers = set(rep["per_receiver"])
     assert {"centre@e2e.test", "practice@e2e.test"} <= receivers and len(receivers) >= 3
     md = (tmp_path / "report" / "report.md").read_text()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from loadgen.message import Pool, build_study, crc32_combine, verify_file
+from loadgen.message import PgpPool, Pool, build_study, crc32_combine, verify_file
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,32 @@ def test_big_study_goes_as_message_partial_pieces_that_reassemble(pool: Pool, tm
     assert sum(len(base64.b64decode(p.get_payload())) for p in parts) > 600_000
     sizes = [m.size for m in msgs]
     assert max(sizes) < 2 * min(sizes)                 # pieces are balanced by bytes
+
+
+def test_pgp_mime_message_from_the_pre_encrypted_pool(tmp_path: Path) -> None:
+    from relay.gateway.pgp import Keyring
+
+    pgp = PgpPool.build(tmp_path / "pgp", 40_000)
+    assert [p.size for p in pgp.parts][-1] >= 30_000 and len(pgp.parts) == 5       # 4 KiB x 2^k
+    (msg,) = build_study("run3", 1, "a@x.test", "b@x.test", "CT", 33_000, 1, Pool(tmp_path, []), pgp=pgp)
+    assert 0.7 < msg.size / 33_000 < 1.45
+    path = _write(tmp_path / "m.eml", msg)
+    assert verify_file(path).ok
+    outer = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    assert outer.get_content_type() == "multipart/encrypted"
+    assert outer.get_param("protocol") == "application/pgp-encrypted"
+    version, data = outer.get_payload()
+    assert version.get_content_type() == "application/pgp-encrypted" and "Version: 1" in version.get_payload()
+    armor = data.get_payload(decode=True)
+    assert armor.startswith(b"-----BEGIN PGP MESSAGE-----")
+    (tmp_path / "c.asc").write_bytes(armor)
+    ring = Keyring(tmp_path / "ring", secret_key=tmp_path / "pgp" / "key.asc")
+    try:
+        v = ring.decrypt_verify(tmp_path / "c.asc", tmp_path / "plain.mime")
+    finally:
+        ring.close()
+    assert v.decrypted and v.good
+    inner = email.message_from_bytes((tmp_path / "plain.mime").read_bytes(), policy=email.policy.default)
+    (part,) = list(inner.iter_attachments())
+    (tmp_path / "x.dcm").write_bytes(part.get_content())
+    assert pydicom.dcmread(tmp_path / "x.dcm").PatientName == "LOADGEN^SYNTHETIC"

@@ -189,3 +189,18 @@ def test_cli_reports_profile_errors_before_anything_is_sent(tmp_path) -> None:  
     r = subprocess.run([sys.executable, "-m", "loadgen.cli", "model", "--profile", "no-such"],
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and "ruhr-pilot" in r.stderr
+
+
+def test_pgp_share_marks_studies_and_changes_nothing_else() -> None:
+    plain = model.build(load_profile("ruhr-pilot"))
+    crypt = model.build(load_profile("ruhr-pilot", pgp_share=0.3))
+    assert not any(s.pgp for s in plain.studies)
+    assert [(s.t, s.email_bytes, s.recipient) for s in plain.studies] == \
+        [(s.t, s.email_bytes, s.recipient) for s in crypt.studies]
+    small = [s for s in crypt.studies if s.email_bytes <= model.PGP_MAX]
+    assert 0.2 < sum(s.pgp for s in small) / len(small) < 0.4
+    assert not any(s.pgp for s in crypt.studies if s.email_bytes > model.PGP_MAX)
+    with pytest.raises(ProfileError, match="pgp-share"):
+        load_profile("ruhr-pilot", pgp_share=1.5)
+    assert "pgp_share" in _error(GOOD.replace('volume_per_month = "1GB"',
+                                              'volume_per_month = "1GB"\n[messages]\npgp_share = 2'))
