@@ -108,7 +108,10 @@ class ImapConfig:
     listen: tuple[str, ...] = ("127.0.0.1:1143",)
     listen_tls: tuple[str, ...] = ()          # implicit TLS (993 style)
     idle_timeout: float = 1800.0              # RFC 9051 5.4: autologout >= 30 min
-    max_literal: int = 64 * 1024**2           # APPEND aside, literals are small
+    max_literal: int = 64 * 1024              # APPEND is refused, so literals carry only
+                                              # short strings (LOGIN, SEARCH): 64 KiB is ample
+    max_sessions: int = 500                   # in total; beyond: * BYE [UNAVAILABLE]
+    max_sessions_per_client: int = 200        # per client IP (loadgen/NAT: many users, one IP)
     max_line: int = 64 * 1024                 # command line bound (without literals)
 
 
@@ -117,6 +120,8 @@ class Pop3Config:
     listen: tuple[str, ...] = ("127.0.0.1:1110",)
     listen_tls: tuple[str, ...] = ()          # implicit TLS (995 style)
     idle_timeout: float = 600.0               # RFC 1939 3: autologout >= 10 min
+    max_sessions: int = 500                   # in total; beyond: -ERR [SYS/TEMP]
+    max_sessions_per_client: int = 200        # per client IP
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ _NONSYNC_TAIL = 32                  # enough to see "{<19 digits>+}" at the end 
 
 
 class ImapParser:
-    def __init__(self, max_line: int = 64 * 1024, max_literal: int = 64 * 1024**2) -> None:
+    def __init__(self, max_line: int = 64 * 1024, max_literal: int = 64 * 1024) -> None:
         self.max_line = max_line
         self.max_literal = max_literal
         self._buf = bytearray()

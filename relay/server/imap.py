@@ -44,7 +44,7 @@ from relay.protocol.imap import (
     tagged,
     untagged,
 )
-from relay.server.listener import Session, create_servers
+from relay.server.listener import Session, create_stream_servers
 from relay.store import StoreError, normalize_address
 
 log = get_logger("imap")
@@ -102,16 +102,10 @@ async def start(relay: Any, addrs: tuple[str, ...] | list[str], ssl_ctx: ssl.SSL
                 implicit_tls: bool = False) -> list[asyncio.Server]:
     counters(relay)
 
-    def factory() -> asyncio.BaseProtocol:
-        reader = asyncio.StreamReader(limit=READ_SIZE)
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await ImapSession(relay, r, w, ssl_ctx, implicit_tls).run()
 
-        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await ImapSession(relay, r, w, ssl_ctx, implicit_tls).run()
-
-        return asyncio.StreamReaderProtocol(reader, handle)
-
-    return await create_servers(factory, addrs, "imap.listen_tls" if implicit_tls else "imap.listen",
-                                ssl_ctx if implicit_tls else None)
+    return await create_stream_servers(handle, addrs, "imap", ssl_ctx, implicit_tls, READ_SIZE)
 
 
 class _Closed(Exception):
@@ -203,7 +197,8 @@ class ImapSession:
     # --- session -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.session = self.relay.sessions.open("imap", self.peer_ip)
+        self.session = self.relay.sessions.open("imap", self.peer_ip, self.config.imap.max_sessions,
+                                                self.config.imap.max_sessions_per_client)
         if self.session is None:
             self.writer.write(b"* BYE [UNAVAILABLE] Too many connections or shutting down\r\n")
             await self._close()

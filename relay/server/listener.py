@@ -123,6 +123,19 @@ async def create_servers(factory: Callable[[], asyncio.BaseProtocol], addrs: tup
     return servers
 
 
+async def create_stream_servers(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+                                addrs: tuple[str, ...] | list[str], key: str,
+                                ssl_ctx: ssl.SSLContext | None, implicit_tls: bool,
+                                read_limit: int = 64 * 1024) -> list[asyncio.Server]:
+    """Line-oriented listeners (IMAP, POP3): each connection runs `handler(reader, writer)`.
+    With implicit_tls the TLS handshake comes first and the key names the `_tls` listeners."""
+    def factory() -> asyncio.BaseProtocol:
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=read_limit), handler)
+
+    return await create_servers(factory, addrs, f"{key}.listen_tls" if implicit_tls else f"{key}.listen",
+                                ssl_ctx if implicit_tls else None)
+
+
 def bound_addresses(servers: list[asyncio.Server]) -> list[tuple[str, int]]:
     out = []
     for s in servers:

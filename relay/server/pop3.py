@@ -26,7 +26,7 @@ from relay.auth import plaintext_allowed
 from relay.log import get_logger
 from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.protocol import pop3 as proto
-from relay.server.listener import Session, create_servers
+from relay.server.listener import Session, create_stream_servers
 from relay.store import StoreError
 
 log = get_logger("pop3")
@@ -85,16 +85,10 @@ async def start(relay: Any, addrs: tuple[str, ...] | list[str], ssl_ctx: ssl.SSL
                 implicit_tls: bool = False) -> list[asyncio.Server]:
     service(relay)
 
-    def factory() -> asyncio.BaseProtocol:
-        reader = asyncio.StreamReader(limit=64 * 1024)
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await Pop3Session(relay, r, w, ssl_ctx, implicit_tls).run()
 
-        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await Pop3Session(relay, r, w, ssl_ctx, implicit_tls).run()
-
-        return asyncio.StreamReaderProtocol(reader, handle)
-
-    return await create_servers(factory, addrs, "pop3.listen_tls" if implicit_tls else "pop3.listen",
-                                ssl_ctx if implicit_tls else None)
+    return await create_stream_servers(handle, addrs, "pop3", ssl_ctx, implicit_tls)
 
 
 class Pop3Session:
@@ -118,7 +112,9 @@ class Pop3Session:
         self.sent = 0
 
     async def run(self) -> None:
-        self.session = self.relay.sessions.open("pop3", self.peer_ip)
+        c = self.relay.config.pop3
+        self.session = self.relay.sessions.open("pop3", self.peer_ip, c.max_sessions,
+                                                c.max_sessions_per_client)
         if self.session is None:
             self.writer.write(proto.err("Too many connections or shutting down, try later",
                                         "SYS/TEMP"))
