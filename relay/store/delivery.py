@@ -76,6 +76,7 @@ class Delivery:
         try:
             self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
+            self._state = "aborted"   # nothing of ours to remove (the name may be another's)
             raise StoreError(f"{self.tmp_path}: cannot create: {e.strerror}") from e
         LIVE_TMP.add(str(self.tmp_path))
         self.write(header)
