@@ -244,7 +244,7 @@ def main() -> int:
         if serve is not None:
             serve.terminate()
             serve.wait(30)
-        for d in base.glob("*/state/gnupg"):
+        for d in [*base.glob("*/state/gnupg"), *base.glob("rawgpg*"), *base.glob("keys/*")]:
             subprocess.run(["gpgconf", "--homedir", str(d), "--kill", "gpg-agent"], capture_output=True, check=False)
         if a.keep:
             print(f"kept {base}")
