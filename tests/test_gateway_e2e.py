@@ -13,6 +13,7 @@ import email
 import email.policy
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -158,26 +159,53 @@ def test_send_receive_mdn_status_over_imap(net: Net) -> None:
 
 
 def test_split_study_reassembled_over_pop3_in_any_order(net: Net) -> None:
+    from relay.clients.smtp import send_message
+    from relay.gateway import dicommime
+    from relay.gateway import message as M
+    from relay.gateway.pgp import Keyring
+
     ct = net.gateway(CT, split_size="64KiB")
-    rad = net.gateway(RAD, pop3=f"127.0.0.1:{net.relay.pop3_port}")
-    files = synthetic_study(net.tmp / "big", n=4, rows=128, cols=128)      # ~130 KB of pixels
-    out = gw("send", ct, "--to", RAD, str(net.tmp / "big")).stdout
-    nparts = int(out.split(" message(s)")[0].rsplit(", ", 1)[1])
-    assert nparts >= 3
-    # the relay stored every part; the receiver sees them in reverse order
-    maildir = net.relay.data_dir / "mail" / "example.test" / "rad" / "new"
-    stored = [p for p in maildir.iterdir() if b"message/partial" in p.read_bytes()[:2000]]
-    assert len(stored) == nparts
-    for p in stored:
-        assert p.stat().st_size <= 64 * 1024 + 1024       # + the relay's trace headers
-        head = email.message_from_bytes(p.read_bytes().split(b"\r\n\r\n")[0], policy=email.policy.compat32)
-        assert head.get_content_type() == "message/partial"
-    r = gw("receive", rad, "--once")
-    assert "imported 1 study" in r.stdout, r.stdout + r.stderr
-    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
-    assert files_by_sop(rad.parent / "received" / uid) == {
-        f"{pydicom.dcmread(f).SOPInstanceUID}.dcm": f.read_bytes() for f in files}
-    assert not list(maildir.iterdir())
+    # the inbox on another file system (tmpfs): imports copy+fsync instead of renaming
+    inbox = Path("/dev/shm") / f"gw-inbox-{os.getpid()}-{time.monotonic_ns()}"
+    rad = net.gateway(RAD, pop3=f"127.0.0.1:{net.relay.pop3_port}", inbox=str(inbox))
+    try:
+        files = synthetic_study(net.tmp / "big", n=4, rows=128, cols=128)      # ~130 KB of pixels
+        out = gw("send", ct, "--to", RAD, str(net.tmp / "big")).stdout
+        nparts = int(out.split(" message(s)")[0].rsplit(", ", 1)[1])
+        assert nparts >= 3
+        maildir = net.relay.data_dir / "mail" / "example.test" / "rad" / "new"
+        stored = [p for p in maildir.iterdir() if b"message/partial" in p.read_bytes()[:2000]]
+        assert len(stored) == nparts
+        for p in stored:
+            assert p.stat().st_size <= 64 * 1024 + 1024       # + the relay's trace headers
+            head = email.message_from_bytes(p.read_bytes().split(b"\r\n\r\n")[0], policy=email.policy.compat32)
+            assert head.get_content_type() == "message/partial"
+
+        # a second study whose parts arrive last-first (built with ct's key, sent part by part)
+        second = synthetic_study(net.tmp / "big2", n=3, rows=128, cols=128)
+        (net.tmp / "ct.sec").write_text(net.keys[CT][0])
+        ring = Keyring(net.tmp / "ring-ct", net.tmp / "ct.sec")
+        try:
+            rad_fpr = ring.import_public(net.keys[RAD][1])[0]
+            dicommime.write_study(next(iter(dicommime.group_studies(second).values())), net.tmp / "e2")
+            mid = M.new_message_id("example.test")
+            M.build_encrypted(net.tmp / "e2", net.tmp / "m2", ring, rad_fpr, CT, RAD, mid)
+        finally:
+            ring.close()
+        ranges = M.plan_split(net.tmp / "m2", 64 * 1024, CT, RAD, mid, "example.test")
+        assert len(ranges) >= 3
+        for r in reversed(ranges):
+            send_message("127.0.0.1", net.relay.smtp_port, CT, [RAD], b"".join(M.iter_range(net.tmp / "m2", r)))
+
+        r = gw("receive", rad, "--once")
+        assert "imported 2 studies" in r.stdout, r.stdout + r.stderr
+        for fs in (files, second):
+            uid = str(pydicom.dcmread(fs[0]).StudyInstanceUID)
+            assert files_by_sop(inbox / uid) == {
+                f"{pydicom.dcmread(f).SOPInstanceUID}.dcm": f.read_bytes() for f in fs}
+        assert not list(maildir.iterdir())
+    finally:
+        shutil.rmtree(inbox, ignore_errors=True)
 
 
 def _quarantine(rad: Path) -> dict[str, str]:

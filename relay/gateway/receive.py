@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import errno
 import hashlib
 import os
 import shutil
@@ -337,8 +338,7 @@ class Receiver:
         dest = self.cfg.inbox / study_uid
         dest.mkdir(parents=True, exist_ok=True)
         for f in files:
-            target = dest / f"{f.instance.sop_uid}.dcm"
-            os.replace(f.path, target)
+            _move_durably(f.path, dest / f"{f.instance.sop_uid}.dcm")
         _fsync_dir(dest)
         self.summary.add_time("import", t)
         if self.pacs_push is not None:
@@ -363,6 +363,22 @@ class Receiver:
         self.summary.quarantined.append((qdir.name, reason))
         log.warning("quarantined", reason=reason, folder=str(qdir), sender=sender, message_id=message_id,
                     detail=detail.splitlines()[0] if detail else "")
+
+
+def _move_durably(src: Path, dst: Path) -> None:
+    """Rename into place; across file systems (inbox on another disk) copy, fsync, then rename."""
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(dst.name + ".tmp")
+        with open(src, "rb") as i, open(tmp, "wb") as o:
+            shutil.copyfileobj(i, o, 1024 * 1024)
+            o.flush()
+            os.fsync(o.fileno())
+        os.replace(tmp, dst)
+        src.unlink()
 
 
 def _fsync_dir(d: Path) -> None:
