@@ -243,10 +243,12 @@ class Store:
                 continue
             Mailbox(self, addr).reconcile()
             with self.db.transaction() as c:
+                now = c.execute("SELECT usage_bytes, usage_messages FROM accounts WHERE address=?", (addr,)).fetchone()
                 total = c.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM messages WHERE address=?",
                                   (addr,)).fetchone()
-                c.execute("UPDATE accounts SET usage_bytes=?, usage_messages=? WHERE address=?",
-                          (total[0], total[1], addr))
+                if (now[0], now[1]) != (total[0], total[1]):
+                    c.execute("UPDATE accounts SET usage_bytes=?, usage_messages=? WHERE address=?",
+                              (total[0], total[1], addr))
             old, new = (before[0], before[1]), (total[0], total[1])
             if old != new:
                 changed.append((addr, old, new))

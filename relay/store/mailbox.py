@@ -116,7 +116,8 @@ class Mailbox:
                     flags = maildir.split_info(loc)[1] or ""
                     c.execute("UPDATE messages SET location=?, flags=? WHERE address=? AND uid=?",
                               (loc, maildir.normalize_flags(flags), self.address, r["uid"]))
-            acct = c.execute("SELECT uidnext FROM accounts WHERE address=?", (self.address,)).fetchone()
+            acct = c.execute("SELECT uidnext, new_mtime, cur_mtime FROM accounts WHERE address=?",
+                             (self.address,)).fetchone()
             uid = acct["uidnext"]
             for name in sorted(set(files) - set(rows)):
                 loc = files[name]
@@ -133,10 +134,12 @@ class Mailbox:
                 added.append((uid, size))
                 uid += 1
             dbytes = sum(s for _, s in added) - sum(r["size"] for r in removed)
-            c.execute("UPDATE accounts SET uidnext=?, new_mtime=?, cur_mtime=?,"
-                      " usage_bytes=MAX(0, usage_bytes+?), usage_messages=MAX(0, usage_messages+?)"
-                      " WHERE address=?",
-                      (uid, pre[0], pre[1], dbytes, len(added) - len(removed), self.address))
+            # nothing to write, nothing to sync (start-up reconciles every mailbox)
+            if added or removed or (acct["new_mtime"], acct["cur_mtime"]) != pre:
+                c.execute("UPDATE accounts SET uidnext=?, new_mtime=?, cur_mtime=?,"
+                          " usage_bytes=MAX(0, usage_bytes+?), usage_messages=MAX(0, usage_messages+?)"
+                          " WHERE address=?",
+                          (uid, pre[0], pre[1], dbytes, len(added) - len(removed), self.address))
         if added or removed:
             log.info("reconciled", mailbox=self.address, added=len(added), removed=len(removed))
         if removed:
