@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,3 +108,24 @@ def test_console_script(conf: Path) -> None:
     r = subprocess.run([exe, "user", "list", "--config", str(conf)], capture_output=True, text=True,
                        timeout=60, check=True)
     assert r.stdout.startswith("c@example.test")
+
+
+def test_user_added_by_the_cli_receives_mail_from_the_running_server(relay_factory: Any) -> None:
+    import smtplib
+
+    r = relay_factory()
+    conf = r.data_dir.parent / "live.toml"
+    conf.write_text(f'data_dir = "{r.data_dir}"\nhostname = "relay.test"\n')
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as s:
+        s.ehlo("gw.test")
+        s.mail("gw@hospital.test")
+        assert s.rcpt("new@clinic.test")[0] == 550              # domain not served yet
+        s.rset()
+        assert relay(conf, "user", "add", "new@clinic.test", "--password-stdin", stdin="pw\n").returncode == 0
+        assert s.sendmail("gw@hospital.test", ["new@clinic.test"], b"Subject: hi\r\n\r\nhello\r\n") == {}
+    assert r.call(lambda relay: relay.store.mailbox("new@clinic.test").messages())[0].uid == 1
+    assert r.call(lambda relay: relay.store.accounts.verify("new@clinic.test", "pw"))
+    assert relay(conf, "user", "passwd", "new@clinic.test", "--password-stdin", stdin="pw2\n").returncode == 0
+    assert not r.call(lambda relay: relay.store.accounts.verify("new@clinic.test", "pw"))
+    r = relay(conf, "user", "del", "new@clinic.test")
+    assert r.returncode == 0

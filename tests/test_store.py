@@ -305,3 +305,22 @@ def test_recover_removes_crash_leftovers_only(store: Store) -> None:
     assert os.listdir(tmp) == [live.tmp_path.name]
     run(live.commit())
     assert os.listdir(tmp) == []
+
+
+def test_crash_mid_delivery_leaves_nothing_visible(tmp_path: Path) -> None:
+    """A process that dies while writing a message (os._exit, no cleanup): nothing in new/,
+    and the next server start removes its tmp file."""
+    s = Store.open(cfg(tmp_path))
+    s.accounts.add("alice@example.test")
+    code = ("import os, sys; from relay.config import Config; from relay.store import Store;"
+            "s = Store.open(Config(data_dir=sys.argv[1], hostname='relay.test'));"
+            "d = s.begin_delivery('a@b.test', ['alice@example.test']); d.write(b'x' * 100000);"
+            "os._exit(9)")
+    rc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "data")], check=False).returncode
+    assert rc == 9
+    md = s.data_dir / "mail" / "example.test" / "alice"
+    assert len(os.listdir(md / "tmp")) == 1 and os.listdir(md / "new") == []
+    s.recover()
+    assert os.listdir(md / "tmp") == [] and s.mailbox("alice@example.test").messages() == []
+    assert s.usage("alice@example.test").bytes == 0
+    s.close()
