@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from relay import config as configmod
 from relay.config import ConfigError, format_size, parse_size
-from relay.store.core import Store
+from relay.store.core import Store, Usage
 from relay.store.errors import StoreError
 
 
@@ -66,9 +66,14 @@ def _read_password(from_stdin: bool) -> str:
     return pw
 
 
+def _limits(u: Usage) -> tuple[str, str]:
+    """(byte quota, message quota) as text; 0 = unlimited."""
+    return (format_size(u.quota_bytes) if u.quota_bytes else "unlimited",
+            str(u.quota_messages) if u.quota_messages else "unlimited")
+
+
 def _quota_text(store: Store, address: str) -> tuple[str, str]:
-    u = store.usage(address)
-    return format_size(u.quota_bytes), (str(u.quota_messages) if u.quota_messages else "unlimited")
+    return _limits(store.usage(address))
 
 
 def _user_add(args: argparse.Namespace, store: Store) -> int:
@@ -84,10 +89,9 @@ def _user_add(args: argparse.Namespace, store: Store) -> int:
 def _user_list(args: argparse.Namespace, store: Store) -> int:
     for a in store.accounts.list():
         u = store.usage(a.address)
-        qm = str(u.quota_messages) if u.quota_messages else "unlimited"
+        qb, qm = _limits(u)
         pw = "" if a.has_password else "  (no password)"
-        print(f"{a.address}  {format_size(u.bytes)} / {format_size(u.quota_bytes)}  "
-              f"{u.messages} / {qm} messages{pw}")
+        print(f"{a.address}  {format_size(u.bytes)} / {qb}  {u.messages} / {qm} messages{pw}")
     return 0
 
 
@@ -127,9 +131,9 @@ def _user_show(args: argparse.Namespace, store: Store) -> int:
     u = store.usage(addr)
     mb = store.statistics().mailboxes[addr]
     unfetched = store.db.one("SELECT COUNT(*) FROM messages WHERE address=? AND first_fetch IS NULL", (addr,))
-    qm = str(u.quota_messages) if u.quota_messages else "unlimited"
+    qb, qm = _limits(u)
     print(f"address:   {addr}{'' if acct.has_password else '  (no password: cannot log in)'}")
-    print(f"quota:     {format_size(u.quota_bytes) if u.quota_bytes else 'unlimited'}, {qm} messages"
+    print(f"quota:     {qb}, {qm} messages"
           f"{'' if acct.quota_bytes is None and acct.quota_messages is None else '  (account override)'}")
     print(f"usage:     {format_size(u.bytes)}{_percent(u.bytes, u.quota_bytes)}, "
           f"{u.messages} messages{_percent(u.messages, u.quota_messages)}")
