@@ -171,3 +171,25 @@ def test_recover_indexes_unindexed_messages_and_rebuilds_the_ledger(tmp_path: Pa
     assert [(m.uid, m.name) for m in mb.messages()] == [(1, name), (2, "1700000000.M5P5Q5.relay.test,S=3")]
     assert store.usage("alice@example.test").bytes == size + 3
     assert store.usage("bob@example.test").bytes == 0 and store.usage("bob@example.test").messages == 0
+
+
+def test_messages_kept_between_changes_and_fresh_after_any(store: Store) -> None:
+    import subprocess
+    import sys
+
+    for _ in range(3):
+        deliver(store, ["alice@example.test"])
+    mb = store.mailbox("alice@example.test")
+    first = mb.messages()
+    assert mb.messages() == first and mb.messages() is not mb.messages()     # copies
+    mb.set_flags(2, "S")                                                     # our own change
+    assert [m.flags for m in mb.messages()] == ["", "S", ""]
+    deliver(store, ["bob@example.test"])                                     # another mailbox
+    assert len(mb.messages()) == 3
+    # another process (the admin CLI) commits a change the Maildir does not show
+    subprocess.run([sys.executable, "-c",
+                    ("import sys; from relay.config import Config; from relay.store import Store\n"
+                    "s = Store.open(Config(data_dir=sys.argv[1]))\n"
+                    "with s.db.transaction() as c: c.execute(\"UPDATE messages SET flags='F' WHERE uid=3\")"),
+                    str(store.data_dir)], check=True)
+    assert [m.flags for m in mb.messages()] == ["", "S", "F"]

@@ -17,7 +17,7 @@ from relay.store.address import normalize_address, normalize_domain
 from relay.store.db import Database
 from relay.store.delivery import LIVE_TMP, Delivery, trace_headers
 from relay.store.errors import AddressError, NoSuchAccount, QuotaExceeded, StoreError
-from relay.store.mailbox import Mailbox
+from relay.store.mailbox import Mailbox, MessageInfo
 
 log = get_logger("store")
 
@@ -116,6 +116,8 @@ class Store:
         self.quota = Quota(self)
         self._subscribers: dict[str, list[Subscriber]] = {}
         self._pending: set[str] = set()      # names being committed (not yet in the index)
+        # address -> (version, messages): Mailbox.messages() between changes
+        self._messages_cache: dict[str, tuple[tuple[int, int, tuple[int, int]], list[MessageInfo]]] = {}
         self._counts = {"stored": 0, "stored_bytes": 0, "deleted": 0, "deleted_bytes": 0}
         self._fetch_latency = Histogram(WAIT_SECONDS)
         self._delete_latency = Histogram(WAIT_SECONDS)
@@ -145,6 +147,7 @@ class Store:
 
     def _forget(self, address: str) -> None:
         self._subscribers.pop(address, None)
+        self._messages_cache.pop(address, None)
 
     # --- delivery ------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock = threading.RLock()
+        self.generation = 0       # bumped by every commit of this connection (caches key on it)
         try:
             self.conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT, isolation_level=None,
                                         check_same_thread=False)
@@ -82,6 +83,7 @@ class Database:
                     c.execute("ROLLBACK")
                     raise
                 c.execute("COMMIT")
+                self.generation += 1
             except sqlite3.Error as e:
                 if c.in_transaction:
                     c.execute("ROLLBACK")
@@ -104,6 +106,14 @@ class Database:
     def one(self, sql: str, params: Any = ()) -> sqlite3.Row | None:
         rows = self.query(sql, params)
         return rows[0] if rows else None
+
+    def data_version(self) -> int:
+        """Changes when another connection (the admin CLI) commits (sqlite PRAGMA data_version)."""
+        with self.lock:
+            try:
+                return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+            except sqlite3.Error as e:
+                raise StoreError(f"database: {e}") from e
 
     def close(self) -> None:
         with self.lock:

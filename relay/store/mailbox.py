@@ -157,12 +157,25 @@ class Mailbox:
 
     # --- reading -------------------------------------------------------------------------
 
+    def _version(self) -> tuple[int, int, tuple[int, int]]:
+        db = self.store.db
+        return (db.generation, db.data_version(), self._mtimes())
+
     def messages(self) -> list[MessageInfo]:
-        """Every message in UID order, from the index."""
+        """Every message in UID order, from the index. Kept in memory between changes: a
+        repeated call (each IMAP command, each poll) costs two stat() calls and one pragma
+        while nothing changed (no commit here or in another process, same Maildir mtimes)."""
+        cache = self.store._messages_cache
+        hit = cache.get(self.address)
+        if hit is not None and hit[0] == self._version():
+            return list(hit[1])
         self.refresh()
+        version = self._version()             # before reading: a later change misses next time
         rows = self.store.db.query("SELECT uid, name, size, internaldate, flags FROM messages"
                                    " WHERE address=? ORDER BY uid", (self.address,), raw=True)
-        return list(map(MessageInfo._make, rows))
+        msgs = list(map(MessageInfo._make, rows))
+        cache[self.address] = (version, msgs)
+        return list(msgs)
 
     def _row(self, uid: int) -> sqlite3.Row:
         row = self.store.db.one("SELECT uid, name, size, internaldate, flags, location, first_fetch"
