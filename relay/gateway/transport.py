@@ -96,6 +96,7 @@ class ImapSource:
 
     def messages(self) -> list[tuple[str, int]]:
         try:
+            self.c.noop()       # a server announces new mail (EXISTS) at NOOP, not before
             sizes = self.c.sizes(self.c.uid_search("ALL"))
         except self._errors as e:
             raise TransportError(f"IMAP: {e}") from None
