@@ -193,3 +193,16 @@ def test_messages_kept_between_changes_and_fresh_after_any(store: Store) -> None
                     "with s.db.transaction() as c: c.execute(\"UPDATE messages SET flags='F' WHERE uid=3\")"),
                     str(store.data_dir)], check=True)
     assert [m.flags for m in mb.messages()] == ["", "S", "F"]
+
+
+def test_a_poll_keeps_the_message_list(store: Store) -> None:
+    """Login bookkeeping (last poll, first fetch) does not invalidate the kept list."""
+    deliver(store, ["alice@example.test"])
+    mb = store.mailbox("alice@example.test")
+    mb.messages()
+    generation = store.db.generation
+    store.note_poll("alice@example.test")
+    mb.note_fetched(1)
+    assert store.db.generation == generation
+    mb.set_flags(1, "S")
+    assert store.db.generation > generation and mb.messages()[0].flags == "S"

@@ -198,7 +198,7 @@ class Store:
 
     def note_poll(self, address: str) -> None:
         """IMAP/POP3 call this at each successful login (last poll time, for metrics/alerts)."""
-        with self.db.transaction(durable=False) as c:
+        with self.db.transaction(durable=False, bookkeeping=True) as c:
             c.execute("UPDATE accounts SET last_poll=? WHERE address=?", (time.time(), normalize_address(address)))
 
     # --- notifications -------------------------------------------------------------------

@@ -69,8 +69,10 @@ class Database:
             raise StoreError(f"{path}: cannot open the database: {e}") from e
 
     @contextmanager
-    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception). sqlite errors -> StoreError."""
+    def transaction(self, durable: bool = True, bookkeeping: bool = False) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception). sqlite errors -> StoreError.
+        bookkeeping=True: the change touches nothing a cached message list holds (last poll,
+        first fetch time), so `generation` stays."""
         with self.lock:
             c = self.conn
             try:
@@ -83,7 +85,8 @@ class Database:
                     c.execute("ROLLBACK")
                     raise
                 c.execute("COMMIT")
-                self.generation += 1
+                if not bookkeeping:
+                    self.generation += 1
             except sqlite3.Error as e:
                 if c.in_transaction:
                     c.execute("ROLLBACK")

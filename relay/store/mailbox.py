@@ -254,7 +254,7 @@ class Mailbox:
     def note_fetched(self, uid: int) -> None:
         """A client read the whole message. The first time counts for delivery->fetch latency."""
         now = time.time()
-        with self.store.db.transaction(durable=False) as c:
+        with self.store.db.transaction(durable=False, bookkeeping=True) as c:
             row = c.execute("SELECT internaldate FROM messages WHERE address=? AND uid=? AND first_fetch IS NULL",
                             (self.address, uid)).fetchone()
             if row is None:
