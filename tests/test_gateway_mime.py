@@ -52,6 +52,14 @@ def test_base64_blocks_roundtrip_any_chunking() -> None:
     assert back == data
 
 
+def test_base64_decoder_ignores_stray_characters_and_stops_at_padding() -> None:
+    dec = Base64Decoder()
+    assert dec.feed(b"aGVs!bG8g\r\nd2\t9y bGQ=\r\n") == b"hello world"
+    dec.finish()
+    dec = Base64Decoder()        # RFC 2045 6.8: "=" marks the end of the data
+    assert dec.feed(b"aGVsbG8=\r\nIHdvcmxk\r\n") == b"hello"
+
+
 def test_copy_crlf_normalises_across_blocks() -> None:
     src = io.BytesIO(b"a\nb\r\nc\r" + b"\n" + b"d\n" * 10)
     dst = io.BytesIO()
