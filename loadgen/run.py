@@ -484,7 +484,7 @@ class _Progress:
     def update(self, interrupted: bool) -> None:
         if self.live is None:
             return
-        from rich.table import Table
+        from rich.text import Text
 
         r, p = self.run, self.run.plan
         c = r.ledger.totals()
@@ -494,17 +494,20 @@ class _Progress:
         self.last = (now, c["accepted_bytes"])
         sim = p.sim_start + (now - r.t0) * p.speedup
         day, rest = divmod(int(sim), 86400)
-        tab = Table(show_header=True, header_style="bold")
-        for col in ("simulated", "planned", "accepted", "delivered", "MB/s", "backlog",
-                    "deferred", "refused", "errors", "corrupted"):
-            tab.add_column(col, justify="right")
-        tab.add_row(f"day {day + 1} {rest // 3600:02d}:{rest % 3600 // 60:02d}", str(len(p.messages)),
-                    str(c.get("accepted", 0)), str(c.get("delivered", 0)), f"{mbs:.0f}",
-                    str(c["backlog"]), str(c.get("deferred", 0)), str(c.get("refused", 0)),
-                    str(c.get("error", 0)), str(c.get("corrupted", 0)))
+        backlog = c["accepted_bytes"] - c["delivered_bytes"]
+        line = Text()
+        line.append(f"day {day + 1} {rest // 3600:02d}:{rest % 3600 // 60:02d}", style="bold")
+        line.append(f"  accepted {c.get('accepted', 0)}/{len(p.messages)}  delivered {c.get('delivered', 0)}"
+                    f"  {mbs:.0f} MB/s  backlog {c['backlog']} ({report.fmt_bytes(backlog)})")
+        trouble = c.get("deferred", 0) + c.get("refused", 0) + c.get("error", 0)
+        line.append(f"  deferred {c.get('deferred', 0)}  refused {c.get('refused', 0)}  errors {c.get('error', 0)}",
+                    style="yellow" if trouble else "")
+        if c.get("corrupted", 0) or c.get("duplicated", 0):
+            line.append(f"  corrupted {c.get('corrupted', 0)}  duplicated {c.get('duplicated', 0)}", style="bold red")
         if interrupted:
-            tab.caption = "interrupted: senders stopped, draining what was accepted (Ctrl-C again to stop)"
-        self.live.update(tab)
+            line.append("\ninterrupted: senders stopped, draining what was accepted (Ctrl-C again to stop)",
+                        style="yellow")
+        self.live.update(line)
 
 
 def main(args: argparse.Namespace) -> int:
