@@ -128,7 +128,7 @@ def test_ctrl_c_stops_senders_drains_and_reports(tmp_path: Path) -> None:
         lines.append(line)
         if "running against" in line or not line:
             break
-    time.sleep(2.5)
+    time.sleep(6)                   # the day's first study is due at 2.5 s, the second at 10.8 s
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=90)
     assert p.returncode == 1, "".join(lines) + out
