@@ -324,3 +324,15 @@ def test_crash_mid_delivery_leaves_nothing_visible(tmp_path: Path) -> None:
     assert os.listdir(md / "tmp") == [] and s.mailbox("alice@example.test").messages() == []
     assert s.usage("alice@example.test").bytes == 0
     s.close()
+
+
+def test_begin_delivery_fails_cleanly_when_tmp_is_unusable(store: Store) -> None:
+    store.accounts.add("alice@example.test")
+    tmp = store.data_dir / "mail" / "example.test" / "alice" / "tmp"
+    tmp.rmdir()
+    with pytest.raises(StoreError, match="cannot create"):
+        store.begin_delivery("s@x.test", ["alice@example.test"])
+    store.recover()                                   # start-up re-creates the Maildir parts
+    d = store.begin_delivery("s@x.test", ["alice@example.test"])
+    d.abort()
+    assert os.listdir(tmp) == []

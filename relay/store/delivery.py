@@ -73,13 +73,18 @@ class Delivery:
         self.size = 0
         self.name: str | None = None
         self._state = "open"          # open -> committing -> committed | aborted
+        self._fd = -1
         try:
             self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             self._state = "aborted"   # nothing of ours to remove (the name may be another's)
             raise StoreError(f"{self.tmp_path}: cannot create: {e.strerror}") from e
         LIVE_TMP.add(str(self.tmp_path))
-        self.write(header)
+        try:
+            self.write(header)
+        except StoreError:
+            self.abort()
+            raise
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         """Append bytes (synchronous os.write; short writes are continued)."""
