@@ -239,14 +239,17 @@ class Mailbox:
             gone.append(self._row(uid))
         if not gone:
             return []
-        nbytes = sum(r["size"] for r in gone)
         with self.store.db.transaction() as c:
-            c.executemany("DELETE FROM messages WHERE address=? AND uid=?",
-                          [(self.address, r["uid"]) for r in gone])
+            # only rows still there: `relay quota recalc` in another process may have seen the
+            # unlink first and settled them already
+            gone = [r for r in gone if c.execute("DELETE FROM messages WHERE address=? AND uid=?",
+                                                 (self.address, r["uid"])).rowcount]
             c.execute("UPDATE accounts SET usage_bytes=MAX(0, usage_bytes-?),"
                       " usage_messages=MAX(0, usage_messages-?) WHERE address=?",
-                      (nbytes, len(gone), self.address))
+                      (sum(r["size"] for r in gone), len(gone), self.address))
             self._note_own_change(c, before, self._mtimes())
+        if not gone:
+            return []
         now = time.time()
         self.store._record_deleted(self.address, [(r["size"], now - r["internaldate"]) for r in gone])
         return [r["uid"] for r in gone]
