@@ -244,10 +244,11 @@ class Receiver:
         message.reassemble([p for _, _, p, *_ in parts], whole)
         self.summary.add_time("reassemble", t)
         keys = [k for _, _, _, k, _, _ in parts]
-        files = [p for _, _, p, *_ in parts]
+        for _, _, p, *_ in parts:
+            p.unlink()          # whole.eml holds every byte of them (disk: one copy, not two)
         log.info("partial_complete", id=info.id, total=total)
         try:
-            self.process(whole, keys, files + [whole])
+            self.process(whole, keys, [whole])
         finally:
             self.gw.state.drop_partials(pid)
             remove_tree(pdir)
@@ -306,6 +307,7 @@ class Receiver:
         except MimeError as e:
             raise Quarantined(NOT_ENCRYPTED, str(e)) from None
         v = self.gw.ring.decrypt_verify(work / "encrypted.asc", work / "plain.mime")
+        (work / "encrypted.asc").unlink()
         self.summary.add_time("decrypt", t)
         if not v.decrypted:
             raise Quarantined(UNDECRYPTABLE, "not decryptable with this gateway's key\n" + v.status)
