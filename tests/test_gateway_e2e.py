@@ -260,6 +260,7 @@ def test_bad_messages_are_quarantined_with_reasons(net: Net) -> None:
             "wrong-key": encrypted(eve, CT, entity),                # From: ct, signed by eve
             "unknown-key": encrypted(stranger, CT, entity),         # signer not in the directory
             "not-dicom": encrypted(ct, CT, notdicom),
+            "unknown-sender": encrypted(ct, "x@elsewhere.test", entity),   # good key, no participant
         }
         # unsigned: encrypted to rad with gpg, no signature
         plain = net.tmp / "unsigned.asc"

@@ -48,13 +48,15 @@ def envelope_headers(sender: str, to: str, message_id: str, subject: str = SUBJE
 
 
 def build_encrypted(entity: Path, out: Path, ring: Keyring, recipient_fpr: str, sender: str,
-                    to: str, message_id: str) -> int:
+                    to: str, message_id: str, consume: bool = False) -> int:
     """Sign+encrypt the MIME entity in `entity` and write the whole RFC 5322 message to `out`.
     Returns its size. The armored ciphertext is written by gpg into a scratch file beside `out`
-    and copied in with CRLF line ends."""
+    and copied in with CRLF line ends. `consume`: remove `entity` once encrypted (disk)."""
     scratch = out.with_name(out.name + ".asc")
     try:
         ring.encrypt_sign(entity, scratch, recipient_fpr)
+        if consume:
+            entity.unlink()
         boundary = new_boundary()
         with open(out, "wb") as o, open(scratch, "rb") as asc:
             o.write(envelope_headers(sender, to, message_id)

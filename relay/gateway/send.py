@@ -46,8 +46,8 @@ def send_study(gw: Gateway, to: str, instances: list[dicommime.Instance]) -> Sen
         rep.seconds["mime"] = time.monotonic() - t
         t = time.monotonic()
         rep.message_bytes = message.build_encrypted(work / "study.mime", work / "message.eml", gw.ring,
-                                                    peer.fingerprint, cfg.address, peer.address, mid)
-        (work / "study.mime").unlink()
+                                                    peer.fingerprint, cfg.address, peer.address, mid,
+                                                    consume=True)
         rep.seconds["encrypt"] = time.monotonic() - t
         ranges = message.plan_split(work / "message.eml", cfg.split_size, cfg.address, peer.address,
                                     mid, cfg.domain)
