@@ -424,3 +424,17 @@ def test_broken_download_resumes_from_the_size_on_disk(net: Net) -> None:
     assert calls[-1] == 10_000, calls           # the second attempt started at byte 10000
     uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
     assert len(list((rad.parent / "received" / uid).iterdir())) == 2
+
+
+def test_pacs_down_keeps_the_imported_study_in_the_inbox(net: Net) -> None:
+    from tests.test_gateway_pacs import free_port
+    ct = net.gateway(CT)
+    rad = net.gateway(RAD, pacs=f"127.0.0.1:{free_port()}", keep_after_store=False)
+    files = synthetic_study(net.tmp / "nopacs", n=2)
+    gw("send", ct, "--to", RAD, *map(str, files))
+    r = gw("receive", rad, "--once")
+    assert "imported 1 study" in r.stdout and "pacs_push_failed" in r.stderr
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    assert len(list((rad.parent / "received" / uid).iterdir())) == 2      # kept for pacs-push
+    r = gw("pacs-push", rad, str(rad.parent / "received" / uid), check=False)
+    assert r.returncode == 1 and "association refused or not reachable" in r.stderr
