@@ -438,3 +438,36 @@ def test_pacs_down_keeps_the_imported_study_in_the_inbox(net: Net) -> None:
     assert len(list((rad.parent / "received" / uid).iterdir())) == 2      # kept for pacs-push
     r = gw("pacs-push", rad, str(rad.parent / "received" / uid), check=False)
     assert r.returncode == 1 and "association refused or not reachable" in r.stderr
+
+
+def test_receive_loop_reconnects_after_the_connection_drops(net: Net) -> None:
+    import socket
+    import threading
+
+    from relay.gateway import transport
+    from relay.gateway.config import load
+    from relay.gateway.core import Gateway
+    from relay.gateway.receive import Receiver
+    from tests.test_gateway_pacs import wait_for
+
+    ct = net.gateway(CT)
+    rad = net.gateway(RAD, idle_timeout=0.5, poll_interval=0.2)
+    files = synthetic_study(net.tmp / "reconnect", n=1)
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    stop = threading.Event()
+    with Gateway(load(rad)) as g:
+        r = Receiver(g, transport.open_source(g.cfg))
+        first = r.source
+        t = threading.Thread(target=r.run_forever, args=(stop.is_set,), daemon=True)
+        t.start()
+        try:
+            wait_for(lambda: r.waiting, 20)
+            first.c.sock.shutdown(socket.SHUT_RDWR)          # the relay "goes away"
+            wait_for(lambda: r.source is not first, 20)      # a new session
+            gw("send", ct, "--to", RAD, str(files[0]))
+            wait_for(lambda: (rad.parent / "received" / uid).exists(), 30)
+        finally:
+            stop.set()
+            t.join(10)
+            r.source.close()
+    assert r.summary.imported == [uid]
