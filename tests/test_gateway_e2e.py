@@ -85,9 +85,10 @@ def _toml_str(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-@pytest.fixture
-def net(relay_factory: Callable[..., Any], tmp_path: Path, keys: dict[str, tuple[str, str]]) -> Iterator[Net]:
-    relay = relay_factory(tmp_path / "relay")
+def make_net(relay_factory: Callable[..., Any], tmp_path: Path, keys: dict[str, tuple[str, str]],
+             **sections: Any) -> Net:
+    """A relay with the three participants and the exported, signed directory."""
+    relay = relay_factory(tmp_path / "relay", **sections)
     toml = tmp_path / "relay.toml"
     toml.write_text(f'data_dir = "{tmp_path / "relay"}"\nhostname = "relay.test"\n')
     n = Net(tmp_path, relay, toml, keys)
@@ -97,7 +98,12 @@ def net(relay_factory: Callable[..., Any], tmp_path: Path, keys: dict[str, tuple
                   "--config", str(toml), stdin="secret\n")
     (tmp_path / "directory.asc").write_text(relay_cli("directory", "key", "--config", str(toml)))
     n.export_directory()
-    yield n
+    return n
+
+
+@pytest.fixture
+def net(relay_factory: Callable[..., Any], tmp_path: Path, keys: dict[str, tuple[str, str]]) -> Iterator[Net]:
+    yield make_net(relay_factory, tmp_path, keys)
     for d in tmp_path.glob("*/state/gnupg"):
         subprocess.run(["gpgconf", "--homedir", str(d), "--kill", "gpg-agent"], capture_output=True, check=False)
 
@@ -471,3 +477,26 @@ def test_receive_loop_reconnects_after_the_connection_drops(net: Net) -> None:
             t.join(10)
             r.source.close()
     assert r.summary.imported == [uid]
+
+
+def test_starttls_to_a_relay_that_refuses_plaintext_auth(relay_factory: Callable[..., Any], tmp_path: Path,
+                                                         keys: dict[str, tuple[str, str]]) -> None:
+    from tests.tlsutil import make_cert
+    cert, key = make_cert(tmp_path / "tls")
+    net = make_net(relay_factory, tmp_path, keys, tls={"cert": str(cert), "key": str(key)},
+                   auth={"plaintext": "never"})
+    try:
+        plain = net.gateway(RAD)
+        r = gw("receive", plain, "--once", check=False)
+        assert r.returncode == 1 and "relay gateway receive: IMAP" in r.stderr   # no LOGIN in clear
+        files = synthetic_study(net.tmp / "tls-study", n=1)
+        ct = net.gateway(CT, starttls=True, tls_ca=str(cert))
+        rad = net.gateway(RAD, starttls=True, tls_ca=str(cert))
+        gw("send", ct, "--to", RAD, str(files[0]))
+        assert "imported 1 study" in gw("receive", rad, "--once").stdout
+        assert "MDNs 1" in gw("receive", ct, "--once").stdout
+        pop = net.gateway(RAD, starttls=True, tls_ca=str(cert), pop3=f"127.0.0.1:{net.relay.pop3_port}")
+        assert gw("receive", pop, "--once").returncode == 0
+    finally:
+        for d in tmp_path.glob("*/state/gnupg"):
+            subprocess.run(["gpgconf", "--homedir", str(d), "--kill", "gpg-agent"], capture_output=True, check=False)

@@ -25,6 +25,9 @@ class GatewayConfig:
     smtp: str = "127.0.0.1:2525"
     imap: str = "127.0.0.1:1143"
     pop3: str = ""                          # receive by POP3 instead of IMAP when set
+    starttls: bool = False                  # STARTTLS to the relay (needed off loopback: the
+                                            # relay refuses plaintext AUTH there by default)
+    tls_ca: Path | None = None              # CA file for the relay's certificate (else system CAs)
     inbox: Path = Path("received")          # verified DICOM files, one folder per study
     quarantine: Path = Path("quarantine")   # everything refused, with the reason beside it
     state_dir: Path = Path("state")         # state DB, GNUPGHOME, downloads, partials
@@ -73,7 +76,7 @@ class GatewayConfig:
         return dataclasses.replace(self, **changes)
 
 
-_PATHS = {"password_file", "secret_key", "passphrase_file", "inbox", "quarantine", "state_dir",
+_PATHS = {"tls_ca", "password_file", "secret_key", "passphrase_file", "inbox", "quarantine", "state_dir",
           "directory", "directory_key"}
 _HOSTPORTS = {"smtp", "imap", "pop3", "dicom_listen", "pacs"}
 

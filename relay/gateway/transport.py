@@ -6,6 +6,7 @@ resumable, IDLE) or POP3 in. Nothing here holds a message in memory.
 from __future__ import annotations
 
 import contextlib
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,17 +21,30 @@ class TransportError(RuntimeError):
     """The relay could not be reached or refused an operation (temporary: retried)."""
 
 
+def tls_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
+    """STARTTLS on every connection to the relay when `starttls` is set; the relay's
+    certificate is checked against the system CAs or `tls_ca`."""
+    if not cfg.starttls:
+        return None
+    return ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+
+
 class SmtpSession:
     def __init__(self, cfg: GatewayConfig) -> None:
         from relay.clients.smtp import SmtpClient, SmtpError
         self._error = SmtpError
         host, port = cfg.smtp_addr
+        ctx = tls_context(cfg)
         try:
-            self.client = SmtpClient(host, port, local_hostname=cfg.domain or "gateway.invalid")
+            self.client = SmtpClient(host, port, local_hostname=cfg.domain or "gateway.invalid",
+                                     ssl_context=ctx)
             ext = self.client.ehlo()
+            if ctx is not None:
+                self.client.starttls()
+                ext = self.client.extensions
             if "AUTH" in ext:
                 self.client.login(cfg.address, cfg.get_password())
-        except (OSError, SmtpError) as e:
+        except (OSError, SmtpError) as e:     # ssl.SSLError is an OSError
             raise TransportError(f"SMTP {cfg.smtp}: {e}") from None
 
     def send(self, sender: str, to: str, chunks: Iterable[bytes], size: int) -> str:
@@ -78,7 +92,8 @@ class ImapSource:
         self._errors = (OSError, ImapError)
         host, port = parse_hostport(cfg.imap, "imap")
         try:
-            self.c = ImapClient(host, port)
+            ctx = tls_context(cfg)
+            self.c = ImapClient(host, port, ssl_context=ctx, starttls=ctx is not None)
             self.c.login(cfg.address, cfg.get_password())
             self.c.select("INBOX")
         except self._errors as e:
@@ -138,7 +153,8 @@ class Pop3Source:
         from relay.clients.pop3 import Pop3Error
         host, port = parse_hostport(self.cfg.pop3, "pop3")
         try:
-            c = Pop3Client(host, port)
+            ctx = tls_context(self.cfg)
+            c = Pop3Client(host, port, ssl_context=ctx, starttls=ctx is not None)
             c.login(self.cfg.address, self.cfg.get_password())
         except (OSError, Pop3Error) as e:
             raise TransportError(f"POP3 {self.cfg.pop3}: {e}") from None
