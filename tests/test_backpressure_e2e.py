@@ -115,6 +115,7 @@ def test_congested_recipient_slows_the_sender(relay_factory: Any) -> None:
     assert len(stored(r, "slow@example.test")) == n + 1
 
 
+@pytest.mark.timeout(200)
 def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> None:
     """A sender as fast as loopback allows, a receiver draining 512 KiB/s through IMAP: the
     sender is slowed (paced), then deferred at the quota (452 4.2.2, it retries), and every
@@ -138,7 +139,7 @@ def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> No
     def receive() -> None:
         with ImapClient("127.0.0.1", r.imap_port, timeout=30) as c:
             c.login("practice@example.test", "pw")
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
                 c.select()
                 uids = c.uid_search("ALL")
@@ -157,8 +158,15 @@ def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> No
     receiver = threading.Thread(target=receive, daemon=True)
     receiver.start()
     with SmtpClient("127.0.0.1", r.smtp_port, timeout=60) as c:
-        seq, t_end = 0, time.monotonic() + 4.0
-        while time.monotonic() < t_end:
+        # Send for at least 4 s, and on (bounded: 30 s) until the sender has been both paced
+        # and deferred: on a loaded machine the receiver may drain slower than planned.
+        seq, t_min, t_max = 0, time.monotonic() + 4.0, time.monotonic() + 30.0
+
+        def seen_enough() -> bool:
+            paced = r.call(lambda relay: relay.policy.statistics().paced_seconds)
+            return bool(deferrals) and paced > 0.5 and len(sent) > 10
+
+        while time.monotonic() < t_min or (time.monotonic() < t_max and not seen_enough()):
             seq += 1
             m = b"Subject: s\r\nX-Seq: %d\r\n\r\n" % seq + body(msg)
             try:
@@ -170,7 +178,7 @@ def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> No
                 time.sleep(0.2)                               # the MTA retries later
             peak[0] = max(peak[0], r.call(lambda relay: relay.store.usage("practice@example.test").bytes))
     sending.clear()
-    receiver.join(60)
+    receiver.join(90)
     assert not receiver.is_alive()
     st = r.call(lambda relay: relay.policy.statistics())
     assert st.paced_seconds > 0.5                             # slowed ...
