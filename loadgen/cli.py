@@ -49,6 +49,15 @@ def _hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _size(value: str) -> int:
+    from relay.config import ConfigError, parse_size
+
+    try:
+        return parse_size(value, "--quota")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive(value: str) -> float:
     x = float(value)
     if not x > 0:
@@ -106,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: a temporary directory, removed at the end)")
     pr.add_argument("--drain-timeout", type=_positive, default=120.0, metavar="SECONDS",
                     help="after the last send, how long receivers may take to drain (default 120)")
+    pr.add_argument("--quota", type=_size, default=None, metavar="SIZE",
+                    help="our own relay: every mailbox's byte quota (e.g. \"500MB\"; default the "
+                         "relay's 20 GiB); a full mailbox defers its senders with 452 4.2.2")
     pr.add_argument("--no-progress", action="store_true", help="no live display")
     pr.set_defaults(func=cmd_run)
     return parser

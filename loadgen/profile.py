@@ -75,6 +75,7 @@ class Profile:
     partial_above: int       # e-mail bytes: a study larger than this is split (message/partial)
     partial_size: int        # e-mail bytes per message/partial piece
     retry_after: float       # simulated seconds between retries of a deferred message (MTA queue)
+    queue_lifetime: float    # simulated seconds a deferred message is retried before it expires
     pgp_share: float         # share of the studies (up to 256 MiB) sent PGP/MIME-encrypted
     modalities: tuple[Modality, ...]
     groups: tuple[Group, ...]
@@ -296,6 +297,9 @@ def parse_profile(text: str, source: str = "<profile>") -> Profile:
     retry_after = msgs.get("retry_after", "5m", conv=parse_duration)
     if retry_after <= 0:
         raise msgs.fail("retry_after", "impossible value: must be > 0")
+    queue_lifetime = msgs.get("queue_lifetime", "5d", conv=parse_duration)   # Postfix's default
+    if queue_lifetime < retry_after:
+        raise msgs.fail("queue_lifetime", "impossible value: shorter than retry_after")
     pgp_share = msgs.get("pgp_share", 0.0, conv=_number(0, 1))
     msgs.done()
 
@@ -371,7 +375,8 @@ def parse_profile(text: str, source: str = "<profile>") -> Profile:
     if not any(g.sends > 0 for g in groups):
         raise top.fail("participants", "nobody sends anything (every group has sends = 0)")
     return Profile(name, description, domain, volume, seed, weekdays, hours, partial_above,
-                   partial_size, retry_after, pgp_share, tuple(modalities), tuple(groups), source)
+                   partial_size, retry_after, queue_lifetime, pgp_share, tuple(modalities),
+                   tuple(groups), source)
 
 
 def shipped() -> list[str]:

@@ -141,7 +141,7 @@ class OwnRelay:
     participants' accounts are added with the store API while it runs (as `relay user add`
     would), so our password hashing overlaps the relay's first-login verifications."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, quota: int | None = None) -> None:
         from relay import config as configmod
 
         self.data_dir = data_dir
@@ -151,7 +151,8 @@ class OwnRelay:
         cfg_path.write_text(
             f'data_dir = "{data_dir}"\nhostname = "relay.loadgen.test"\ngrace_period = 10\n'
             '[smtp]\nlisten = ["127.0.0.1:0"]\n[imap]\nlisten = ["127.0.0.1:0"]\n'
-            '[pop3]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:0"\n')
+            '[pop3]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:0"\n'
+            + (f"[quota]\ndefault_bytes = {quota}\n" if quota is not None else ""))
         self.config = configmod.load(cfg_path)
         self.log = open(data_dir.parent / "relay.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(cfg_path)],
@@ -302,6 +303,8 @@ class Run:
 
     def _sender(self, queue: list[tuple[float, int, Message]]) -> None:
         retry_wall = max(MIN_WAIT, self.plan.profile.retry_after / self.plan.speedup)
+        lifetime_wall = self.plan.profile.queue_lifetime / self.plan.speedup
+        first_due = {msg.id: due for due, _, msg in queue}
         heapq.heapify(queue)
         seq = itertools.count(len(queue))
         while queue and not self.stop_senders.is_set():
@@ -311,8 +314,14 @@ class Run:
                 self.stop_senders.wait(wait)
                 continue
             heapq.heappop(queue)
-            if self._send_one(msg) == "deferred":
-                heapq.heappush(queue, (time.monotonic() - self.t0 + retry_wall, next(seq), msg))
+            if self._send_one(msg) != "deferred":
+                continue
+            now = time.monotonic() - self.t0
+            if now + retry_wall - first_due[msg.id] > lifetime_wall:     # an MTA bounces it
+                self.ledger.refused(msg.id, f"expired after {self.plan.profile.queue_lifetime:g} s "
+                                            "(simulated) in the queue")
+            else:
+                heapq.heappush(queue, (now + retry_wall, next(seq), msg))
 
     # receivers ------------------------------------------------------------------------------
     def _finished(self, who: str) -> bool:
@@ -517,6 +526,8 @@ def main(args: argparse.Namespace) -> int:
     involved = sorted({a for s in studies for a in (s.sender, s.recipient)})
     if args.smtp is None and (args.imap or args.pop3):
         raise ProfileError("--imap/--pop3 need --smtp (without any: a relay of our own)")
+    if args.smtp is not None and args.quota is not None:
+        raise ProfileError("--quota is for the relay loadgen starts; set quotas on your own server")
     ep = external_endpoints(args, involved) if args.smtp else None
     report_dir = Path(args.report or f"loadgen-report-{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     keep_work = args.work_dir is not None
@@ -532,7 +543,7 @@ def main(args: argparse.Namespace) -> int:
               f"scale {args.scale:g}; pool {report.fmt_bytes(pool.bytes)} in {time.monotonic() - t:.1f} s",
               flush=True)
         if ep is None:
-            own = OwnRelay(work / "relay" / "data")
+            own = OwnRelay(work / "relay" / "data", args.quota)
             ep = own.endpoints
         run = Run(plan, ep, work, args.drain_timeout)
         t = time.monotonic()

@@ -1,6 +1,6 @@
-"""`loadgen run` end to end over loopback: the real command against a relay of its own, and
-against a relay given by address (with a small quota, so that messages are deferred and
-retried); Ctrl-C still writes a report. Scaled down to seconds."""
+"""`loadgen run` end to end over loopback: the real command against a relay of its own (with a
+small quota, so that messages are deferred and retried, and some PGP/MIME), and against a relay
+given by address; Ctrl-C still writes a report. Scaled down to seconds."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def _report(tmp: Path) -> dict[str, Any]:
 
 
 def test_small_run_against_its_own_relay(tmp_path: Path) -> None:
-    r = subprocess.run(_loadgen(tmp_path, "--speedup", "21600", "--pgp-share", "0.5"),
+    r = subprocess.run(_loadgen(tmp_path, "--speedup", "21600", "--pgp-share", "0.5", "--quota", "600kB"),
                        capture_output=True, text=True, timeout=100, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     rep = _report(tmp_path)
@@ -102,6 +102,7 @@ def test_small_run_against_its_own_relay(tmp_path: Path) -> None:
     assert rep["bytes_sent"] > 500_000 and rep["wall_seconds"] < 20
     assert any(rec["id"].endswith(".2") for rec in rep["raw"]["records"])     # message/partial pieces
     assert rep["meta"]["pgp_messages"] >= 2                                    # PGP/MIME ones too
+    assert rep["deferred"] > 0 and rep["retried"] > 0          # 452 4.2.2 over quota, then drained
     receivers = set(rep["per_receiver"])
     assert {"centre@e2e.test", "practice@e2e.test"} <= receivers and len(receivers) >= 3
     md = (tmp_path / "report" / "report.md").read_text()
@@ -139,8 +140,8 @@ def test_ctrl_c_stops_senders_drains_and_reports(tmp_path: Path) -> None:
     assert rep["delivered"] == rep["accepted"]
 
 
-def test_against_given_servers_deferred_messages_are_retried(tmp_path: Path, relay_factory: Any) -> None:
-    relay = relay_factory(quota={"default_bytes": 600_000})
+def test_against_given_servers(tmp_path: Path, relay_factory: Any) -> None:
+    relay = relay_factory()
     for who in ("hospital1", "hospital2", "centre", "practice"):
         relay.add_user(f"{who}@e2e.test".replace("hospital", "hospital0"), "pw-e2e")
     cmd = _loadgen(tmp_path, "--speedup", "21600",
@@ -151,7 +152,20 @@ def test_against_given_servers_deferred_messages_are_retried(tmp_path: Path, rel
     rep = _report(tmp_path)
     assert rep["lost"] == rep["duplicated"] == rep["corrupted"] == 0
     assert rep["delivered"] == rep["planned"]
-    assert rep["deferred"] > 0 and rep["retried"] > 0          # 452 4.2.2 over quota, then drained
     assert "smtp 127.0.0.1:" in rep["server"]
     # every mailbox was emptied by the receivers
     assert not [f for f in (relay.data_dir / "mail").rglob("*") if f.is_file() and f.parent.name in ("new", "cur")]
+
+
+def test_a_message_that_never_fits_expires_and_the_run_fails(tmp_path: Path) -> None:
+    prof = PROFILE.replace('retry_after = "2m"', 'retry_after = "2m"\nqueue_lifetime = "1h"')
+    (tmp_path / "exp.toml").write_text(prof)
+    cmd = _loadgen(tmp_path, "--speedup", "21600", "--quota", "100kB")
+    cmd[cmd.index("--profile") + 1] = str(tmp_path / "exp.toml")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=100, check=False)
+    assert r.returncode == 1 and "FAIL" in r.stdout
+    rep = _report(tmp_path)
+    assert rep["refused"] > 0 and rep["deferred"] >= rep["refused"]
+    assert any("expired" in (rec["refused"] or "") for rec in rep["raw"]["records"])
+    assert rep["lost"] == rep["duplicated"] == rep["corrupted"] == 0
+    assert rep["delivered"] + rep["refused"] == rep["planned"]
