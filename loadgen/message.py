@@ -80,7 +80,7 @@ def _dicom_object(dicom_bytes: int, rng: random.Random, n: int) -> bytes:
     import io
 
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     pixels = max(512, dicom_bytes - 700)                    # ~700 bytes of meta and attributes
     if pixels < 1024 * 1024:
@@ -88,7 +88,7 @@ def _dicom_object(dicom_bytes: int, rng: random.Random, n: int) -> bytes:
     else:
         cols, rows, frames = 256, 256, pixels // (256 * 256 * 2)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"   # Multi-frame Grayscale Word SC
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7.3")   # Multi-frame Grayscale Word SC
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -193,7 +193,7 @@ class PgpPool:
         (directory / "key.asc").write_text(sec)
         ring = Keyring(directory / "gnupg", secret_key=directory / "key.asc")
         rng = random.Random(seed + 1)
-        parts = []
+        parts: list[Part] = []
         try:
             size = BASE
             while True:
@@ -324,7 +324,7 @@ def build_study(run_id: str, study: int, sender: str, recipient: str, modality: 
     total = len(groups)
     out = []
     for k, group in enumerate(groups, 1):
-        segs: list[Segment] = []
+        segs = []
         if total > 1 and k == 1:
             segs.append(mime + f"Subject: {subject}\r\nMessage-ID: {inner_id}\r\n\r\n".encode())
         for part in group:

@@ -64,7 +64,7 @@ def figures(data: RunData) -> dict[str, Any]:
     speedup, scale = float(m["speedup"]), float(m["scale"])
     recs = data.records
     ev = data.events
-    count = defaultdict(int)
+    count: dict[str, int] = defaultdict(int)
     for e in ev:
         count[e.kind] += 1
     sent = sum(1 for r in recs if r.attempts > 0)

@@ -166,8 +166,9 @@ class OwnRelay:
                 raise RuntimeError(f"relay serve did not start; see {self.log.name}")
             time.sleep(0.05)
         bound = json.loads(listeners.read_text())
-        self.endpoints = Endpoints(tuple(bound["smtp"][0]), tuple(bound["imap"][0]),  # type: ignore[arg-type]
-                                   tuple(bound["pop3"][0]), {},
+        self.endpoints = Endpoints((bound["smtp"][0][0], bound["smtp"][0][1]),
+                                   (bound["imap"][0][0], bound["imap"][0][1]),
+                                   (bound["pop3"][0][0], bound["pop3"][0][1]), {},
                                    description=f"own relay (pid {self.proc.pid}, {data_dir})")
 
     def add_account(self, address: str) -> None:
