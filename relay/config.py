@@ -29,7 +29,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(value: int | float | str, key: str = "size") -> int:
+def parse_size(value: float | str, key: str = "size") -> int:
     """Parse 4096, "4GiB", "512 MB" into bytes. Raises ConfigError naming `key`."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a size, got {value!r}")
@@ -194,7 +194,7 @@ class Config:
         mfd = self.backpressure.min_free_disk
         return 2 * self.smtp.max_message_size if mfd is None else mfd
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,7 +52,7 @@ class RunningRelay:
             try:
                 self.relay = Relay(config)
                 self.loop.run_until_complete(self.relay.start())
-            except BaseException as e:  # surfaced to the test below
+            except BaseException as e:  # noqa: BLE001 - surfaced to the test below
                 self.error = e
                 ready.set()
                 return

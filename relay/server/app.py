@@ -12,7 +12,11 @@ from typing import Any
 
 from relay.config import Config
 from relay.log import get_logger
-from relay.server.listener import SessionRegistry, bound_addresses, make_server_ssl_context
+from relay.server.listener import (
+    SessionRegistry,
+    bound_addresses,
+    make_server_ssl_context,
+)
 
 log = get_logger("app")
 
@@ -41,7 +45,9 @@ class Relay:
         from relay.server import imap, pop3, smtp
 
         self.store.recover()
-        from relay.directory import DirectoryService   # answers directory@, pushes changes, HTTP
+        from relay.directory import (
+            DirectoryService,  # answers directory@, pushes changes, HTTP
+        )
 
         self.directory = DirectoryService(self)
         await self.directory.start()

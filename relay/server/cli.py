@@ -42,7 +42,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the relay (SMTP, IMAP, POP3, metrics)")
     p.set_defaults(func=_serve)
     p = sub.add_parser("status", help="summary of the running relay: mailboxes, backlogs, "

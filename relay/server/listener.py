@@ -39,7 +39,7 @@ def make_server_ssl_context(config: Config) -> ssl.SSLContext | None:
 
 @dataclass
 class Session:
-    registry: "SessionRegistry"
+    registry: SessionRegistry
     protocol: str
     peer: str
     sid: str = field(default_factory=new_session_id)
@@ -103,7 +103,7 @@ class SessionRegistry:
         try:
             await asyncio.wait_for(self._empty.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def statistics(self) -> SessionStats:
