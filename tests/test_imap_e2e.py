@@ -397,3 +397,23 @@ def test_a_client_that_stops_reading_is_dropped_after_the_idle_timeout(relay_fac
     m = login(r)                                 # and it serves others as before
     assert m.select()[1] == [b"1"]
     m.logout()
+
+
+def test_new_mail_is_visible_to_search_and_fetch_without_noop(mail: Any) -> None:
+    """A poller that stays selected and only searches sees new mail (no NOOP needed); a
+    sequence-number command gets EXISTS but never an EXPUNGE that would shift its numbers."""
+    c = Raw(mail.imap_port)
+    c.cmd(b"a LOGIN alice@example.test secret")
+    c.cmd(b"b SELECT INBOX")
+    send(mail, b"Subject: four\r\n\r\nx\r\n")
+    assert c.cmd(b"c UID SEARCH ALL") == [b"* 4 EXISTS", b"* SEARCH 1 2 3 4", b"c OK SEARCH completed"]
+    assert c.cmd(b"d UID SEARCH ALL") == [b"* SEARCH 1 2 3 4", b"d OK SEARCH completed"]
+    m = login(mail)                                  # another session removes message 1 ...
+    m.select()
+    m.store("1", "+FLAGS", "(\\Deleted)")
+    m.expunge()
+    m.logout()
+    send(mail, b"Subject: five\r\n\r\ny\r\n")        # ... and a fifth message arrives
+    assert c.cmd(b"e FETCH 4 (UID)") == [b"* 5 EXISTS", b"* 4 FETCH (UID 4)", b"e OK FETCH completed"]
+    assert c.cmd(b"f NOOP") == [b"* 1 EXPUNGE", b"f OK NOOP completed"]
+    assert c.cmd(b"g SEARCH ALL") == [b"* SEARCH 1 2 3 4", b"g OK SEARCH completed"]

@@ -596,6 +596,22 @@ class ImapSession:
             sent += 1
         return sent
 
+    async def catch_up(self, cmd: Command) -> None:
+        """Mail that arrived since the last command becomes visible to SEARCH, FETCH and STORE
+        without a NOOP (pollers that stay selected and only UID SEARCH): a UID command may
+        carry every update, a sequence-number command only EXISTS, since EXPUNGE would shift
+        the numbers it names (RFC 9051 7.4.1, RFC 3501 7.4.1)."""
+        if not self.changed.is_set() or self.state != SELECTED:
+            return
+        if cmd.uid:
+            await self.refresh()
+            return
+        top = self.view[-1].uid if self.view else 0
+        new = [m for m in self.mailbox.messages() if m.uid > top]
+        if new:
+            self.view += new
+            self.write(untagged(f"{len(self.view)} EXISTS"))
+
     # --- selected ------------------------------------------------------------------------
 
     def _targets(self, cmd: Command, spec: proto.Arg) -> list[tuple[int, Any]]:
@@ -648,6 +664,7 @@ class ImapSession:
         self.write(tagged(cmd.tag, "OK", "EXPUNGE completed"))
 
     async def cmd_search(self, cmd: Command) -> None:
+        await self.catch_up(cmd)
         args = list(cmd.args)
         if args and isinstance(args[0], str) and args[0].upper() == "RETURN":
             raise ImapSyntaxError("SEARCH RETURN (ESEARCH) is not supported")
@@ -679,6 +696,7 @@ class ImapSession:
         self.write(tagged(cmd.tag, "OK", "STORE completed"))
 
     async def cmd_fetch(self, cmd: Command) -> None:
+        await self.catch_up(cmd)
         proto.want_args(cmd, 2, 2)
         atts = proto.parse_fetch_atts(cmd.args[1])
         if cmd.uid and not any(a.name == "UID" for a in atts):
