@@ -221,6 +221,26 @@ def test_split_study_reassembled_over_pop3_in_any_order(net: Net) -> None:
         shutil.rmtree(inbox, ignore_errors=True)
 
 
+def _tampered_signed(net: Net, entity: bytes) -> str:
+    """An OpenPGP message for rad that decrypts fine but whose content was changed after ct
+    signed it (signed, then one byte of the literal data flipped, then encrypted): GnuPG
+    reports BADSIG. Made with pgpy, as no gpg command encrypts an already-signed packet stream."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgpy  # type: ignore[import-untyped]
+        from pgpy.constants import CompressionAlgorithm  # type: ignore[import-untyped]
+        signer, _ = pgpy.PGPKey.from_blob(net.keys[CT][0])
+        rad, _ = pgpy.PGPKey.from_blob(net.keys[RAD][1])
+        msg = pgpy.PGPMessage.new(entity, compression=CompressionAlgorithm.Uncompressed)
+        msg |= signer.sign(msg)
+        raw = bytearray(bytes(msg))
+        i = raw.index(b"application/dicom")
+        raw[i] ^= 0x20                              # "Application/dicom": the signed bytes changed
+        armored = str(rad.encrypt(pgpy.PGPMessage.from_blob(bytes(raw))))
+    return armored.split("-----END")[0].replace("\n", "\r\n")
+
+
 def _quarantine(rad: Path) -> dict[str, str]:
     q = rad.parent / "quarantine"
     return {d.name: (d / "reason.txt").read_text().splitlines()[0] for d in q.iterdir()}
@@ -275,6 +295,7 @@ def test_bad_messages_are_quarantined_with_reasons(net: Net) -> None:
         good = encrypted(ct, CT, entity).decode()
         armored_good = good[good.index("-----BEGIN PGP MESSAGE-----"):good.index("-----END PGP MESSAGE-----")]
         cases["unsigned"] = good.replace(armored_good, plain.read_text().split("-----END")[0].replace("\n", "\r\n")).encode()
+        cases["bad-signature"] = good.replace(armored_good, _tampered_signed(net, entity.read_bytes())).encode()
         cases["not-encrypted"] = (f"From: {CT}\r\nTo: {RAD}\r\nSubject: DICOM\r\nMessage-ID: <plain@x>\r\n"
                                   f"MIME-Version: 1.0\r\n").encode() + entity.read_bytes()
         # undecryptable: a valid PGP/MIME message for someone else (eve)

@@ -39,6 +39,8 @@ class Verdict:
     signer: str          # VALIDSIG primary key fingerprint ("" if none)
     key_id: str          # the signing key id from ERRSIG/NO_PUBKEY ("" if none)
     status: str          # the [GNUPG:] lines, for the quarantine reason file
+    bad_signature: bool = False   # BADSIG: the content does not match its signature (gpg then
+                                  # stops before DECRYPTION_OKAY, although decryption worked)
 
 
 def _status_lines(stderr: str) -> list[list[str]]:
@@ -124,7 +126,7 @@ class Keyring:
         signed = bool(kinds & {"GOODSIG", "BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "VALIDSIG"})
         good = "GOODSIG" in kinds and bool(signer) and not kinds & {"BADSIG", "ERRSIG"}
         v = Verdict(decrypted, signed, good, signer, key_id,
-                    "\n".join(" ".join(s) for s in status))
+                    "\n".join(" ".join(s) for s in status), "BADSIG" in kinds)
         if not (v.decrypted and v.good):
             dst.unlink(missing_ok=True)
         return v

@@ -309,6 +309,8 @@ class Receiver:
         v = self.gw.ring.decrypt_verify(work / "encrypted.asc", work / "plain.mime")
         (work / "encrypted.asc").unlink()
         self.summary.add_time("decrypt", t)
+        if v.bad_signature:          # decrypted, but the content is not what was signed
+            raise Quarantined(BAD_SIGNATURE, "the signature does not verify\n" + v.status)
         if not v.decrypted:
             raise Quarantined(UNDECRYPTABLE, "not decryptable with this gateway's key\n" + v.status)
         if not v.signed:
