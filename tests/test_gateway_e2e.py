@@ -521,3 +521,31 @@ def test_starttls_to_a_relay_that_refuses_plaintext_auth(relay_factory: Callable
     finally:
         for d in tmp_path.glob("*/state/gnupg"):
             subprocess.run(["gpgconf", "--homedir", str(d), "--kill", "gpg-agent"], capture_output=True, check=False)
+
+
+def test_a_study_is_recorded_before_it_leaves_and_forgotten_if_sending_fails(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver may import and send its MDN before the sender has even closed its SMTP
+    session: the sent record must already exist then, or the MDN would match nothing."""
+    from relay.gateway import send, transport
+    from relay.gateway.config import load
+    from relay.gateway.core import Gateway
+    from tests.test_gateway_pacs import free_port
+
+    files = synthetic_study(net.tmp / "order", n=1)
+    recorded_while_sending: list[list[str]] = []
+    real_send = transport.SmtpSession.send
+
+    def watching(self: transport.SmtpSession, sender: str, to: str, chunks: Any, size: int) -> str:
+        recorded_while_sending.append([s.message_id for s in g.state.sent(unconfirmed_only=True)])
+        return real_send(self, sender, to, chunks, size)
+
+    monkeypatch.setattr(transport.SmtpSession, "send", watching)
+    with Gateway(load(net.gateway(CT))) as g:
+        [rep] = send.send_paths(g, RAD, [files[0]])
+        assert recorded_while_sending == [[rep.message_id]]
+        assert rep.method == "BDAT"                       # the relay offers CHUNKING
+        g.cfg = g.cfg.replace(smtp=f"127.0.0.1:{free_port()}")     # the relay is gone
+        with pytest.raises(transport.TransportError):
+            send.send_paths(g, RAD, [files[0]])
+        assert [s.message_id for s in g.state.sent()] == [rep.message_id]

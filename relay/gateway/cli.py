@@ -38,7 +38,7 @@ def _send(args: argparse.Namespace) -> int:
             return 1
         for r in reports:
             print(f"sent study {r.study_uid} to {args.to}: {r.files} files, {r.dicom_bytes} bytes, "
-                  f"{r.parts} message(s), message-id {r.message_id}")
+                  f"{r.parts} message(s) by {r.method}, message-id {r.message_id}")
             print("  seconds: " + " ".join(f"{k}={v:.3f}" for k, v in r.seconds.items())
                   + f" message_bytes={r.message_bytes}")
     return 0

@@ -28,6 +28,7 @@ class SendReport:
     message_bytes: int
     parts: int
     seconds: dict[str, float] = field(default_factory=dict)   # mime, encrypt, send
+    method: str = ""                                           # BDAT or DATA
 
 
 def send_study(gw: Gateway, to: str, instances: list[dicommime.Instance]) -> SendReport:
@@ -53,12 +54,19 @@ def send_study(gw: Gateway, to: str, instances: list[dicommime.Instance]) -> Sen
                                     mid, cfg.domain)
         rep.parts = len(ranges)
         t = time.monotonic()
-        with transport.smtp_session(cfg) as smtp:
-            for r in ranges:
-                smtp.send(cfg.address, peer.address, message.iter_range(work / "message.eml", r),
-                          size=len(r.headers) + r.length)
-        rep.seconds["send"] = time.monotonic() - t
+        # recorded before the first byte leaves: a fast receiver's MDN may come back before
+        # this process has closed its SMTP session, and must find the study to confirm
         gw.state.add_sent(mid, study_uid, peer.address, rep.files, rep.dicom_bytes, rep.parts)
+        try:
+            with transport.smtp_session(cfg) as smtp:
+                for r in ranges:
+                    rep.method = smtp.send(cfg.address, peer.address,
+                                           message.iter_range(work / "message.eml", r),
+                                           size=len(r.headers) + r.length)
+        except BaseException:
+            gw.state.forget_sent(mid)       # not sent (or not all parts): send it again
+            raise
+        rep.seconds["send"] = time.monotonic() - t
         log.info("study_sent", study=study_uid, to=peer.address, message_id=mid, files=rep.files,
                  bytes=rep.message_bytes, parts=rep.parts)
         return rep

@@ -63,6 +63,9 @@ class State:
         self.db.execute("INSERT OR REPLACE INTO sent VALUES (?,?,?,?,?,?,?,NULL,NULL)",
                         (message_id, study_uid, recipient, files, nbytes, parts, time.time()))
 
+    def forget_sent(self, message_id: str) -> None:
+        self.db.execute("DELETE FROM sent WHERE message_id=? AND confirmed_at IS NULL", (message_id,))
+
     def confirm(self, message_id: str, reporter: str, disposition: str) -> bool:
         """Mark a sent study confirmed by an MDN from its recipient. False if unknown."""
         cur = self.db.execute(
