@@ -65,6 +65,91 @@ def test_quota_crossed_while_streaming_defers_the_whole_message(relay_factory: A
     assert tmp_files(r, "a@example.test") == []
 
 
+class _Raw:
+    """A raw SMTP socket (replies read one complete line at a time)."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.buf = b""
+        self.reply()
+
+    def reply(self) -> str:
+        while True:
+            for line in self.buf.split(b"\r\n")[:-1]:
+                self.buf = self.buf.split(b"\r\n", 1)[1]
+                if line[3:4] == b" ":
+                    return line.decode()
+            chunk = self.sock.recv(65536)
+            assert chunk, f"closed; buffer {self.buf!r}"
+            self.buf += chunk
+
+    def cmd(self, line: bytes) -> str:
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()
+
+    def bdat(self, data: bytes) -> str:
+        self.sock.sendall(b"BDAT %d LAST\r\n" % len(data) + data)
+        return self.reply()
+
+
+def test_quota_crossed_while_streaming_stops_writing_at_once(relay_factory: Any) -> None:
+    """Without SIZE= the reservation grows as the data streams: once the message no longer
+    fits, its tmp file is removed at once (the disk does not fill with a message that will
+    be refused), the rest is drained, and the final dot gets 452 4.2.2."""
+    r = relay_factory(quota={"default_bytes": "1MiB"}, backpressure={"soft_backlog": "1TiB"})
+    r.add_user("a@example.test")
+    c = _Raw(r.smtp_port)
+    try:
+        c.cmd(b"EHLO gw.test")
+        assert c.cmd(b"MAIL FROM:<gw@hospital.test>").startswith("250")
+        assert c.cmd(b"RCPT TO:<a@example.test>").startswith("250")
+        assert c.cmd(b"DATA").startswith("354")
+        c.sock.sendall(body(6 * 1024 * KiB))          # past the quota and one RESERVE_STEP
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (
+                tmp_files(r, "a@example.test")
+                or r.call(lambda relay: relay.policy.statistics().deferrals["quota_end_of_data"]) == 0):
+            time.sleep(0.02)
+        assert tmp_files(r, "a@example.test") == []   # refused before the end of the data
+        c.sock.sendall(b"more\r\n" * 1000)           # drained, not stored
+        reply = c.cmd(b".")
+        assert reply.startswith("452 4.2.2"), reply
+        assert c.cmd(b"NOOP").startswith("250")         # the session goes on
+        assert r.call(lambda relay: relay.store.quota.reserved("a@example.test")) == (0, 0)
+        st = r.call(lambda relay: relay.policy.statistics())
+        assert st.deferrals["quota_end_of_data"] == 1
+        assert st.recipients["a@example.test"].backlog_bytes == 0     # nothing left in flight
+    finally:
+        c.sock.close()
+    assert stored(r, "a@example.test") == [] and tmp_files(r, "a@example.test") == []
+
+
+def test_failed_message_releases_its_reservations(relay_factory: Any) -> None:
+    """A message the store cannot take (here: tmp/ unusable at the first BDAT chunk) is
+    drained and refused; what it reserved is released at once, not when the session ends."""
+    r = relay_factory(quota={"default_bytes": 100 * KiB, "default_messages": 1})
+    r.add_user("a@example.test")
+    local_tmp = r.data_dir / "mail" / "example.test" / "a" / "tmp"
+    c = _Raw(r.smtp_port)
+    try:
+        c.cmd(b"EHLO gw.test")
+        assert c.cmd(b"MAIL FROM:<gw@hospital.test> SIZE=60000").startswith("250")
+        assert c.cmd(b"RCPT TO:<a@example.test>").startswith("250")
+        local_tmp.rmdir()
+        assert c.bdat(b"abcd").startswith("451 4.3.0")
+        local_tmp.mkdir()
+        assert r.call(lambda relay: relay.store.quota.reserved("a@example.test")) == (0, 0)
+        # the next transaction of the same session is not refused by a leftover reservation
+        assert c.cmd(b"MAIL FROM:<gw@hospital.test> SIZE=60000").startswith("250")
+        assert c.cmd(b"RCPT TO:<a@example.test>").startswith("250")
+        assert c.bdat(b"abcd").startswith("250 2.0.0")
+        assert r.call(lambda relay: relay.store.quota.reserved("a@example.test")) == (0, 0)
+    finally:
+        c.sock.close()
+    assert len(stored(r, "a@example.test")) == 1
+
+
 def test_message_count_quota(relay_factory: Any) -> None:
     r = relay_factory(quota={"default_messages": 1})
     r.add_user("a@example.test")

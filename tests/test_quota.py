@@ -48,6 +48,22 @@ def test_reserve_release_and_usage(store: Store) -> None:
         store.quota.reserve("nobody@example.test", 1)
 
 
+def test_extend_a_reservation_while_streaming(store: Store) -> None:
+    r = store.quota.reserve("a@example.test", 0)                 # no SIZE= declared
+    other = store.quota.reserve("a@example.test", 300)
+    store.quota.extend(r, 500)
+    assert (r.nbytes, store.usage("a@example.test").reserved_bytes) == (500, 800)
+    with pytest.raises(QuotaExceeded):
+        store.quota.extend(r, 201)                               # 300 + 701 > 1000
+    assert (r.nbytes, store.usage("a@example.test").reserved_bytes) == (500, 800)
+    store.quota.extend(r, 200)                                   # exactly full
+    r.release()
+    store.quota.extend(r, 100)                                   # released: holds nothing
+    assert store.quota.reserved("a@example.test") == (300, 1)
+    other.release()
+    assert store.quota.reserved("a@example.test") == (0, 0)
+
+
 def test_committed_mail_counts_against_the_quota(store: Store) -> None:
     size = deliver(store, "a@example.test", 700)
     u = store.usage("a@example.test")

@@ -242,17 +242,15 @@ class Backpressure:
             log.warning("statvfs-failed", error=e.strerror)
             free = None
         if free is not None and free - size < self.config.min_free_disk:
-            self._deferrals["disk"] += 1
-            log.info("deferred", reason="disk", mailbox=address, free=free, size=size)
+            self.deferred("disk", address, free=free, size=size)
             return R_DISK_LOW
         r = self._recipient(address)
         self._refresh(r, self.clock(), force=True)
         reserved_bytes, reserved_msgs = self.store.quota.reserved(address)
         if (r.quota_bytes and r.stored_bytes + reserved_bytes + size > r.quota_bytes
                 or r.quota_messages and r.stored_messages + reserved_msgs + 1 > r.quota_messages):
-            self._deferrals["quota"] += 1
-            log.info("deferred", reason="quota", mailbox=address, size=size, usage=r.stored_bytes,
-                     reserved=reserved_bytes, quota=r.quota_bytes)
+            self.deferred("quota", address, size=size, usage=r.stored_bytes,
+                          reserved=reserved_bytes, quota=r.quota_bytes)
             return R_OVER_QUOTA
         return None
 
@@ -268,11 +266,17 @@ class Backpressure:
             self._refresh(r, now, force=True)
             if (r.quota_bytes and r.stored_bytes + size > r.quota_bytes
                     or r.quota_messages and r.stored_messages + 1 > r.quota_messages):
-                self._deferrals["quota_end_of_data"] += 1
-                log.info("deferred", reason="quota_end_of_data", mailbox=address, size=size,
-                         usage=r.stored_bytes, quota=r.quota_bytes)
+                self.deferred("quota_end_of_data", address, size=size, usage=r.stored_bytes,
+                              quota=r.quota_bytes)
                 return R_OVER_QUOTA
         return None
+
+    def deferred(self, reason: str, mailbox: str, **fields: object) -> None:
+        """Count and log one deferral (reason: quota, quota_end_of_data, disk). The SMTP
+        server calls it too when the store's reservation refuses a message that grew past
+        its quota while streaming."""
+        self._deferrals[reason] = self._deferrals.get(reason, 0) + 1
+        log.info("deferred", reason=reason, mailbox=mailbox, **fields)
 
     # --- statistics ------------------------------------------------------------------------
 

@@ -90,9 +90,9 @@ class Relay:
         live = len(self.sessions.live())
         log.info("stopping", live_sessions=live, grace=grace)
         if live and not await self.sessions.wait_empty(grace):
-            for s in self.sessions.live():
-                if s.closer is not None:
-                    s.closer()
+            for session in self.sessions.live():
+                if session.closer is not None:
+                    session.closer()
             await self.sessions.wait_empty(2.0)
         for s in self._servers.get("metrics", []):
             s.close()

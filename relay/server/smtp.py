@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 log = get_logger("smtp")
 
 BUFFER_SIZE = 1024 * 1024            # one receive buffer per session (FACTS: large reads)
+# A message that grows past its reservation (no SIZE=, or more than declared) extends the
+# reservation of every recipient as it streams, checked once per this many bytes: a message
+# that crosses a quota stops being written at once (452 4.2.2 after the rest is drained)
+# rather than filling the disk first, and other senders see the bytes in flight.
+RESERVE_STEP = 4 * 1024 * 1024
 
 R_MAIL_OK = Reply(250, "2.1.0", "Sender OK")
 R_RCPT_OK = Reply(250, "2.1.5", "Recipient OK")
@@ -95,6 +100,7 @@ class _Message:
         self.pacer: Any = None
         self.started = 0.0
         self.size = 0
+        self.reserved = mail.size or 0       # bytes each reservation holds
 
     def release(self) -> None:
         for r in self.reservations:
@@ -312,6 +318,8 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _on_mail(self, ev: P.MailFrom) -> None:
         assert self.conn is not None
+        if self.msg is not None:              # defensive: nothing of the last one may linger
+            self._end_message(None, "reset")
         self.msg = _Message(ev)
         self.conn.reply(R_MAIL_OK)
 
@@ -383,7 +391,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if ev.first:
             failure = self._begin()
             if failure is not None:
-                self.conn.fail_message(failure)
+                self._fail_message(failure, "failed")
 
     def _write_chunk(self, data: memoryview) -> None:
         msg = self.msg
@@ -394,10 +402,35 @@ class SmtpSession(asyncio.BufferedProtocol):
             msg.delivery.write(data)
         except StoreError as e:
             log.warning("write-failed", sid=self._sid, error=str(e))
-            msg.delivery.abort()
-            msg.delivery = None
-            assert self.conn is not None
-            self.conn.fail_message(R_STORE)
+            self._fail_message(R_STORE, "failed")
+            return
+        if msg.size >= msg.reserved + RESERVE_STEP:
+            over = self._extend_reservations(msg, msg.size)
+            if over is not None:
+                self._fail_message(over, "over-quota")
+
+    def _extend_reservations(self, msg: _Message, size: int) -> Reply | None:
+        """Grow every recipient's reservation to `size`; 452 4.2.2 when one does not fit."""
+        quota = self.relay.store.quota
+        for r in msg.reservations:
+            try:
+                quota.extend(r, size - r.nbytes)
+            except QuotaExceeded:
+                if self.relay.policy is not None:
+                    self.relay.policy.deferred("quota_end_of_data", r.address, size=size,
+                                               sid=self._sid)
+                return R_OVER_QUOTA
+            except StoreError:
+                return R_STORE
+        msg.reserved = max(msg.reserved, size)
+        return None
+
+    def _fail_message(self, reply: Reply, outcome: str) -> None:
+        """The message cannot be kept: the protocol drains the rest of its data and then
+        answers `reply`; the delivery, reservations and pacer are released now."""
+        assert self.conn is not None
+        self.conn.fail_message(reply)
+        self._end_message(reply, outcome)
 
     def _on_aborted(self, ev: P.DataAborted) -> None:
         if self.msg is not None:
@@ -441,19 +474,8 @@ class SmtpSession(asyncio.BufferedProtocol):
             refusal = self.relay.policy.check_end_of_data(list(msg.recipients), size)
             if refusal is not None:
                 return refusal  # type: ignore[no-any-return]
-        declared = msg.mail.size or 0
-        if size > declared:
-            quota = self.relay.store.quota
-            for r in msg.reservations:
-                r.release()
-            msg.reservations.clear()
-            try:
-                for addr in msg.recipients:
-                    msg.reservations.append(quota.reserve(addr, size))
-            except QuotaExceeded:
-                return R_OVER_QUOTA
-            except StoreError:
-                return R_STORE
+        if size > msg.reserved:
+            return self._extend_reservations(msg, size)
         return None
 
     def _end_message(self, reply: Reply | None, outcome: str) -> None:

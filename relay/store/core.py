@@ -96,6 +96,18 @@ class Quota:
         slot[1] += 1
         return Reservation(self, addr, nbytes)
 
+    def extend(self, r: Reservation, nbytes: int) -> None:
+        """Hold `nbytes` more for an open reservation (a message growing past its declared
+        size while it streams); QuotaExceeded, holding nothing more, if they do not fit."""
+        if r.released or nbytes <= 0:
+            return
+        u = self.store.usage(r.address)
+        if u.quota_bytes and u.bytes + u.reserved_bytes + nbytes > u.quota_bytes:
+            raise QuotaExceeded(r.address, "bytes")
+        slot = self._reserved.setdefault(r.address, [0, 0])
+        slot[0] += nbytes
+        r.nbytes += nbytes
+
     def _release(self, r: Reservation) -> None:
         slot = self._reserved.get(r.address)
         if slot is None:
