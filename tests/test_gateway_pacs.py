@@ -127,3 +127,32 @@ def test_push_to_absent_pacs_is_a_clear_error(tmp_path: Path) -> None:
     cfg = gw_config(tmp_path, pacs=f"127.0.0.1:{free_port()}")
     with pytest.raises(GatewayError, match="association refused or not reachable"):
         push_study(cfg, tmp_path / "study")  # type: ignore[arg-type]
+
+
+def test_a_pause_inside_one_association_does_not_cut_the_study_in_two(tmp_path: Path) -> None:
+    """A PACS that waits longer than quiet_period between two images of one association: the
+    study is forwarded once, whole, after the association is released."""
+    from pynetdicom import AE
+
+    files = synthetic_study(tmp_path / "in", n=2)
+    cfg = gw_config(tmp_path, dicom_listen="127.0.0.1:0", quiet_period=0.2, state_dir="state")
+    got: list[int] = []
+    scp = StorageScp(cfg, lambda folder: got.append(len(list(folder.iterdir()))))  # type: ignore[arg-type]
+    port = scp.start()
+    try:
+        ae = AE(ae_title="PACS")
+        meta = pydicom.filereader.read_file_meta_info(files[0])
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="RELAYGW")
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(files[0]).Status == 0
+            time.sleep(1.0)                     # 5 quiet periods with the association open
+            assert got == []
+            assert assoc.send_c_store(files[1]).Status == 0
+        finally:
+            assoc.release()
+        wait_for(lambda: got != [])
+    finally:
+        scp.stop()
+    assert got == [2]

@@ -3,7 +3,9 @@
 Storage SCP (`relay gateway pacs-listen`): a PACS pushes a study with C-STORE; datasets are
 written to disk as received (pynetdicom's chunked receive: never decoded, never in memory),
 grouped by StudyInstanceUID, and a study is sent once no instance of it has arrived for
-`quiet_period` seconds.
+`quiet_period` seconds and the associations that brought it are closed (a PACS that pauses
+between two images of one association does not get its study cut in two). An association
+held open without new images holds its studies back for at most HOLD_OPEN x quiet_period.
 
 Storage SCU: pushes an imported study folder to the receiver's PACS (`pacs = "HOST:PORT"`),
 each file sent as stored, in its own transfer syntax (no re-encoding).
@@ -43,6 +45,9 @@ _ALL_TS = [
 ]
 
 
+HOLD_OPEN = 10       # x quiet_period: longest an idle open association delays its studies
+
+
 class StorageScp:
     """C-STORE receiver. `on_study(folder)` is called (in the watcher thread) for each study
     that has been quiet for `quiet_period` seconds; the folder is removed afterwards if it
@@ -56,6 +61,7 @@ class StorageScp:
         self.spool = cfg.state_dir / "pacs-in"
         self.spool.mkdir(parents=True, exist_ok=True)
         self._last: dict[str, float] = {}
+        self._open: dict[str, set[int]] = {}      # study -> ids of open associations sending it
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.server: Any = None
@@ -79,7 +85,21 @@ class StorageScp:
             folder.mkdir(exist_ok=True)
             shutil.move(str(src), folder / f"{sop}.dcm")
             self._last[study] = self.clock()
+            self._open.setdefault(study, set()).add(id(event.assoc))
         return 0x0000
+
+    def _on_close(self, event: Any) -> None:
+        """The association ended (released, aborted, connection lost): its studies' quiet
+        period starts now."""
+        a = id(event.assoc)
+        with self._lock:
+            for study, assocs in list(self._open.items()):
+                if a in assocs:
+                    assocs.discard(a)
+                    if study in self._last:            # not forwarded yet
+                        self._last[study] = self.clock()
+                    if not assocs:
+                        del self._open[study]
 
     def start(self) -> int:
         host, port = parse_hostport(self.cfg.dicom_listen, "dicom_listen")
@@ -90,7 +110,8 @@ class StorageScp:
             ae.add_supported_context(cx.abstract_syntax, _ALL_TS)
         ae.add_supported_context(Verification)
         self.server = ae.start_server((host, port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                                                    (evt.EVT_CONN_CLOSE, self._on_close)])
         self.port = self.server.server_address[1]
         threading.Thread(target=self._watch, name="pacs-quiet", daemon=True).start()
         log.info("pacs_listening", ae_title=self.cfg.ae_title, host=host, port=self.port)
@@ -98,8 +119,10 @@ class StorageScp:
 
     def due(self) -> list[str]:
         now = self.clock()
+        quiet, held = self.cfg.quiet_period, self.cfg.quiet_period * HOLD_OPEN
         with self._lock:
-            return [s for s, t in self._last.items() if now - t >= self.cfg.quiet_period]
+            return [s for s, t in self._last.items()
+                    if now - t >= (held if self._open.get(s) else quiet)]
 
     def flush_due(self) -> None:
         for study in self.due():
@@ -115,6 +138,7 @@ class StorageScp:
                 if self._last.get(study, 0) <= self.clock() - self.cfg.quiet_period:
                     shutil.rmtree(folder, ignore_errors=True)
                     self._last.pop(study, None)
+                    self._open.pop(study, None)
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, max(0.05, self.cfg.quiet_period / 4))):
