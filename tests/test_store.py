@@ -119,6 +119,21 @@ def test_passwords_are_argon2id_only(store: Store) -> None:
     assert not store.accounts.verify("nobody@example.test", "correct horse")
 
 
+def test_weak_kdf_only_when_the_test_variable_is_set(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest sets RELAY_TEST_WEAK_KDF; without it new hashes use the production profile,
+    and hashes of either kind verify."""
+    monkeypatch.delenv("RELAY_TEST_WEAK_KDF", raising=False)
+    store.accounts.add("prod@example.test", "pw1")
+    monkeypatch.setenv("RELAY_TEST_WEAK_KDF", "1")
+    store.accounts.add("test@example.test", "pw2")
+    hashes = {r["address"]: r["password"] for r in store.db.query("SELECT address, password FROM accounts")}
+    assert hashes["prod@example.test"].startswith("$argon2id$v=19$m=65536,t=3,p=4$")
+    assert hashes["test@example.test"].startswith("$argon2id$v=19$m=8,t=1,p=1$")
+    assert store.accounts.verify("prod@example.test", "pw1") and store.accounts.verify("test@example.test", "pw2")
+    assert not store.accounts.verify("prod@example.test", "pw2")
+    assert not store.accounts.verify("test@example.test", "pw1")
+
+
 def test_account_without_password_cannot_log_in(store: Store) -> None:
     a = store.accounts.add("scanner@example.test")
     assert not a.has_password

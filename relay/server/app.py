@@ -17,6 +17,7 @@ from relay.server.listener import (
     bound_addresses,
     make_server_ssl_context,
 )
+from relay.store import accounts
 
 log = get_logger("app")
 
@@ -109,6 +110,9 @@ class Relay:
 
 
 async def serve(config: Config) -> int:
+    if accounts.weak_kdf():
+        log.warning("weak-kdf", detail=f"{accounts.WEAK_KDF_ENV} is set: new password hashes use "
+                    "argon2 test parameters; unset it outside test suites")
     relay = Relay(config)
     await relay.start()
     relay.write_runfiles()

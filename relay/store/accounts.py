@@ -30,6 +30,18 @@ from relay.store.errors import AccountExists, AddressError, NoSuchAccount, Store
 # t=3, m=64 MiB, p=4; ~0.11 s per hash on this machine (docs/decisions.md).
 _hasher = argon2.PasswordHasher()
 
+# TEST SUITES ONLY: RELAY_TEST_WEAK_KDF=1 in the environment makes *new* hashes use
+# argon2-cffi's test profile (argon2id, t=1, m=8 KiB, p=1: microseconds instead of ~0.5 s
+# under load). tests/conftest.py sets it; nothing else may. Verification always uses the
+# parameters recorded in the stored hash, so either kind of hash verifies correctly, and
+# `relay serve` logs a warning when the variable is set (docs/store.md).
+WEAK_KDF_ENV = "RELAY_TEST_WEAK_KDF"
+_weak_hasher = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, hash_len=16, salt_len=16)
+
+
+def weak_kdf() -> bool:
+    return os.environ.get(WEAK_KDF_ENV, "") not in ("", "0")
+
 
 @dataclass(frozen=True)
 class Account:
@@ -88,7 +100,7 @@ class CredentialCache:
 def hash_password(password: str) -> str:
     if not isinstance(password, str) or password == "":
         raise StoreError("empty password")
-    return _hasher.hash(password)
+    return (_weak_hasher if weak_kdf() else _hasher).hash(password)
 
 
 def _check_hash(stored: str, password: str) -> bool:
