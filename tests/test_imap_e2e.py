@@ -9,6 +9,7 @@ import os
 import re
 import smtplib
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -417,3 +418,28 @@ def test_new_mail_is_visible_to_search_and_fetch_without_noop(mail: Any) -> None
     assert c.cmd(b"e FETCH 4 (UID)") == [b"* 5 EXISTS", b"* 4 FETCH (UID 4)", b"e OK FETCH completed"]
     assert c.cmd(b"f NOOP") == [b"* 1 EXPUNGE", b"f OK NOOP completed"]
     assert c.cmd(b"g SEARCH ALL") == [b"* SEARCH 1 2 3 4", b"g OK SEARCH completed"]
+
+
+def test_a_receiver_dropped_mid_fetch_is_a_dropped_session_not_an_error(relay: Any) -> None:
+    """A gateway killed (TCP RST) in the middle of a literal: the session ends as "dropped",
+    not as "error" with a traceback; over a small receive window the server is in its
+    drain/pread path when the reset arrives."""
+    send(relay, b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 20_000)
+    for _ in range(2):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", relay.imap_port))
+        s.sendall(b"a LOGIN alice@example.test secret\r\nb SELECT INBOX\r\nc FETCH 1 (BODY.PEEK[])\r\n")
+        got = 0
+        while got < 200_000:
+            got += len(s.recv(65536))
+        time.sleep(0.2)                                   # the server waits for the socket
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    deadline = time.monotonic() + 5
+    while relay.call(lambda r: r.sessions.statistics().total.get(("imap", "dropped"), 0)) < 2:
+        assert time.monotonic() < deadline, relay.call(lambda r: r.sessions.statistics())
+        time.sleep(0.02)
+    assert ("imap", "error") not in relay.call(lambda r: r.sessions.statistics()).total
+    assert relay.call(lambda r: r.imap_stats.statistics().messages_fetched) == 0

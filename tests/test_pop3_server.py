@@ -7,6 +7,7 @@ import base64
 import poplib
 import smtplib
 import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -329,3 +330,55 @@ def test_shutdown_with_a_session_in_transaction_deletes_nothing(relay: RunningRe
     relay.stop()                       # grace 2 s, then open sessions are closed
     assert raw.line() == b""
     assert path.exists()
+
+
+def _reset(s: socket.socket) -> None:
+    """Close with a TCP RST (SO_LINGER 0), as a crashed or killed receiver does."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def test_a_receiver_dropped_mid_retr_is_a_dropped_session_not_an_error(relay: RunningRelay) -> None:
+    """A gateway killed during a download is ordinary: the session ends as "dropped" (not
+    "error" with a traceback), nothing counts as fetched, and the lock is released."""
+    deliver(relay, b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 20_000)
+    s = socket.create_connection(("127.0.0.1", relay.pop3_port), timeout=10)
+    s.sendall(f"USER {ALICE}\r\nPASS secret\r\nRETR 1\r\n".encode())
+    got = 0
+    while got < 200_000:
+        got += len(s.recv(65536))
+    _reset(s)
+    wait_unlocked(relay)
+    deadline = time.monotonic() + 5
+    while not relay.call(lambda r: r.sessions.statistics().total.get(("pop3", "dropped"))):
+        assert time.monotonic() < deadline, relay.call(lambda r: r.sessions.statistics())
+        time.sleep(0.02)
+    st = relay.call(lambda r: r.sessions.statistics())
+    assert ("pop3", "error") not in st.total
+    assert relay.call(lambda r: r.pop3.statistics().messages_fetched) == 0
+    assert len(stored(relay)) == 1
+
+
+def test_message_expunged_by_imap_meanwhile_is_sys_perm(relay: RunningRelay) -> None:
+    """RESP-CODES e2e: the maildrop is a snapshot; a message an IMAP session of the same
+    account expunged meanwhile answers RETR with -ERR [SYS/PERM], and its DELE + QUIT
+    counts nothing as deleted by POP3."""
+    import imaplib
+
+    deliver(relay, b"Subject: a\r\n\r\na\r\n")
+    deliver(relay, b"Subject: b\r\n\r\nb\r\n")
+    p = pop(relay)
+    m = imaplib.IMAP4("127.0.0.1", relay.imap_port)
+    m.login(ALICE, "secret")
+    m.select()
+    m.store("1", "+FLAGS", "(\\Deleted)")
+    m.expunge()
+    m.logout()
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/PERM\]"):
+        p.retr(1)
+    assert p.retr(2)[1][-1] == b"b"                      # the session goes on
+    p.dele(1)
+    p.dele(2)
+    assert b"messages deleted" in p.quit()
+    assert stored(relay) == []
+    assert relay.call(lambda r: r.pop3.statistics().messages_deleted) == 1

@@ -162,8 +162,15 @@ class ImapSession:
     # --- I/O -----------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        self._check_open()
         self.sent += len(data)
         self.writer.write(data)
+
+    def _check_open(self) -> None:
+        """A transport closed by the peer (RST) or by shutdown refuses writes with
+        RuntimeError under uvloop; that is a lost connection, not a server error."""
+        if self.writer.transport.is_closing():
+            raise ConnectionResetError("connection closed")
 
     async def flush(self) -> None:
         """drain(), but a client that stops reading for idle_timeout is dropped (bounded
@@ -862,6 +869,8 @@ class ImapSession:
                     n = os.sendfile(sockfd, fd, offset, min(count, SENDFILE_MAX))
                 except (BlockingIOError, InterruptedError):
                     n = 0
+                except (BrokenPipeError, ConnectionResetError):
+                    raise                           # the client went away
                 except OSError:
                     sockfd = -1                     # not a socket sendfile can use: pread from now
                     n = 0
@@ -874,6 +883,7 @@ class ImapSession:
             data = os.pread(fd, min(CHUNK if sockfd < 0 else WAKE_CHUNK, count), offset)
             if not data:
                 raise OSError(f"message file shorter than expected at {offset}")
+            self._check_open()
             self.writer.write(data)
             offset += len(data)
             count -= len(data)
@@ -890,4 +900,5 @@ class ImapSession:
         try:
             await self.writer.drain()
         finally:
-            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)

@@ -146,8 +146,15 @@ class Pop3Session:
             pass
 
     async def _write(self, data: bytes) -> None:
-        self.writer.write(data)
+        self._out(data)
         await self._drain()
+
+    def _out(self, data: bytes) -> None:
+        """Write; a transport closed by the peer (RST) or by shutdown is a lost connection
+        (uvloop refuses the write with RuntimeError, which would read as a server error)."""
+        if self.writer.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.writer.write(data)
 
     async def _drain(self) -> None:
         """Wait until the transport is below its high-water mark; a client that reads nothing
@@ -168,17 +175,17 @@ class Pop3Session:
                         data = await self.reader.read(READ_SIZE)
                 except TimeoutError:
                     # RFC 1939 3: autologout; nothing is deleted.
-                    self.writer.write(proto.err("Idle timeout, closing the connection"))
+                    self._out(proto.err("Idle timeout, closing the connection"))
                     return "timeout"
                 if not data:
                     return "dropped"
                 conn.receive_data(data)
             elif isinstance(ev, proto.Respond):
-                self.writer.write(ev.data)
+                self._out(ev.data)
                 if ev.close:
                     return "ok"
             elif isinstance(ev, proto.Authenticate):
-                self.writer.write(await self._authenticate(ev))
+                self._out(await self._authenticate(ev))
             elif isinstance(ev, proto.Retrieve):
                 await self._retrieve(ev)
             elif isinstance(ev, proto.StartTls):
@@ -245,14 +252,14 @@ class Pop3Session:
         try:
             fd = os.open(self.mailbox.path(ev.uid), os.O_RDONLY)
         except (OSError, StoreError):  # expunged meanwhile (IMAP) or unreadable
-            self.writer.write(proto.err(f"Message {ev.msgno} is no longer available", "SYS/PERM"))
+            self._out(proto.err(f"Message {ev.msgno} is no longer available", "SYS/PERM"))
             return
         started = time.monotonic()
         stuffer = proto.DotStuffer()
         top = proto.TopFilter(ev.top_lines) if ev.top_lines is not None else None
         reader = _Prefetcher(fd, RETR_CHUNK if top is None else TOP_CHUNK)
         try:
-            self.writer.write(ev.head)
+            self._out(ev.head)
             while True:
                 data = await reader.next()
                 if not data:
@@ -261,11 +268,11 @@ class Pop3Session:
                     data = top.feed(data)
                 self.sent += len(data)
                 self.stats.fetched_bytes += len(data)
-                self.writer.write(stuffer.feed(data))
+                self._out(stuffer.feed(data))
                 await self._drain()
                 if top is not None and top.done:
                     break
-            self.writer.write(stuffer.finish())
+            self._out(stuffer.finish())
         finally:
             reader.close()
         if top is None:
@@ -281,8 +288,8 @@ class Pop3Session:
         failed = 0
         if ev.expunge:
             try:
-                self.mailbox.expunge(list(ev.expunge))
-                self.stats.messages_deleted += len(ev.expunge)
+                # only what was removed here (an IMAP session may have expunged some already)
+                self.stats.messages_deleted += len(self.mailbox.expunge(list(ev.expunge)))
             except Exception as e:  # report, keep the messages
                 log.error("expunge_failed", sid=self.sid, uids=len(ev.expunge), exc_info=e)
                 failed = len(ev.expunge)
@@ -290,7 +297,7 @@ class Pop3Session:
 
 
 class _Prefetcher:
-    """Reads a file chunk by chunk in the default executor, one chunk ahead of the sender, so
+    """Reads a file chunk by chunk in a small pool of its own, one chunk ahead of the sender, so
     that disk reads overlap the socket writes and never block the loop. The fd is closed when
     the last read in flight has finished (never under a running pread)."""
 
