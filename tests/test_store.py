@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config
+from relay.config import Config, QuotaConfig
 from relay.store import (
     AccountExists,
     AddressError,
@@ -351,3 +351,25 @@ def test_begin_delivery_fails_cleanly_when_tmp_is_unusable(store: Store) -> None
     d = store.begin_delivery("s@x.test", ["alice@example.test"])
     d.abort()
     assert os.listdir(tmp) == []
+
+
+def test_server_start_cleans_tmp_and_rebuilds_the_ledger(relay_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Relay.start() runs recover(): a crashed process's tmp file goes, and a ledger that
+    disagrees with the Maildir is rebuilt before the first RCPT is checked against it."""
+    data = tmp_path / "crashed"
+    s = Store.open(cfg(tmp_path, data_dir=data, quota=QuotaConfig(default_bytes=1000)))
+    s.accounts.add("alice@example.test")
+    md = data / "mail" / "example.test" / "alice"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (md / "tmp" / f"1700000000.M1P{dead}Q1.relay.test").write_bytes(b"half a message")
+    with s.db.transaction() as c:                     # a ledger that says "full"
+        c.execute("UPDATE accounts SET usage_bytes=1000, usage_messages=7")
+    s.close()
+    r = relay_factory(data_dir=data, quota={"default_bytes": 1000})
+    assert os.listdir(md / "tmp") == []
+    u = r.call(lambda relay: relay.store.usage("alice@example.test"))
+    assert (u.bytes, u.messages) == (0, 0)
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as c:
+        assert c.sendmail("s@remote.test", ["alice@example.test"], b"Subject: x\r\n\r\nhi\r\n") == {}
