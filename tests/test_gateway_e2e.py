@@ -549,3 +549,32 @@ def test_a_study_is_recorded_before_it_leaves_and_forgotten_if_sending_fails(
         with pytest.raises(transport.TransportError):
             send.send_paths(g, RAD, [files[0]])
         assert [s.message_id for s in g.state.sent()] == [rep.message_id]
+
+
+def test_a_pop3_error_leaves_the_message_for_the_next_round(net: Net) -> None:
+    """-ERR on RETR (a message gone, trouble on the server) is a temporary transport error:
+    the round goes on, reports the failure, and the next round imports the study."""
+    from relay.gateway import transport
+    from relay.gateway.config import load
+    from relay.gateway.core import Gateway
+    from relay.gateway.receive import Receiver
+
+    files = synthetic_study(net.tmp / "pop3err", n=1)
+    gw("send", net.gateway(CT), "--to", RAD, str(files[0]))
+    rad = net.gateway(RAD, pop3=f"127.0.0.1:{net.relay.pop3_port}")
+
+    class Refusing(transport.Pop3Source):
+        def messages(self) -> list[tuple[str, int]]:
+            got = super().messages()
+            self._num = {k: 9999 for k in self._num}      # RETR 9999: -ERR no such message
+            return got
+
+    with Gateway(load(rad)) as g:
+        src = Refusing(g.cfg)
+        try:
+            s = Receiver(g, src).run_once()
+        finally:
+            src.close()
+        assert s.failed >= 1 and s.imported == [] and s.quarantined == []
+    r = gw("receive", rad, "--once")
+    assert "imported 1 study" in r.stdout and "failed" not in r.stdout

@@ -67,7 +67,8 @@ def _receiver(gw, pacs: bool = True):  # type: ignore[no-untyped-def]
 def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
     print(f"imported {len(s.imported)} stud{'y' if len(s.imported) == 1 else 'ies'}, "
           f"quarantined {len(s.quarantined)}, MDNs {s.mdns}, parts held {s.parts_held}, "
-          f"directory updates {s.directory_updates}")
+          f"directory updates {s.directory_updates}"
+          + (f", failed {s.failed} (left in the mailbox, retried)" if s.failed else ""))
     for study in s.imported:
         print(f"  imported {study}")
     if s.seconds:
@@ -92,9 +93,14 @@ def _receive(args: argparse.Namespace) -> int:
             return 1
         try:
             if args.once:
-                s = rc.run_once()
+                try:
+                    s = rc.run_once()
+                except (TransportError, OSError) as e:      # the relay went away mid-round
+                    _print_summary(rc.summary)
+                    print(f"relay gateway receive: {e}", file=sys.stderr)
+                    return 1
                 _print_summary(s)
-                return 1 if s.quarantined else 0
+                return 1 if s.quarantined or s.failed else 0
             stop = threading.Event()
 
             def on_signal(*_: object) -> None:

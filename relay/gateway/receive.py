@@ -49,6 +49,7 @@ class Summary:
     directory_updates: int = 0
     directory_replies: int = 0
     bytes_fetched: int = 0
+    failed: int = 0             # messages left in the mailbox after an error (retried)
     seconds: dict[str, float] = field(default_factory=dict)   # fetch, decrypt, import
 
     def add_time(self, stage: str, t0: float) -> None:
@@ -88,6 +89,7 @@ class Receiver:
                 self.handle(key, size)
             except (OSError, transport.TransportError) as e:
                 # temporary: the message stays in the mailbox and is retried next round
+                self.summary.failed += 1
                 log.error("receive_failed", key=key, error=str(e))
         self.expire_partials()
         return self.summary

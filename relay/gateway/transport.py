@@ -171,24 +171,34 @@ class Pop3Source:
         return [(f"pop3:{uidl[n]}", sizes[n]) for n in sorted(uidl)]
 
     def fetch(self, key: str, path: Path, offset: int) -> None:
-        self.c.retr_to_file(self._num[key], path)
+        from relay.clients.pop3 import Pop3Error
+        try:
+            self.c.retr_to_file(self._num[key], path)
+        except Pop3Error as e:          # -ERR (message gone, server trouble): retried next round
+            raise TransportError(f"POP3: {e}") from None
 
     def delete(self, keys: list[str]) -> None:
         # POP3 deletes at QUIT (RFC 1939 6): commit now, then start a new session
-        for k in keys:
-            self.c.dele(self._num[k])
+        from relay.clients.pop3 import Pop3Error
+        try:
+            for k in keys:
+                self.c.dele(self._num[k])
+            if keys:
+                self.c.quit()
+        except Pop3Error as e:
+            raise TransportError(f"POP3: {e}") from None
         if keys:
-            self.c.quit()
             self.c = self._connect()
             self.messages()
 
     def wait(self, timeout: float) -> None:
-        self.c.quit()
+        self.close()
         time.sleep(timeout)
         self.c = self._connect()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
+        from relay.clients.pop3 import Pop3Error
+        with contextlib.suppress(OSError, Pop3Error):
             self.c.quit()
 
 
