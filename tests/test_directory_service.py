@@ -268,3 +268,25 @@ def test_accounts_deleted_behind_the_directorys_back(h: Harness) -> None:
         await h.service.tick()
         assert h.service.statistics().requests["answered"] == 1
     asyncio.run(go())
+
+
+def test_suspended_participant_keeps_its_account_and_mail_but_leaves_the_network(h: Harness) -> None:
+    """The documented decision (docs/directory.md, "Suspending"): suspension takes a participant
+    out of the directory (document, pushes, answers, WKD); its account, password and waiting
+    mail stay, so it can still log in and drain its mailbox. `resume` brings it back."""
+    async def go() -> None:
+        h.add("a@x.test")
+        h.add("s@x.test", password="pw")
+        await h.settle()
+        assert [m["Subject"] for m in h.mailbox("s@x.test")] == ["Directory update: serial 2"]
+        h.cli.update("s@x.test", status="suspended")
+        await h.settle()
+        assert [m["Subject"] for m in h.mailbox("a@x.test")][-1] == "Directory update: serial 3"
+        doc = verify_document(h.cli.signed().json, h.cli.signed().signature, h.cli.key.public_armored())
+        assert [p["address"] for p in doc["participants"]] == ["a@x.test"]
+        assert len(h.mailbox("s@x.test")) == 1                   # no push, the old mail kept
+        assert h.store.accounts.verify("s@x.test", "pw")         # can still log in and drain
+        h.cli.update("s@x.test", status="active")
+        await h.settle()
+        assert [m["Subject"] for m in h.mailbox("s@x.test")][-1] == "Directory update: serial 4"
+    asyncio.run(go())
