@@ -158,8 +158,8 @@ def test_directory_http_on_a_listener_of_its_own(relay_factory: Callable[..., An
     r = relay_factory(directory={"http_listen": "127.0.0.1:0", "address": "directory@x.test"})
     port = r.relay.bound["directory_http"][0][1]
 
-    def get(path: str) -> tuple[str, bytes]:
-        p = subprocess.run(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10",
+    def get(path: str, *opts: str) -> tuple[str, bytes]:
+        p = subprocess.run(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10", *opts,
                             f"http://127.0.0.1:{port}{path}"], capture_output=True, check=True, timeout=30)
         body, _, code = p.stdout.rpartition(b"\n")
         return code.decode(), body
@@ -167,3 +167,8 @@ def test_directory_http_on_a_listener_of_its_own(relay_factory: Callable[..., An
     assert code == "200" and key.decode() == r.call(lambda relay: relay.directory.directory.key.public_armored())
     assert get("/.well-known/openpgpkey/policy")[0] == "200"
     assert get("/metrics")[0] == "404"
+    # read-only: no method but GET/HEAD, on the documents and on WKD alike
+    for path in ("/directory/directory.json", "/.well-known/openpgpkey/hu/x"):
+        for method in ("POST", "PUT", "DELETE"):
+            assert get(path, "-X", method, "--data", "x")[0] == "405"
+    assert get("/directory/key.asc")[1] == key
