@@ -40,6 +40,8 @@ class Event:
     nbytes: int = 0
     who: str = ""                     # the recipient (or sender for errors)
     detail: str = ""
+    t0: float | None = None           # accepted/delivered: when that transfer began (its bytes
+                                      # are spread over t0..t in throughput figures and plots)
 
 
 @dataclass
@@ -49,6 +51,25 @@ class RunData:
     events: list[Event] = field(default_factory=list)
     wall_seconds: float = 0.0
     interrupted: bool = False
+
+
+def _spread(bins: list[float], width: float, e: Event) -> None:
+    """Add e's bytes to `bins` (wall-time bins of `width` seconds), spread evenly over the
+    transfer's span t0..t: a 1 GB message accepted after 4 s of streaming is 250 MB/s over
+    those 4 s, not 1 GB in the bin of its 250 reply."""
+    n = len(bins)
+    t1 = e.t
+    t0 = t1 if e.t0 is None else min(max(0.0, e.t0), t1)
+    i0, i1 = min(n - 1, int(t0 / width)), min(n - 1, int(t1 / width))
+    if i0 == i1:
+        bins[i0] += e.nbytes
+        return
+    rate = e.nbytes / (t1 - t0)
+    for i in range(i0, i1 + 1):
+        lo, hi = max(t0, i * width), min(t1, (i + 1) * width)
+        if i == n - 1:
+            hi = t1
+        bins[i] += rate * max(0.0, hi - lo)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -71,20 +92,19 @@ def figures(data: RunData) -> dict[str, Any]:
     accepted = [r for r in recs if r.accepted is not None]
     delivered = [r for r in recs if r.deliveries > 0]
     lost = sum(1 for r in accepted if r.deliveries == 0)
-    duplicated = sum(max(0, r.deliveries - 1) for r in recs) + count["duplicated"]
+    duplicated = sum(max(0, r.deliveries - 1) for r in recs)     # (each also has an event)
     wall = max(data.wall_seconds, 1e-9)
 
-    # throughput: accepted bytes per wall-time bin
+    # throughput: accepted / downloaded bytes per wall-time bin, each over its transfer's span
     nbins = max(1, min(200, int(wall / 0.25)))
     width = wall / nbins
-    acc_bins = [0] * nbins
-    dl_bins = [0] * nbins
+    acc_bins = [0.0] * nbins
+    dl_bins = [0.0] * nbins
     for e in ev:
-        i = min(nbins - 1, int(e.t / width))
         if e.kind == "accepted":
-            acc_bins[i] += e.nbytes
+            _spread(acc_bins, width, e)
         elif e.kind == "delivered":
-            dl_bins[i] += e.nbytes
+            _spread(dl_bins, width, e)
     peak_mbs = max(acc_bins) / width / 1e6
     peak_dl_mbs = max(dl_bins) / width / 1e6
 
@@ -105,6 +125,10 @@ def figures(data: RunData) -> dict[str, Any]:
         peak_per[e.who] = max(peak_per[e.who], backlog[e.who])
         peak_total = max(peak_total, total)
 
+    deferrals_for: dict[str, int] = defaultdict(int)
+    for e in ev:
+        if e.kind == "deferred":
+            deferrals_for[e.who] += 1
     lat: dict[str, list[float]] = defaultdict(list)
     for r in delivered:
         if r.delivered is not None:
@@ -114,7 +138,8 @@ def figures(data: RunData) -> dict[str, Any]:
         who: {"messages": len(v), "latency_p50_seconds": _pct(v, 0.5),
               "latency_p95_seconds": _pct(v, 0.95), "latency_max_seconds": max(v),
               "peak_backlog_bytes": peak_per.get(who, 0),
-              "peak_backlog_full_scale_bytes": int(peak_per.get(who, 0) / scale)}
+              "peak_backlog_full_scale_bytes": int(peak_per.get(who, 0) / scale),
+              "deferrals": deferrals_for.get(who, 0)}
         for who, v in sorted(lat.items())}
     slowest = max(per_receiver.items(), key=lambda kv: (kv[1]["latency_p95_seconds"], kv[0]),
                   default=(None, None))
@@ -192,9 +217,12 @@ def plot(data: RunData, fig: dict[str, Any], out: Path) -> None:
     xs = [sim((i + 0.5) * width) for i in range(nbins)]
     series: dict[str, list[float]] = {k: [0.0] * nbins for k in ("accepted", "delivered", "deferred", "refused")}
     for e in data.events:
-        if e.kind in series:
-            i = min(nbins - 1, int(e.t / width))
-            series[e.kind][i] += e.nbytes / width / 1e6 if e.kind in ("accepted", "delivered") else 1
+        if e.kind in ("accepted", "delivered"):
+            _spread(series[e.kind], width, Event(e.t, e.kind, e.nbytes, t0=e.t0))
+        elif e.kind in series:
+            series[e.kind][min(nbins - 1, int(e.t / width))] += 1
+    for k in ("accepted", "delivered"):
+        series[k] = [b / width / 1e6 for b in series[k]]
 
     f, ax = plt.subplots(figsize=(8, 4))
     ax.plot(xs, series["accepted"], label="accepted (SMTP 250)")
@@ -275,17 +303,22 @@ def markdown(fig: dict[str, Any]) -> str:
         (f"- mean {fig['mean_mb_per_s']:.1f} MB/s; peak {fig['peak_mb_per_s']:.1f} MB/s accepted, "
         f"{fig['peak_download_mb_per_s']:.1f} MB/s downloaded"),
         "",
-        "## Capacity summary (full scale, simulated time)",
+        "## Capacity summary",
         "",
-        f"- peak hour of intake: {fig['peak_simulated_hour_full_scale_mbit_per_s']:.1f} Mbit/s",
-        (f"- peak backlog on the server: {fmt_bytes(fig['peak_backlog_full_scale_bytes'])}; "
+        (f"- peak throughput (as run, x{fig['speedup']:g}, scale {fig['scale']:g}): "
+         f"{fig['peak_mb_per_s']:.1f} MB/s accepted, {fig['peak_download_mb_per_s']:.1f} MB/s downloaded"),
+        (f"- busiest simulated hour at full scale: "
+         f"{fig['peak_simulated_hour_full_scale_mbit_per_s']:.1f} Mbit/s of intake (the relay's link)"),
+        (f"- peak backlog on the server (full scale): {fmt_bytes(fig['peak_backlog_full_scale_bytes'])}; "
         f"disk needed (peak backlog + the largest message): {fmt_bytes(fig['disk_needed_bytes'])}"),
         (f"- latency submission -> verified download: median {_dur(fig['latency_p50_seconds'])}, "
         f"95% {_dur(fig['latency_p95_seconds'])}, max {_dur(fig['latency_max_seconds'])}"),
     ]
     if sr:
         lines.append(f"- slowest receiver: {sr['address']} (95% latency {_dur(sr['latency_p95_seconds'])}); "
-                     f"it costs the server {fmt_bytes(sr['peak_backlog_full_scale_bytes'])} of backlog at its peak")
+                     f"it costs the server {fmt_bytes(sr['peak_backlog_full_scale_bytes'])} of backlog at its peak"
+                     ", "
+                     f"and its senders {sr['deferrals']} deferrals (4xx)")
     lines += ["", "## Figures", ""]
     for name in PLOTS:
         lines.append(f"![{name.removesuffix('.png')}]({name})")

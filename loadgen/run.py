@@ -60,22 +60,24 @@ class Ledger:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    def _event(self, kind: str, nbytes: int = 0, who: str = "", detail: str = "") -> None:
-        self.events.append(report.Event(self.now(), kind, nbytes, who, detail))
+    def _event(self, kind: str, nbytes: int = 0, who: str = "", detail: str = "",
+               t0: float | None = None) -> None:
+        self.events.append(report.Event(self.now(), kind, nbytes, who, detail, t0))
 
-    def _accept(self, r: report.Record) -> None:
+    def _accept(self, r: report.Record, t0: float | None = None) -> None:
         if r.accepted is None:
             r.accepted = self.now()
-            self._event("accepted", r.size, r.recipient)
+            self._event("accepted", r.size, r.recipient, t0=t0)
             self.outstanding[r.recipient] = self.outstanding.get(r.recipient, 0) + 1
 
     def attempt(self, mid: str) -> None:
         with self.lock:
             self.records[mid].attempts += 1
 
-    def accepted(self, mid: str) -> None:
+    def accepted(self, mid: str, t0: float | None = None) -> None:
+        """The 250 for `mid`; `t0` (ledger time) is when its SMTP session began."""
         with self.lock:
-            self._accept(self.records[mid])
+            self._accept(self.records[mid], t0)
 
     def deferred(self, mid: str, reply: str) -> None:
         with self.lock:
@@ -91,8 +93,9 @@ class Ledger:
         with self.lock:
             self._event("error", 0, who, detail)
 
-    def delivered(self, who: str, v: Verdict) -> str:
-        """A download verified against its digest header; returns the outcome."""
+    def delivered(self, who: str, v: Verdict, t0: float | None = None) -> str:
+        """A download verified against its digest header (begun at ledger time `t0`);
+        returns the outcome."""
         with self.lock:
             r = self.records.get(v.id or "")
             if not v.ok or r is None or r.recipient != who:
@@ -106,7 +109,7 @@ class Ledger:
                 return "duplicated"
             r.delivered = self.now()
             self.outstanding[who] -= 1
-            self._event("delivered", r.size, who)
+            self._event("delivered", r.size, who, t0=t0)
             return "delivered"
 
     def waiting_for(self, who: str) -> int:
@@ -281,6 +284,7 @@ class Run:
         g = self.plan.model.by_address[msg.sender].group
         rate = g.uplink * self.plan.speedup * self.plan.scale
         self.ledger.attempt(msg.id)
+        t0 = self.ledger.now()
         try:
             with SmtpClient(*self.ep.smtp, timeout=600) as c:
                 c.ehlo()
@@ -299,7 +303,7 @@ class Run:
         except OSError as e:
             self.ledger.error(msg.sender, f"{msg.id}: {e!r}")
             return "deferred"
-        self.ledger.accepted(msg.id)
+        self.ledger.accepted(msg.id, t0)
         return "accepted"
 
     def _sender(self, queue: list[tuple[float, int, Message]]) -> None:
@@ -333,7 +337,7 @@ class Run:
         return self.ledger.waiting_for(who) == 0 or time.monotonic() > self.drain_deadline
 
     def _take(self, who: str, path: Path, nbytes: int, t_start: float, rate: float) -> None:
-        self.ledger.delivered(who, verify_file(path))
+        self.ledger.delivered(who, verify_file(path), t_start - self.ledger.t0)
         path.unlink(missing_ok=True)
         ahead = t_start + nbytes / rate - time.monotonic()
         if ahead > 0:
