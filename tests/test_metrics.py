@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import itertools
 import platform
 import poplib
 import smtplib
@@ -206,3 +207,14 @@ def test_every_spec_has_a_source_and_every_source_a_spec() -> None:
               "relay_mailbox_drain_rate_bytes_per_second"}
     assert wired == {s.name for s in SPECS}
     assert set(documented_metrics()) >= {s.exposed for s in SPECS}
+
+
+def test_metrics_doc_lists_every_metric_in_one_table() -> None:
+    """A blank line inside a Markdown table ends it: the rows after it would render as text."""
+    from opsutil import METRICS_MD
+
+    section = METRICS_MD.read_text().split("## Every metric", 1)[1]
+    lines = section.strip().splitlines()
+    table = list(itertools.takewhile(lambda ln: ln.startswith("|"), lines))
+    rows = {ln.split("`")[1] for ln in table[2:]}
+    assert rows == set(documented_metrics()), set(documented_metrics()) - rows
