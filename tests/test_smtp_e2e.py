@@ -3,6 +3,7 @@ raw sockets for bad input, and `relay serve` as a real subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -572,6 +573,23 @@ def test_statistics_and_log_lines(relay: RunningRelay, caplog: pytest.LogCapture
     assert msgs[0].fields["size"] == 1000 and msgs[0].fields["outcome"] == "accepted"  # type: ignore[attr-defined]
     assert sid in {s.fields["sid"] for s in sessions}  # type: ignore[attr-defined]
     assert f"id {sid}".encode() in new_files(relay, ALICE)[0].read_bytes()
+
+
+# --- shutdown ----------------------------------------------------------------------------------------
+def test_stop_after_the_grace_period_closes_a_stalled_message(relay: RunningRelay,
+                                                              raw: Callable[[], Raw]) -> None:
+    c = raw()
+    c.cmd("EHLO c")
+    c.cmd("MAIL FROM:<s@remote.test>")
+    c.cmd(f"RCPT TO:<{ALICE}>")
+    assert c.cmd("DATA").startswith("354")
+    c.send(b"Subject: stalled\r\n\r\n" + b"x" * 10_000)
+    deadline = time.monotonic() + 5
+    while not tmp_files(relay) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    asyncio.run_coroutine_threadsafe(relay.relay.stop(grace=0.5), relay.loop).result(15)
+    assert c.reply().startswith("421 4.3.2") and c.closed()
+    assert tmp_files(relay) == [] and new_files(relay, ALICE) == []
 
 
 # --- `relay serve` as a real process --------------------------------------------------------------------
