@@ -578,3 +578,40 @@ def test_a_pop3_error_leaves_the_message_for_the_next_round(net: Net) -> None:
         assert s.failed >= 1 and s.imported == [] and s.quarantined == []
     r = gw("receive", rad, "--once")
     assert "imported 1 study" in r.stdout and "failed" not in r.stdout
+
+
+def test_messages_that_cannot_be_taken_apart_are_quarantined_not_fatal(net: Net) -> None:
+    """A receiver must never stop on one message (it would stop on it again at every start):
+    broken MIME anywhere - in a message claiming to be from the directory, in a boundary, in
+    a base64 attachment - is quarantined as malformed, and the round goes on."""
+    rad = net.gateway(RAD)
+    directory = "directory@example.test"
+    broken = {
+        "unclosed multipart from the directory": (
+            f"From: {directory}\r\nTo: {RAD}\r\nSubject: Re: GET\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+            'Content-Type: application/json; name="directory.json"\r\n\r\n{}\r\n'),
+        "bad base64 from the directory": (
+            f"From: {directory}\r\nTo: {RAD}\r\nSubject: Re: GET\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+            'Content-Type: application/json; name="directory.json"\r\n'
+            "Content-Transfer-Encoding: base64\r\n\r\nQUJDR\r\n--b\r\n"
+            'Content-Type: application/pgp-signature; name="directory.json.asc"\r\n\r\nx\r\n--b--\r\n'),
+        "non-ASCII boundary": (
+            f"From: {CT}\r\nTo: {RAD}\r\nSubject: DICOM\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; '
+            'boundary="\u00e4\u00f6"\r\n\r\n--\u00e4\u00f6\r\n\r\nVersion: 1\r\n--\u00e4\u00f6--\r\n'),
+    }
+    # and a "study" From: the directory is checked like any other, not taken for a reply
+    forged = (f"From: {directory}\r\nTo: {RAD}\r\nSubject: DICOM\r\nMIME-Version: 1.0\r\n"
+              'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="b"\r\n'
+              "\r\n--b\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n--b\r\n"
+              "Content-Type: application/octet-stream\r\n\r\n-----BEGIN PGP MESSAGE-----\r\n\r\n"
+              "hQEMA0Jvb2dhYm9vZ2E=\r\n-----END PGP MESSAGE-----\r\n--b--\r\n")
+    for raw in [*broken.values(), forged]:
+        net.inject(RAD, raw.encode("utf-8"))
+    r = gw("receive", rad, "--once", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"quarantined {len(broken) + 1}" in r.stdout, r.stdout
+    assert sorted(_quarantine(rad).values()) == ["malformed"] * len(broken) + ["undecryptable"]
+    assert not left_in_mailbox(net.relay.data_dir / "mail" / "example.test" / "rad")

@@ -91,6 +91,10 @@ class Receiver:
                 # temporary: the message stays in the mailbox and is retried next round
                 self.summary.failed += 1
                 log.error("receive_failed", key=key, error=str(e))
+            except (MimeError, ValueError) as e:
+                # not quarantined (handle() quarantines what it can): never fatal for the loop
+                self.summary.failed += 1
+                log.error("receive_failed", key=key, error=f"{type(e).__name__}: {e}", exc_info=e)
         self.expire_partials()
         return self.summary
 
@@ -144,6 +148,16 @@ class Receiver:
 
     def handle(self, key: str, size: int) -> None:
         path = self.download(key, size)
+        try:
+            self._handle(key, path)
+        except (MimeError, ValueError) as e:
+            # a message that cannot be taken apart: quarantined, never fatal (a receiver that
+            # stopped on it would stop on it again at every start)
+            if not path.exists():
+                raise
+            self.quarantine([path], [key], MALFORMED, f"{type(e).__name__}: {e}")
+
+    def _handle(self, key: str, path: Path) -> None:
         with open(path, "rb") as fp:
             head, _ = read_headers(fp)
         sender = _addr(head.get("From"))
@@ -165,8 +179,10 @@ class Receiver:
             self.take_mdn(mdn, sender)
             self.finish([key], [path])
             return
-        if sender == self.cfg.directory_mailbox.lower():
-            # a service reply (signed document, "unchanged", a key): never a study
+        if sender == self.cfg.directory_mailbox.lower() and head.get_content_type() != "multipart/encrypted":
+            # a service reply (signed document, "unchanged", a key): never a study. (An
+            # encrypted message From: the directory is no reply: it is checked as a study and
+            # quarantined, not dropped.)
             self.summary.directory_replies += 1
             if not self.take_directory(path):
                 log.info("directory_reply", subject=head.get("Subject", ""))
@@ -243,9 +259,16 @@ class Receiver:
             return
         whole = pdir / "whole.eml"
         t = time.monotonic()
-        message.reassemble([p for _, _, p, *_ in parts], whole)
-        self.summary.add_time("reassemble", t)
         keys = [k for _, _, _, k, _, _ in parts]
+        try:
+            message.reassemble([p for _, _, p, *_ in parts], whole)
+        except (MimeError, ValueError) as e:
+            self.quarantine([p for _, _, p, *_ in parts], keys, MALFORMED,
+                            f"message/partial id {info.id}: cannot be reassembled: {e}", sender=sender)
+            self.gw.state.drop_partials(pid)
+            remove_tree(pdir)
+            return
+        self.summary.add_time("reassemble", t)
         for _, _, p, *_ in parts:
             p.unlink()          # whole.eml holds every byte of them (disk: one copy, not two)
         log.info("partial_complete", id=info.id, total=total)
@@ -270,8 +293,12 @@ class Receiver:
     # --- the study message ------------------------------------------------------------------
 
     def process(self, path: Path, keys: list[str], files: list[Path]) -> None:
-        with open(path, "rb") as fp:
-            head, _ = read_headers(fp)
+        try:
+            with open(path, "rb") as fp:
+                head, _ = read_headers(fp)
+        except MimeError as e:
+            self.quarantine(files, keys, MALFORMED, str(e))
+            return
         mid = (head.get("Message-ID") or "").strip()
         sender = _addr(head.get("From"))
         if mid and self.gw.state.was_imported(mid):
@@ -283,6 +310,10 @@ class Receiver:
             study_uid, count = self.verify_and_import(path, head, sender, work)
         except Quarantined as q:
             self.quarantine(files, keys, q.reason, q.detail, sender=sender, message_id=mid)
+            return
+        except (MimeError, ValueError) as e:           # anything the checks did not name
+            self.quarantine(files, keys, MALFORMED, f"{type(e).__name__}: {e}", sender=sender,
+                            message_id=mid)
             return
         finally:
             remove_tree(work)
