@@ -4,6 +4,8 @@ answers queries for the relay's metrics, every dashboard query, and the alert ru
 from __future__ import annotations
 
 import json
+import math
+import poplib
 import shutil
 import smtplib
 import socket
@@ -85,17 +87,52 @@ def wait_for(base: str, query: str, predicate: Any) -> list[dict[str, Any]]:
         time.sleep(0.5)
 
 
+def latency_row() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of the dashboard's "Latency" row."""
+    out, inside = [], False
+    for p in json.loads((ROOT / "grafana" / "dashboards" / "relay.json").read_text())["panels"]:
+        if p["type"] == "row":
+            inside = p["title"] == "Latency"
+            continue
+        if inside:
+            out += [(p["title"], t["expr"].replace("$__rate_interval", "1m").replace("$instance", ".*"))
+                    for t in p["targets"]]
+    return out
+
+
 def test_prometheus_scrapes_the_relay(relay: RunningRelay, prometheus: str) -> None:
+    # a first scrape of the idle relay, so that the traffic below is an increase (rate > 0)
+    wait_for(prometheus, "relay_messages_received_total", lambda r: bool(r))
     with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as s:
-        s.sendmail("ct@hospital.test", ["alice@example.test"], b"Subject: x\r\n\r\nstudy\r\n")
+        s.sendmail("ct@hospital.test", ["alice@example.test", "bob@example.test"],
+                   b"Subject: x\r\n\r\nstudy\r\n")
+    p3 = poplib.POP3("127.0.0.1", relay.pop3_port, timeout=30)     # bob fetches and deletes
+    p3.user("bob@example.test")
+    p3.pass_("secret")
+    p3.retr(1)
+    p3.dele(1)
+    p3.quit()
     result = wait_for(prometheus, "relay_messages_received_total",
                       lambda r: r and float(r[0]["value"][1]) == 1)
     assert result[0]["metric"]["job"] == "relay"
     up = wait_for(prometheus, 'up{job="relay"}', lambda r: bool(r))
     assert up[0]["value"][1] == "1"
+
+    # the dashboard's latency row shows figures for that message: every query of it answers a
+    # number (not NaN, not empty) once Prometheus has scraped the increase
+    row = latency_row()
+    assert {t for t, _ in row} >= {"SMTP ingest duration", "Delivery to first fetch",
+                                   "Delivery to deletion", "Fetch duration p95, by protocol"}
+    for title, expr in row:
+        got = wait_for(prometheus, expr, lambda r: any(not math.isnan(float(x["value"][1])) for x in r))
+        values = [float(x["value"][1]) for x in got if not math.isnan(float(x["value"][1]))]
+        assert all(v >= 0 for v in values), (title, expr, got)
     backlog = wait_for(prometheus, 'relay_mailbox_backlog_messages{mailbox="alice@example.test"}',
                        lambda r: bool(r))
     assert backlog[0]["value"][1] == "1"
+    drained = wait_for(prometheus, 'relay_mailbox_backlog_messages{mailbox="bob@example.test"}',
+                       lambda r: bool(r) and r[0]["value"][1] == "0")
+    assert drained
     # the target is healthy and the scrape had no errors
     targets = api(prometheus, "/api/v1/targets")["data"]["activeTargets"]
     assert [(t["labels"]["job"], t["health"], t["lastError"]) for t in targets] == [("relay", "up", "")]
