@@ -217,3 +217,15 @@ def test_synthetic_study_is_valid_dicom(tmp_path: Path) -> None:
     files = synthetic_study(tmp_path, n=2)
     ds = pydicom.dcmread(files[0])
     assert ds.Rows == 64 and ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+
+
+def test_a_long_running_receivers_summary_stays_bounded() -> None:
+    from relay.gateway.receive import Summary
+    s = Summary()
+    for n in range(2500):
+        s.imported.append(f"1.2.{n}")
+        s.quarantined.append((f"q{n}", "not-dicom"))
+        s.trim(1000)
+    assert (len(s.imported), len(s.quarantined)) == (1000, 1000)
+    assert (s.n_imported, s.n_quarantined) == (2500, 2500)
+    assert s.imported[-1] == "1.2.2499" and s.imported[0] == "1.2.1500"

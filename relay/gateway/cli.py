@@ -65,10 +65,12 @@ def _receiver(gw, pacs: bool = True):  # type: ignore[no-untyped-def]
 
 
 def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
-    print(f"imported {len(s.imported)} stud{'y' if len(s.imported) == 1 else 'ies'}, "
-          f"quarantined {len(s.quarantined)}, MDNs {s.mdns}, parts held {s.parts_held}, "
+    print(f"imported {s.n_imported} stud{'y' if s.n_imported == 1 else 'ies'}, "
+          f"quarantined {s.n_quarantined}, MDNs {s.mdns}, parts held {s.parts_held}, "
           f"directory updates {s.directory_updates}"
           + (f", failed {s.failed} (left in the mailbox, retried)" if s.failed else ""))
+    if s.earlier_imported or s.earlier_quarantined:
+        print(f"  (the last {len(s.imported)} imported and {len(s.quarantined)} quarantined are listed)")
     for study in s.imported:
         print(f"  imported {study}")
     if s.seconds:

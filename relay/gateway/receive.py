@@ -52,6 +52,26 @@ class Summary:
     failed: int = 0             # messages left in the mailbox after an error (retried)
     seconds: dict[str, float] = field(default_factory=dict)   # fetch, decrypt, import
 
+    earlier_imported: int = 0   # trimmed off `imported` by a long-running receiver
+    earlier_quarantined: int = 0
+
+    @property
+    def n_imported(self) -> int:
+        return self.earlier_imported + len(self.imported)
+
+    @property
+    def n_quarantined(self) -> int:
+        return self.earlier_quarantined + len(self.quarantined)
+
+    def trim(self, keep: int = 1000) -> None:
+        """Keep the last `keep` names of each list (a receiver runs for months)."""
+        if len(self.imported) > keep:
+            self.earlier_imported += len(self.imported) - keep
+            del self.imported[:-keep]
+        if len(self.quarantined) > keep:
+            self.earlier_quarantined += len(self.quarantined) - keep
+            del self.quarantined[:-keep]
+
     def add_time(self, stage: str, t0: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.monotonic() - t0
 
@@ -105,6 +125,7 @@ class Receiver:
         while not stop():
             try:
                 self.run_once()
+                self.summary.trim()
                 if stop():
                     break
                 self.waiting = True
