@@ -615,3 +615,41 @@ def test_messages_that_cannot_be_taken_apart_are_quarantined_not_fatal(net: Net)
     assert f"quarantined {len(broken) + 1}" in r.stdout, r.stdout
     assert sorted(_quarantine(rad).values()) == ["malformed"] * len(broken) + ["undecryptable"]
     assert not left_in_mailbox(net.relay.data_dir / "mail" / "example.test" / "rad")
+
+
+def test_leftovers_of_killed_processes_and_vanished_messages_are_removed(net: Net) -> None:
+    """Scratch folders of a gateway process that died mid-study are swept at the next start
+    (a live process's are kept); a half download of a message that left the mailbox meanwhile
+    is dropped with its file."""
+    from relay.gateway import transport
+    from relay.gateway.config import load
+    from relay.gateway.core import Gateway
+    from relay.gateway.receive import Receiver
+
+    rad = net.gateway(RAD)
+    state = rad.parent / "state"
+    dead = _dead_pid()
+    leftovers = [state / "outgoing" / f"20260101T000000-{dead}-0badf00d",
+                 state / "incoming" / f"20260101T000000-{dead}-0badf00e"]
+    live = state / "incoming" / f"20260101T000000-{os.getpid()}-0badf00f"
+    for d in (*leftovers, live):
+        d.mkdir(parents=True)
+        (d / "message.eml").write_bytes(b"x" * 1000)
+    with Gateway(load(rad)) as g:
+        assert not any(d.exists() for d in leftovers) and live.exists()
+        half = state / "downloads" / "gone.eml"
+        half.parent.mkdir(parents=True, exist_ok=True)
+        half.write_bytes(b"half a message")
+        g.state.set_download("imap:1:999999", half, 10**6, "downloading")
+        src = transport.open_source(g.cfg)
+        try:
+            Receiver(g, src).run_once()
+        finally:
+            src.close()
+        assert not half.exists() and g.state.download("imap:1:999999") is None
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid

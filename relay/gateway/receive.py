@@ -102,7 +102,9 @@ class Receiver:
 
     def run_once(self) -> Summary:
         held = self.gw.state.held_keys()
-        for key, size in self.source.messages():
+        waiting = self.source.messages()
+        self.drop_stale_downloads({key for key, _ in waiting})
+        for key, size in waiting:
             if key in held:
                 continue
             try:
@@ -144,6 +146,16 @@ class Receiver:
                     self.source.close()
                 with contextlib.suppress(transport.TransportError, OSError):
                     self.source = transport.open_source(self.cfg)
+
+    def drop_stale_downloads(self, waiting: set[str]) -> None:
+        """Forget downloads (and their files) of messages no longer in the mailbox: removed by
+        another client, or keys of an old UIDVALIDITY. Held message/partial parts are the
+        partial sets' business (expire_partials)."""
+        for key, path, state in self.gw.state.downloads():
+            if key not in waiting and state != "held":
+                path.unlink(missing_ok=True)
+                self.gw.state.drop_download(key)
+                log.info("download_dropped", key=key, reason="no longer in the mailbox")
 
     # --- one mailbox message --------------------------------------------------------------
 

@@ -113,6 +113,9 @@ class State:
     def set_download(self, key: str, path: Path, size: int, state: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO downloads VALUES (?,?,?,?)", (key, str(path), size, state))
 
+    def downloads(self) -> list[tuple[str, Path, str]]:
+        return [(k, Path(p), st) for k, p, st in self.db.execute("SELECT mailbox_key, path, state FROM downloads")]
+
     def drop_download(self, key: str) -> None:
         self.db.execute("DELETE FROM downloads WHERE mailbox_key=?", (key,))
 
