@@ -15,7 +15,6 @@ from relay.gateway.peers import Directory
 from relay.gateway.pgp import Keyring
 from relay.gateway.state import State
 
-
 WORKDIR_KINDS = ("incoming", "outgoing")
 
 
