@@ -53,14 +53,33 @@ class Part:
         return self.maintype == "multipart"
 
     def header(self, name: str) -> bytes | None:
-        v = self.headers.get(name)
+        """The first field `name` as it is in the file (8-bit bytes kept), unfolded."""
+        v = _raw_get(self.headers, name)
         if v is None:
             return None
-        return _raw(str(v)).strip()
+        return _raw(_unfold(v)).strip()
 
 
 def _raw(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
+
+
+def _raw_all(headers: Message, name: str) -> list[str]:
+    """Field values as parsed (str with surrogate escapes for 8-bit bytes). `Message.get`
+    would turn an 8-bit value into a Header whose str() has U+FFFD in place of the bytes."""
+    key = name.lower()
+    return [v for k, v in headers.raw_items() if k.lower() == key]
+
+
+def _raw_get(headers: Message, name: str) -> str | None:
+    values = _raw_all(headers, name)
+    return values[0] if values else None
+
+
+def _unfold(v: str) -> str:
+    """RFC 5322 2.2.3 unfolding: CRLF before whitespace goes (as Dovecot's ENVELOPE does), so
+    a folded Subject stays a quoted string rather than a literal."""
+    return v.replace("\r\n", "").replace("\n", "")
 
 
 # --- scanning ------------------------------------------------------------------------------
@@ -126,12 +145,12 @@ class _Builder:
         hsize, body = _header_end(self.fd, start, end)
         headers = _parse_headers(self.fd, start, hsize)
         p = Part(start, hsize, body, max(0, end - body), headers)
-        ctype = headers.get("Content-Type")
+        ctype = _raw_get(headers, "Content-Type")
         if ctype is None:
             p.maintype, p.subtype = default
             p.params = [("charset", "us-ascii")] if default == ("text", "plain") else []
         else:
-            mt, st, params = _content_type(str(ctype))
+            mt, st, params = _content_type(_unfold(ctype))
             if mt == "text" and not any(k == "charset" for k, _ in params):
                 params.insert(0, ("charset", "us-ascii"))         # RFC 2045 5.2 default
             p.maintype, p.subtype, p.params = mt, st, params
@@ -187,16 +206,25 @@ class _Builder:
             yield i + 1, i + 1 + len(dash)
 
 
-def _content_type(value: str) -> tuple[str, str, list[tuple[str, str]]]:
+def _header_params(name: str, value: str) -> tuple[Message, list[tuple[str, str]]]:
+    """Parse a structured field's parameters; 8-bit bytes in values come back as they were
+    (the field goes through the parser as latin-1, which compat32 leaves a plain str)."""
     m = Message()
-    m["Content-Type"] = value
+    m[name] = value.encode("utf-8", "surrogateescape").decode("latin-1")
+    params: list[tuple[str, str]] = []
+    for k, v in (m.get_params(header=name) or [])[1:]:
+        if isinstance(v, tuple):
+            v = email.utils.collapse_rfc2231_value(v)          # RFC 2231: decoded text
+        else:
+            v = v.encode("latin-1", "replace").decode("utf-8", "surrogateescape")
+        params.append((k.lower(), str(v)))
+    return m, params
+
+
+def _content_type(value: str) -> tuple[str, str, list[tuple[str, str]]]:
+    m, params = _header_params("Content-Type", value)
     ctype = m.get_content_type()                # "text/plain" when malformed
     maintype, _, subtype = ctype.partition("/")
-    params: list[tuple[str, str]] = []
-    for k, v in (m.get_params() or [])[1:]:
-        if isinstance(v, tuple):
-            v = email.utils.collapse_rfc2231_value(v)
-        params.append((k.lower(), str(v)))
     return maintype, subtype, params
 
 
@@ -294,11 +322,11 @@ Value = object
 
 
 def _addresses(part: Part, name: str) -> Value:
-    values = part.headers.get_all(name)
+    values = _raw_all(part.headers, name)
     if not values:
         return None
     out = []
-    for display, addr in email.utils.getaddresses([str(v) for v in values]):
+    for display, addr in email.utils.getaddresses([_unfold(v) for v in values]):
         if not addr and not display:
             continue
         local, _, host = addr.rpartition("@") if "@" in addr else (addr, "", None)
@@ -323,21 +351,14 @@ def _params(params: list[tuple[str, str]]) -> Value:
 
 
 def _disposition(part: Part) -> Value:
-    v = part.headers.get("Content-Disposition")
+    v = _raw_get(part.headers, "Content-Disposition")
     if v is None:
         return None
-    m = Message()
-    m["Content-Disposition"] = str(v)
+    m, params = _header_params("Content-Disposition", _unfold(v))
     items = m.get_params(header="content-disposition") or []
     if not items:
         return None
-    kind = items[0][0]
-    params = []
-    for k, val in items[1:]:
-        if isinstance(val, tuple):
-            val = email.utils.collapse_rfc2231_value(val)
-        params.append((k.lower(), str(val)))
-    return [kind, _params(params)]
+    return [items[0][0], _params(params)]
 
 
 def bodystructure(part: Part, extended: bool = True) -> bytes:

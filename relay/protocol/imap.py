@@ -767,8 +767,9 @@ _QUOTABLE = re.compile(rb"^[\x01-\x09\x0b\x0c\x0e-\x7f]*$")
 
 
 def quote(s: str | bytes) -> bytes:
-    """A string as IMAP quoted string, or as literal when it holds CR, LF, NUL or 8-bit."""
-    b = s.encode("utf-8") if isinstance(s, str) else s
+    """A string as IMAP quoted string, or as literal when it holds CR, LF, NUL or 8-bit.
+    A str may carry surrogate escapes (8-bit header bytes as parsed): they become those bytes."""
+    b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
     if len(b) < 1024 and _QUOTABLE.match(b):
         return b'"' + b.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return literal_header(len(b)) + b
