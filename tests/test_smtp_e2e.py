@@ -424,6 +424,40 @@ def test_overlong_line_refused_without_buffering(relay: RunningRelay, raw: Calla
     assert c.cmd("NOOP") == "250 2.0.0 OK"
 
 
+def test_client_that_never_reads_replies_cannot_grow_server_memory(
+        relay_factory: Callable[..., RunningRelay]) -> None:
+    """Pipelined commands from a client that reads no reply: once the replies waiting in
+    the server pass the transport's high-water mark, reading is paused (TCP then stops the
+    client) instead of buffering every reply in memory; the command timeout still ends it."""
+    import select
+
+    r = relay_factory(smtp={"command_timeout": 1})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.connect(("127.0.0.1", r.smtp_port))
+    try:
+        sock.setblocking(False)
+        block = b"NOOP\r\n" * 100_000                 # 600 kB; replies take 2.5x that
+        sent = 0
+        while sent < 40 * len(block):               # bounded: 24 MB of commands at most
+            if not select.select([], [sock], [], 0.5)[1]:
+                break                               # the server stopped reading
+            try:
+                sent += sock.send(block[sent % len(block):])
+            except BlockingIOError:
+                continue
+
+        def buffered(rl: Any) -> int:
+            return sum(s.closer.__self__.transport.get_write_buffer_size()
+                       for s in rl.sessions.live() if s.protocol == "smtp")
+        waiting = r.call(buffered)
+        assert waiting < 8 * 1024 * 1024, (sent, waiting)
+        assert sent < 40 * len(block)                # the client was stopped by TCP
+        wait_no_sessions(r, timeout=15)              # idle (reads nothing): timed out
+    finally:
+        sock.close()
+
+
 def test_max_recipients(relay_factory: Callable[..., RunningRelay]) -> None:
     r = relay_factory(smtp={"max_recipients": 2})
     for n in range(3):

@@ -133,7 +133,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.msg: _Message | None = None
         self._buf = bytearray(BUFFER_SIZE)
         self._view = memoryview(self._buf)
-        self._paused: set[str] = set()        # reasons reading is paused: "task", "pace"
+        self._paused: set[str] = set()        # reasons reading is paused: "task", "pace", "write"
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0.0
@@ -214,6 +214,14 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._last = self.loop.time()
             self.transport.resume_reading()
 
+    def pause_writing(self) -> None:
+        """Replies waiting in the transport passed its high-water mark (a client that
+        pipelines commands but reads no replies): stop reading until they drain."""
+        self._pause("write")
+
+    def resume_writing(self) -> None:
+        self._resume("write")
+
     def _arm_timer(self) -> None:
         """RFC 5321 4.5.3.2: command timeout between commands; data timeout between reads
         of a message (reset by every read, unlike aiosmtpd)."""
@@ -228,7 +236,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._timer = None
         if self.conn is None or self.conn.closed:
             return
-        if self._paused or self._task is not None:    # our turn (commit, pacing): not idle
+        if self._paused - {"write"} or self._task is not None:   # our turn (commit, pacing)
             self._last = self.loop.time()
             self._arm_timer()
             return
@@ -238,6 +246,9 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._arm_timer()
             return
         self._outcome = "timeout"
+        if "write" in self._paused and self.transport is not None:
+            self.transport.abort()            # it reads nothing: a 421 would never leave
+            return
         self.conn.close_with(Reply(421, "4.4.2", f"{self.config.hostname} Timeout, closing"))
         self._flush()
 
