@@ -156,3 +156,16 @@ def test_a_pause_inside_one_association_does_not_cut_the_study_in_two(tmp_path: 
     finally:
         scp.stop()
     assert got == [2]
+
+
+def test_scp_answers_c_echo_from_dcmtk(tmp_path: Path) -> None:
+    """docs/gateway.md tells the administrator to check the link with echoscu."""
+    cfg = gw_config(tmp_path, dicom_listen="127.0.0.1:0", state_dir="state")
+    scp = StorageScp(cfg, lambda folder: None)  # type: ignore[arg-type]
+    port = scp.start()
+    try:
+        r = subprocess.run(["/usr/bin/echoscu", "-aec", "RELAYGW", "127.0.0.1", str(port)],
+                           capture_output=True, timeout=60, check=False)
+    finally:
+        scp.stop()
+    assert r.returncode == 0, r.stderr
