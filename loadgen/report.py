@@ -129,6 +129,15 @@ def figures(data: RunData) -> dict[str, Any]:
     for e in ev:
         if e.kind == "deferred":
             deferrals_for[e.who] += 1
+    # downloads: bytes over the time spent in them (RETR/FETCH + digest check, not the pacing
+    # that follows), against the rate the receiver is paced to (downlink x speedup x scale)
+    dl_bytes: dict[str, int] = defaultdict(int)
+    dl_time: dict[str, float] = defaultdict(float)
+    for e in ev:
+        if e.kind == "delivered" and e.t0 is not None:
+            dl_bytes[e.who] += e.nbytes
+            dl_time[e.who] += max(0.0, e.t - e.t0)
+    limits = m.get("downlink_as_run", {})
     lat: dict[str, list[float]] = defaultdict(list)
     for r in delivered:
         if r.delivered is not None:
@@ -139,7 +148,9 @@ def figures(data: RunData) -> dict[str, Any]:
               "latency_p95_seconds": _pct(v, 0.95), "latency_max_seconds": max(v),
               "peak_backlog_bytes": peak_per.get(who, 0),
               "peak_backlog_full_scale_bytes": int(peak_per.get(who, 0) / scale),
-              "deferrals": deferrals_for.get(who, 0)}
+              "deferrals": deferrals_for.get(who, 0),
+              "download_mb_per_s": (dl_bytes[who] / dl_time[who] / 1e6 if dl_time.get(who) else None),
+              "paced_to_mb_per_s": (limits[who] / 1e6 if who in limits else None)}
         for who, v in sorted(lat.items())}
     slowest = max(per_receiver.items(), key=lambda kv: (kv[1]["latency_p95_seconds"], kv[0]),
                   default=(None, None))
@@ -279,6 +290,10 @@ def plot(data: RunData, fig: dict[str, Any], out: Path) -> None:
     plt.close(f)
 
 
+def _rate(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def markdown(fig: dict[str, Any]) -> str:
     sr = fig["slowest_receiver"]
     verdict = "PASS" if fig["lost"] == fig["duplicated"] == fig["corrupted"] == 0 and fig["complete"] else "FAIL"
@@ -323,12 +338,16 @@ def markdown(fig: dict[str, Any]) -> str:
     for name in PLOTS:
         lines.append(f"![{name.removesuffix('.png')}]({name})")
         lines.append("")
-    lines += ["## Receivers", "", "| receiver | messages | p50 | p95 | max | peak backlog (full scale) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["## Receivers", "",
+              ("Download MB/s: bytes over the time spent downloading and checking them (as run); each "
+               "receiver is paced to its downlink x speed-up x byte scale (the last column)."), "",
+              "| receiver | messages | p50 | p95 | max | peak backlog (full scale) | download MB/s | paced to MB/s |",
+              "|---|---|---|---|---|---|---|---|"]
     for who, r in fig["per_receiver"].items():
         lines.append(f"| {who} | {r['messages']} | {_dur(r['latency_p50_seconds'])} | "
                      f"{_dur(r['latency_p95_seconds'])} | {_dur(r['latency_max_seconds'])} | "
-                     f"{fmt_bytes(r['peak_backlog_full_scale_bytes'])} |")
+                     f"{fmt_bytes(r['peak_backlog_full_scale_bytes'])} | {_rate(r.get('download_mb_per_s'))} | "
+                     f"{_rate(r.get('paced_to_mb_per_s'))} |")
     return "\n".join(lines) + "\n"
 
 

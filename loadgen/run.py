@@ -566,7 +566,9 @@ def main(args: argparse.Namespace) -> int:
                  "participants": len(m.participants), "server": ep.description, "run_id": run_id,
                  "sim_start": plan.sim_start, "sim_length": length,
                  "participants_scale": args.participants_scale,
-                 "pgp_messages": sum(1 for s in studies if s.pgp)}
+                 "pgp_messages": sum(1 for s in studies if s.pgp),
+                 "downlink_as_run": {a: m.by_address[a].group.downlink * plan.speedup * args.scale
+                                     for a in involved}}
     fig = report.write(data, report_dir)
     ok = fig["lost"] == fig["duplicated"] == fig["corrupted"] == 0 and fig["complete"]
     print(f"loadgen: {'PASS' if ok else 'FAIL'}: {fig['delivered']}/{fig['planned']} delivered, "

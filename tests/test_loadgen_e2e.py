@@ -105,6 +105,10 @@ def test_small_run_against_its_own_relay(tmp_path: Path) -> None:
     assert rep["deferred"] > 0 and rep["retried"] > 0          # 452 4.2.2 over quota, then drained
     receivers = set(rep["per_receiver"])
     assert {"centre@e2e.test", "practice@e2e.test"} <= receivers and len(receivers) >= 3
+    # per receiver: its measured download rate, and the rate it is paced to (16 Mbit x 21600 x 0.002)
+    practice = rep["per_receiver"]["practice@e2e.test"]
+    assert practice["download_mb_per_s"] > 0
+    assert practice["paced_to_mb_per_s"] == pytest.approx(2e6 * 21600 * 0.002 / 1e6)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "PASS" in md
     for name in PLOTS:

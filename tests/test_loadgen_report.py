@@ -80,7 +80,8 @@ def test_peak_rate_spreads_each_transfer_over_its_span(tmp_path: Path) -> None:
     """A 100 MB message streamed for 10 s is 10 MB/s, not 100 MB in the 0.25 s bin of its 250
     reply; a download of it over 2 s is 50 MB/s."""
     d = RunData(meta={"profile": "t", "period": "day", "speedup": 10.0, "scale": 0.5,
-                      "participants": 2, "seed": 1, "server": "test"}, wall_seconds=20.0)
+                      "participants": 2, "seed": 1, "server": "test",
+                      "downlink_as_run": {"c@x.test": 80e6}}, wall_seconds=20.0)
     d.records = [Record("r.1.1", "h@x.test", "c@x.test", 100_000_000, due=0.0, attempts=1,
                         accepted=10.0, delivered=14.0, deliveries=1)]
     d.events = [Event(10.0, "accepted", 100_000_000, "c@x.test", t0=0.0),
@@ -90,12 +91,15 @@ def test_peak_rate_spreads_each_transfer_over_its_span(tmp_path: Path) -> None:
     assert 9.5 < fig["peak_mb_per_s"] < 10.5
     assert 49 < fig["peak_download_mb_per_s"] < 51
     assert fig["mean_mb_per_s"] == 5.0
+    rcv = fig["per_receiver"]["c@x.test"]
+    assert (rcv["download_mb_per_s"], rcv["paced_to_mb_per_s"], rcv["deferrals"]) == (50.0, 80.0, 1)
     # the capacity summary: peak MB/s, peak backlog, disk needed, the slowest receiver's cost
     md = (tmp_path / "report.md").read_text()
     summary = md.split("## Capacity summary", 1)[1].split("##", 1)[0]
     assert "10.0 MB/s accepted, 50.0 MB/s downloaded" in summary
     assert "peak backlog on the server (full scale): 200.0 MB" in summary
     assert "disk needed (peak backlog + the largest message): 400.0 MB" in summary
+    assert "| c@x.test | 1 | 2.3 min | 2.3 min | 2.3 min | 200.0 MB | 50.0 | 80.0 |" in md
     assert ("slowest receiver: c@x.test (95% latency 2.3 min); it costs the server 200.0 MB of "
             "backlog at its peak, and its senders 1 deferrals (4xx)") in summary
     # an event recorded without a start (older report.json) still counts, in its own bin
