@@ -45,6 +45,7 @@ def test_round_trip(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
                        "--contact", "pacs@hospital.test", "--password-stdin", "--quota-bytes", "2GiB",
                        stdin="s3cret\n")
     assert (rc, err) == (0, "") and f"added ct@hospital.test ({fpr}); directory serial 1" in out
+    assert (tmp_path / "data" / "mail" / "hospital.test" / "ct" / "new").is_dir()   # its mailbox
     store = Store.open(Config(data_dir=tmp_path / "data"))
     try:
         assert store.accounts.verify("ct@hospital.test", "s3cret")
@@ -58,9 +59,10 @@ def test_round_trip(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str
     rc, out, _ = run(cfg, capsys, "participant", "show", "ct@hospital.test", "--key")
     assert "-----BEGIN PGP PUBLIC KEY BLOCK-----" in out
 
-    mr_file, _ = write_key(tmp_path / "mr.asc", "mr@praxis.test")
+    mr_file, mr = write_key(tmp_path / "mr.asc", "mr@praxis.test")
+    spaced = " ".join(str(mr.fingerprint).lower().split())      # as read out on the phone
     assert run(cfg, capsys, "participant", "add", "mr@praxis.test", "--key", str(mr_file),
-               "--role", "practice")[0] == 0
+               "--role", "practice", "--fingerprint", spaced)[0] == 0
     rc, out, _ = run(cfg, capsys, "participant", "list")
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["ADDRESS", "STATUS", "ROLE", "FINGERPRINT"]
@@ -127,6 +129,9 @@ def test_bad_input_exits_1_with_a_clear_error(cfg: Path, tmp_path: Path,
          "the directory's own address"),
         (["participant", "add", "not-an-address", "--key", str(write_key(tmp_path / "n.asc", "n@x.test")[0])],
          "not a plain e-mail address"),
+        (["participant", "add", "f@x.test", "--key", str(write_key(tmp_path / "f.asc", "f@x.test")[0]),
+          "--fingerprint", "0" * 40], "not the key you were told"),
+        (["participant", "update", "a@x.test", "--fingerprint", "0" * 40], "checks the key given with --key"),
         (["participant", "show", "nobody@x.test"], "not a participant"),
         (["participant", "update", "nobody@x.test", "--name", "x"], "not a participant"),
         (["participant", "update", "a@x.test", "--quota-bytes", "lots"], "not a size"),

@@ -57,16 +57,22 @@ def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return run
 
 
-def _read_key(path: str) -> KeyInfo:
+def _read_key(path: str, expect: str | None = None) -> KeyInfo:
+    """Read and check a key file; with `expect` (--fingerprint, as given on a second channel:
+    spaces and case do not matter), its fingerprint must be that one."""
     from relay.directory.keys import MAX_KEY_FILE, check_public_key
 
     p = Path(path)
     with p.open("rb") as f:
         data = f.read(MAX_KEY_FILE + 1)
     try:
-        return check_public_key(data)
+        key = check_public_key(data)
     except DirectoryError as e:
         raise DirectoryError(f"{path}: {e}") from None
+    if expect is not None and "".join(expect.split()).upper() != key.fingerprint:
+        raise DirectoryError(f"{path}: the key's fingerprint is {key.fingerprint}, not the "
+                             f"--fingerprint {expect}: not the key you were told")
+    return key
 
 
 def _password(args: argparse.Namespace) -> str | None:
@@ -93,7 +99,7 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
 
 @_command
 def _add(args: argparse.Namespace) -> int:
-    key = _read_key(args.key)          # checked before anything is created
+    key = _read_key(args.key, args.fingerprint)          # checked before anything is created
     password = _password(args)
     with _open(args) as d:
         p = d.add(args.address, key, password=password, quota_bytes=_size(args.quota_bytes),
@@ -144,7 +150,9 @@ def _list(args: argparse.Namespace) -> int:
 
 @_command
 def _update(args: argparse.Namespace) -> int:
-    key = _read_key(args.key) if args.key else None
+    if args.fingerprint and not args.key:
+        raise DirectoryError("--fingerprint checks the key given with --key")
+    key = _read_key(args.key, args.fingerprint) if args.key else None
     password = _password(args)
     with _open(args) as d:
         before = d.registry.serial()
@@ -209,6 +217,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         q.add_argument("--password-stdin", action="store_true",
                        help="read the account's password from the first line of stdin")
         q.add_argument("--quota-bytes", metavar="SIZE", help="mailbox quota, e.g. 50GiB")
+        q.add_argument("--fingerprint", metavar="FPR",
+                       help="the key's fingerprint as told by its owner on another channel: "
+                            "refuse a key file that is not that key")
 
     q = ps.add_parser("add", help="add a participant and create its account")
     q.add_argument("address")
