@@ -4,6 +4,7 @@ one JSON object per line, the default one `key=value` line per event."""
 
 from __future__ import annotations
 
+import imaplib
 import json
 import poplib
 import re
@@ -37,6 +38,9 @@ def traffic(bound: dict[str, list[list[object]]]) -> None:
     p.user("ct@a.test")
     p.pass_("secret")
     p.quit()
+    m = imaplib.IMAP4("127.0.0.1", int(bound["imap"][0][1]), timeout=30)
+    m.login("ct@a.test", "secret")
+    m.logout()
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
@@ -63,6 +67,9 @@ def test_one_line_per_session_and_message_with_the_received_id(tmp_path: Path, f
     pop_sessions = [r for r in records if r["logger"] == "relay.pop3" and r["event"] == "session"]
     assert len(pop_sessions) == 1 and pop_sessions[0]["sid"] != sid
     assert pop_sessions[0]["user"] == "ct@a.test"
+    imap_sessions = [r for r in records if r["logger"] == "relay.imap" and r["event"] == "session"]
+    assert len(imap_sessions) == 1 and imap_sessions[0]["sid"] not in (sid, pop_sessions[0]["sid"])
+    assert imap_sessions[0]["user"] == "ct@a.test" and imap_sessions[0]["outcome"]
 
     (stored,) = (tmp_path / "data" / "mail" / "a.test" / "ct" / "new").iterdir()
     head = stored.read_bytes().split(b"\r\n\r\n", 1)[0].decode()
