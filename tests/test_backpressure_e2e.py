@@ -271,3 +271,36 @@ def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> No
     assert peak[0] <= quota
     assert sorted(received) == sent and len(set(received)) == len(received) > 10   # exactly once
     assert r.call(lambda relay: relay.store.usage("practice@example.test").messages) == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path: Any) -> Any:
+    """A 4 MiB tmpfs the test mounts (root only; skipped otherwise)."""
+    import subprocess
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                       capture_output=True, check=False)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_while_streaming_gets_452_431(relay_factory: Any, small_fs: Any) -> None:
+    """A message larger than the space left (no SIZE=, so the RCPT check cannot know): the
+    write fails with ENOSPC, the tmp file goes at once, the sender gets 452 4.3.1 (storage
+    low, temporary) rather than a generic 451, and the next message that fits is stored."""
+    r = relay_factory(data_dir=small_fs / "data", backpressure={"min_free_disk": "16KiB"})
+    r.add_user("a@example.test")
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as s:
+        s.ehlo("gw.test")
+        assert s.mail("gw@hospital.test")[0] == 250
+        assert s.rcpt("a@example.test")[0] == 250
+        code, text = s.data(body(6 * 1024 * KiB))
+        assert (code, text.split()[0]) == (452, b"4.3.1")
+        assert tmp_files(r, "a@example.test") == []
+        assert s.sendmail("gw@hospital.test", ["a@example.test"], body(100 * KiB)) == {}
+    assert len(stored(r, "a@example.test")) == 1
+    assert r.call(lambda relay: relay.store.quota.reserved("a@example.test")) == (0, 0)
+    assert r.call(lambda relay: relay.policy.statistics()).deferrals["disk"] == 1

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 from relay import auth as authmod
 from relay.log import get_logger
 from relay.metrics import SIZE_BYTES, TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.policy.backpressure import R_DISK_LOW
 from relay.protocol import smtp as P
 from relay.protocol.smtp import NEED_DATA, PAUSED, Reply
 from relay.server.listener import Session, create_servers
 from relay.store import (
     AddressError,
     QuotaExceeded,
+    StorageFull,
     StoreError,
     normalize_address,
 )
@@ -378,7 +380,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                 peer=self.peer, protocol=self._protocol_name())
         except StoreError as e:
             log.warning("begin-delivery-failed", sid=self._sid, error=str(e))
-            return R_STORE
+            return self._store_failure(e)
         if self.relay.policy is not None:
             msg.pacer = self.relay.policy.pacer(list(msg.recipients))
         return None
@@ -413,7 +415,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             msg.delivery.write(data)
         except StoreError as e:
             log.warning("write-failed", sid=self._sid, error=str(e))
-            self._fail_message(R_STORE, "failed")
+            self._fail_message(self._store_failure(e), "failed")
             return
         if msg.size >= msg.reserved + RESERVE_STEP:
             over = self._extend_reservations(msg, msg.size)
@@ -435,6 +437,16 @@ class SmtpSession(asyncio.BufferedProtocol):
                 return R_STORE
         msg.reserved = max(msg.reserved, size)
         return None
+
+    def _store_failure(self, e: Exception) -> Reply:
+        """451 4.3.0; 452 4.3.1 (storage low, counted as a "disk" deferral) when the file
+        system is full: the message was larger than the space min_free_disk kept free."""
+        if not isinstance(e, StorageFull):
+            return R_STORE
+        if self.relay.policy is not None and self.msg is not None:
+            for addr in self.msg.recipients:
+                self.relay.policy.deferred("disk", addr, sid=self._sid, error=str(e))
+        return R_DISK_LOW
 
     def _fail_message(self, reply: Reply, outcome: str) -> None:
         """The message cannot be kept: the protocol drains the rest of its data and then
@@ -472,7 +484,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                 name = await msg.delivery.commit()
             except (StoreError, OSError) as e:
                 log.warning("commit-failed", sid=self._sid, error=str(e))
-                reply = R_STORE
+                reply = self._store_failure(e)
             else:
                 msg.delivery = None
                 reply = Reply(250, "2.0.0", f"Ok: queued as {name.split(',')[0]}")

@@ -12,10 +12,11 @@ from relay.store.errors import (
     AddressError,
     NoSuchAccount,
     QuotaExceeded,
+    StorageFull,
     StoreError,
 )
 from relay.store.mailbox import Mailbox, MessageInfo, NoSuchMessage
 
 __all__ = ["Account", "AccountExists", "AddressError", "Delivery", "Mailbox", "MailboxStats", "MessageInfo",
-           "NoSuchAccount", "NoSuchMessage", "QuotaExceeded", "Reservation", "Store", "StoreError",
+           "NoSuchAccount", "NoSuchMessage", "QuotaExceeded", "Reservation", "StorageFull", "Store", "StoreError",
            "StoreStats", "Usage", "normalize_address"]

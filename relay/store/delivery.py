@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from relay.log import get_logger
 from relay.store import maildir
-from relay.store.errors import StoreError
+from relay.store.errors import StoreError, os_error
 
 if TYPE_CHECKING:
     from relay.store.core import Store
@@ -78,7 +78,7 @@ class Delivery:
             self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
             self._state = "aborted"   # nothing of ours to remove (the name may be another's)
-            raise StoreError(f"{self.tmp_path}: cannot create: {e.strerror}") from e
+            raise os_error(f"{self.tmp_path}: cannot create", e) from e
         LIVE_TMP.add(str(self.tmp_path))
         try:
             self.write(header)
@@ -97,7 +97,7 @@ class Delivery:
                 view = view[n:]
                 self.size += n
         except OSError as e:
-            raise StoreError(f"{self.tmp_path}: write failed: {e.strerror}") from e
+            raise os_error(f"{self.tmp_path}: write failed", e) from e
 
     def _publish(self, name: str) -> list[tuple[int, int]]:
         """In a thread: fsync, link into every new/, fsync dirs, drop the tmp name.
@@ -150,7 +150,7 @@ class Delivery:
                 mtimes = await asyncio.to_thread(self._publish, name)
             except OSError as e:
                 self._state = "open"     # abort() removes the tmp file
-                raise StoreError(f"{self.tmp_path}: cannot commit: {e.strerror}") from e
+                raise os_error(f"{self.tmp_path}: cannot commit", e) from e
             LIVE_TMP.discard(str(self.tmp_path))
             try:
                 self.store._index_new(self.recipients, name, self.size, time.time(), mtimes)

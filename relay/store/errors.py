@@ -7,6 +7,17 @@ class StoreError(Exception):
     """A store operation failed (I/O, database). Temporary: SMTP answers 451 4.3.0."""
 
 
+class StorageFull(StoreError):
+    """The file system has no room (ENOSPC, EDQUOT): temporary, SMTP answers 452 4.3.1."""
+
+
+def os_error(message: str, e: OSError) -> StoreError:
+    """The StoreError for an OSError: StorageFull when the disk (or a disk quota) is full."""
+    import errno
+    cls = StorageFull if e.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
+    return cls(f"{message}: {e.strerror}")
+
+
 class AddressError(StoreError, ValueError):
     """A malformed e-mail address."""
 
