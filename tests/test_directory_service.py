@@ -290,3 +290,39 @@ def test_suspended_participant_keeps_its_account_and_mail_but_leaves_the_network
         await h.settle()
         assert [m["Subject"] for m in h.mailbox("s@x.test")][-1] == "Directory update: serial 4"
     asyncio.run(go())
+
+
+def test_a_request_the_parser_trips_over_does_not_block_the_others(h: Harness) -> None:
+    """`Message-ID: <@` made the stdlib raise IndexError: the request stayed in the directory
+    mailbox and every later request behind it went unanswered."""
+    async def go() -> None:
+        h.add("a@x.test", push=False)
+        h.store.accounts.add("stranger@x.test")
+        await h.settle()
+        d = h.store.begin_delivery("a@x.test", ["directory@x.test"], session_id="t", helo="gw",
+                                   peer="127.0.0.1")
+        d.write(b"From: <a@x.test>\r\nTo: <directory@x.test>\r\nSubject: GET\r\nMessage-ID: <@\r\n\r\nx\r\n")
+        await d.commit()
+        await h.send("a@x.test", "GET")
+        await h.service.tick()
+        assert [m["Subject"] for m in h.mailbox("a@x.test")] == ["Re: GET"]
+        assert h.store.mailbox("directory@x.test").messages() == []
+        assert h.service.statistics().requests == {"unreadable": 1, "answered": 1}
+    asyncio.run(go())
+
+
+def test_parse_request_raises_only_request_error_on_junk() -> None:
+    import random
+
+    from relay.directory.mail import RequestError, parse_request
+    rnd = random.Random(7)
+    pieces = [b"Return-Path: ", b"<", b">", b"@", b"From: ", b"Subject: ", b"=?utf-8?q?", b"?=",
+              b"Content-Type: ", b"text/plain; charset=", b"\r\n", b"\r\n\r\n", b" ", b"GET",
+              b"KEY ", b"Auto-Submitted: ", b"Content-Transfer-Encoding: base64", b"\xff", b"\x00",
+              b";", b'"', b"(", b",", b"List-Id: ", b"Message-ID: ", b"References: ", b"QUJD"]
+    for _ in range(3000):
+        data = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 30)))
+        try:
+            parse_request(data)
+        except RequestError:
+            pass

@@ -135,7 +135,18 @@ def _address(value: str | None) -> str | None:
 
 def parse_request(data: bytes) -> Request:
     """A stored request (trace headers first), of which only the first MAX_HEAD +
-    MAX_BODY_PEEK bytes are given."""
+    MAX_BODY_PEEK bytes are given. Raises RequestError, and nothing else, on any input."""
+    try:
+        return _parse_request(data)
+    except RequestError:
+        raise
+    except (ValueError, LookupError, AttributeError, TypeError) as e:
+        # the stdlib's header parsing trips over some malformed fields (`Message-ID: <@`
+        # raises IndexError): unreadable, never an error that stops the directory
+        raise RequestError(f"malformed header ({type(e).__name__}: {e})"[:200]) from None
+
+
+def _parse_request(data: bytes) -> Request:
     head, body = _split_head(data[:MAX_HEAD + MAX_BODY_PEEK])
     if len(head) > MAX_HEAD:
         raise RequestError(f"header block larger than {MAX_HEAD} bytes")

@@ -213,9 +213,17 @@ class DirectoryService:
         self._requests[outcome] = self._requests.get(outcome, 0) + 1
 
     async def answer_requests(self, address: str) -> None:
+        from relay.store import StoreError
+
         mb = self.relay.store.mailbox(address)
         for info in mb.messages()[:MAX_PER_TICK]:
-            await self._answer(mb, info)
+            try:
+                await self._answer(mb, info)
+            except (StoreError, OSError):
+                raise                       # the store's trouble: retried after RETRY_AFTER
+            except Exception as e:          # noqa: BLE001  one bad request must not block the queue
+                self._count("failed")
+                log.error("directory-request", uid=info.uid, outcome="failed", error=repr(e), exc_info=e)
             mb.expunge([info.uid])
 
     async def _answer(self, mb: Any, info: Any) -> None:
