@@ -221,7 +221,7 @@ class DirectoryService:
                 await self._answer(mb, info)
             except (StoreError, OSError):
                 raise                       # the store's trouble: retried after RETRY_AFTER
-            except Exception as e:          # noqa: BLE001  one bad request must not block the queue
+            except Exception as e:          # one bad request must not block the queue
                 self._count("failed")
                 log.error("directory-request", uid=info.uid, outcome="failed", error=repr(e), exc_info=e)
             mb.expunge([info.uid])
