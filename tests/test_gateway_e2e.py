@@ -367,7 +367,11 @@ def test_directory_fetched_by_email(net: Net) -> None:
 
 def test_storescu_to_storescp_through_two_gateways(net: Net) -> None:
     """The whole path: dcmtk storescu -> sending gateway (SCP) -> relay -> receiving gateway
-    (IMAP, verify, import, C-STORE) -> dcmtk storescp; then the MDN confirms at the sender."""
+    (IMAP, verify, import, C-STORE) -> dcmtk storescp; then the MDN confirms at the sender.
+    Nothing here depends on timing: the receiver starts once the study's encrypted message is
+    in its Maildir (a directory push may be there first), the SCP sends a study only after
+    storescu's association is released, and the sender records the study before it sends, so
+    the MDN always finds it."""
     from tests.test_gateway_pacs import STORESCU, free_port, start_storescp, wait_for
     pacs_port, scp_port = free_port(), free_port()
     ct = net.gateway(CT, dicom_listen=f"127.0.0.1:{scp_port}", quiet_period=0.5, send_to=RAD)
@@ -388,9 +392,11 @@ def test_storescu_to_storescp_through_two_gateways(net: Net) -> None:
         wait_for(lambda: len(list((net.tmp / "pacs-out").iterdir())) == 3, 30)
     finally:
         listener.terminate()
-        listener.wait(10)
+        sent, _ = listener.communicate(timeout=30)
         storescp.terminate()
         storescp.wait(10)
+    # one association -> one study -> one message (the quiet period starts at its release)
+    assert sent.count("sent study") == 1 and ": 3 files" in sent, sent
     assert sorted(read_dataset_bytes(p) for p in (net.tmp / "pacs-out").iterdir()) == \
         sorted(read_dataset_bytes(f) for f in files)
     gw("receive", ct, "--once")
