@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import start_relay, stop_relay  # bench/ is the script directory
 
 from relay import config as configmod
 from relay.clients.imap import ImapClient
@@ -79,32 +78,13 @@ pace_factor = {args.pace_factor}
 pace_floor = "{args.pace_floor}"
 drain_halflife = {args.halflife}
 """)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        for addr in (RCPT, FAST):
-            subprocess.run([sys.executable, "-m", "relay", "user", "add", addr, "--password-stdin",
-                            "--config", str(self.cfg)], input=PASSWORD + "\n", text=True,
-                           check=True, env=env, capture_output=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(self.cfg)],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        listeners = self.data / "run" / "listeners.json"
-        deadline = time.monotonic() + 60
-        while not listeners.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"relay did not start: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
-            time.sleep(0.05)
-        bound = json.loads(listeners.read_text())
-        self.smtp, self.imap = bound["smtp"][0][1], bound["imap"][0][1]
+        self.proc, bound = start_relay(self.cfg, self.data, [RCPT, FAST], PASSWORD)
+        self.smtp, self.imap = int(bound["smtp"][0][1]), int(bound["imap"][0][1])  # type: ignore[call-overload]
         self.store = Store.open(configmod.load(self.cfg))      # read-only observer (WAL)
 
     def stop(self) -> str:
         self.store.close()
-        self.proc.terminate()
-        try:
-            _, err = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return err.decode("utf-8", "replace")
+        return stop_relay(self.proc)
 
 
 def message(seq: int, body: bytes) -> list[bytes]:

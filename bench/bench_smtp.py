@@ -21,8 +21,6 @@ All files (messages, data dirs) live in a temporary directory that is removed at
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import socket
 import statistics
@@ -37,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import start_relay, stop_relay  # bench/ is the script directory
 
 from relay.clients.smtp import send_message
 from relay.config import format_size, parse_size
@@ -144,16 +144,6 @@ def wait_port(p: subprocess.Popen[bytes], port_file: Path, timeout: float = 60) 
     raise RuntimeError("server did not start")
 
 
-def stop(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def raw_send(port: int, path: Path) -> float:
     size = path.stat().st_size
     t0 = time.perf_counter()
@@ -188,18 +178,8 @@ class RelayProcess:
             [log]
             level = "WARNING"
         """))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        subprocess.run([sys.executable, "-m", "relay", "user", "add", RCPT, "--config", str(cfg)],
-                       check=True, env=env, capture_output=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(cfg)],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        listeners = self.data / "run" / "listeners.json"
-        deadline = time.monotonic() + 60
-        while not listeners.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"relay did not start: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
-            time.sleep(0.05)
-        self.port = json.loads(listeners.read_text())["smtp"][0][1]
+        self.proc, bound = start_relay(cfg, self.data, [RCPT])
+        self.port = int(bound["smtp"][0][1])  # type: ignore[call-overload]
 
     def clean(self) -> None:
         """Drop delivered files so that the disk does not fill (the bench quota is 1 TiB)."""
@@ -213,7 +193,7 @@ class RelayProcess:
         raise KeyError(key)
 
     def stop(self) -> None:
-        stop(self.proc)
+        stop_relay(self.proc)
 
 
 def send(port: int, path: Path, bdat: bool) -> float:
@@ -284,7 +264,7 @@ def main() -> int:
             raw = rate(size, median(lambda: raw_send(port, big), args.repeat))
             rows.append(("(a) raw: uvloop BufferedProtocol + os.write + fsync", f"{raw:.0f} MB/s", 1.0))
         finally:
-            stop(p)
+            stop_relay(p)
 
         relay = RelayProcess(work, "relay", max(size, csize) * 2)
         try:
@@ -324,7 +304,7 @@ def main() -> int:
                 rows.append((f"(e) stock aiosmtpd, 1 message by DATA (peak RSS {format_size(peak)})",
                              f"{r:.0f} MB/s", r / raw))
             finally:
-                stop(p)
+                stop_relay(p)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
