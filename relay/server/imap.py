@@ -740,8 +740,10 @@ class ImapSession:
                         atts = [*atts, proto.FetchAtt("FLAGS")]
             size = os.fstat(fd).st_size if fd is not None else m.size
             root = None
-            if any(a.name in _TREE_ITEMS or (a.section is not None and a.section != proto.Section())
-                   for a in atts):
+            # the MIME tree only for structure items and part sections: BODY[] and its
+            # partials are plain byte ranges (a partial of a 2 GB message reads only its range)
+            if any((a.section is None and a.name in _TREE_ITEMS)
+                   or (a.section is not None and a.section != proto.Section()) for a in atts):
                 assert fd is not None                  # a boundary scan may read the whole file:
                 if size <= INLINE_SCAN:                # not on the loop, unless the file is small
                     root = self._tree(m.name, size, fd, atts)
