@@ -170,8 +170,7 @@ class _Builder:
         """[start, end) of each body part between the delimiter lines (RFC 2046 5.1.1)."""
         dash = b"--" + boundary
         marks: list[tuple[int, int, bool]] = []          # (content end before it, next line, close)
-        hits = list(self._hits(start, end, dash))
-        for delim_start, after in hits:
+        for delim_start, after in self._hits(start, end, dash):       # lazily: bounded memory
             tail = os.pread(self.fd, 200, after)
             close = tail.startswith(b"--")
             rest = tail[2:] if close else tail

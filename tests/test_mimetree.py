@@ -185,3 +185,22 @@ def test_large_part_scanned_in_chunks(tmp_path: Path) -> None:
     assert [c.subtype for c in root.children] == ["dicom", "plain"]
     assert root.children[0].body_size == len(big)
     assert read(path, root.children[1].body_offset, root.children[1].body_size) == b"second"
+
+
+def test_memory_does_not_follow_the_number_of_delimiter_lines(tmp_path: Path) -> None:
+    """A (hostile) message with 400,000 delimiter lines: parts stop at MAX_PARTS and the scan
+    keeps no list of every delimiter it finds."""
+    import tracemalloc
+
+    path = tmp_path / "m"
+    with open(path, "wb") as f:
+        f.write(b"Content-Type: multipart/mixed; boundary=b\r\n\r\n")
+        f.write(b"--b\r\n\r\nx\r\n" * 400_000 + b"--b--\r\n")
+    tracemalloc.start()
+    try:
+        root = mimetree.parse(path, lines=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(root.children) <= mimetree.MAX_PARTS
+    assert peak < 8 * 1024 * 1024, peak
