@@ -164,6 +164,10 @@ def _directory(args: argparse.Namespace) -> int:
                         time.sleep(0.2)
             finally:
                 rc.source.close()
+            if rc.summary.directory_replies == 0:
+                print(f"relay gateway directory: no answer from {gw.cfg.directory_mailbox} within "
+                      f"{args.wait:g} s (is this gateway an active participant?)", file=sys.stderr)
+                return 1
         print(f"directory serial {gw.directory.serial} (was {before}), "
               f"{len(gw.directory.peers)} participants")
         return 0 if gw.directory.serial >= 0 else 1
