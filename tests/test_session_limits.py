@@ -40,3 +40,13 @@ def test_imap_and_pop3_session_caps(relay_factory) -> None:  # type: ignore[no-u
             break
         time.sleep(0.05)
     assert p3.startswith(b"+OK")
+
+
+def test_default_autologout_timers_meet_the_rfc_minimums(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 3 item 7: IMAP autologout at least 30 minutes (RFC 9051 5.4, also in IDLE, RFC
+    2177), POP3 at least 10 minutes (RFC 1939 3), on the embedded defaults."""
+    from relay import config as configmod
+
+    cfg = configmod.from_dict({"data_dir": str(tmp_path)}, tmp_path)
+    assert cfg.imap.idle_timeout >= 30 * 60
+    assert cfg.pop3.idle_timeout >= 10 * 60
