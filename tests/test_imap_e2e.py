@@ -487,3 +487,22 @@ def test_literals_go_by_sendfile_and_a_partial_reads_only_its_range(relay: Any, 
         assert f.read() == tail
     assert counted["sendfile"] + counted["pread"] <= len(tail) + 256 * 1024
     assert counted["sendfile"] >= len(tail) // 2, counted
+
+
+def test_store_adds_to_the_current_flags_not_to_a_stale_view(mail: Any) -> None:
+    """+FLAGS/-FLAGS change the flags the message has now: a \\Seen set by another session
+    (or by a Maildir reader) since this session last looked is not lost."""
+    a, b = login(mail), login(mail)
+    a.select()
+    b.select()
+    assert b.store("1", "+FLAGS", "(\\Seen)")[0] == "OK"
+    assert a.store("1", "+FLAGS", "(\\Flagged)")[1] == [b"1 (FLAGS (\\Flagged \\Seen))"]
+    assert b.store("1", "-FLAGS", "(\\Seen)")[0] == "OK"
+    assert a.store("1", "-FLAGS", "(\\Answered)")[1] == [b"1 (FLAGS (\\Flagged))"]
+    assert b.store("2", "+FLAGS", "(\\Deleted)")[0] == "OK"
+    a.fetch("2", "(BODY[TEXT])")                     # sets \Seen, keeps the \Deleted it did not see
+    assert sorted(p.name.split(":2,")[1] for p in stored(mail) if ":2," in p.name) == ["F", "ST"]
+    assert b.noop()[0] == "OK"
+    assert b.response("FETCH") == ("FETCH", [b"2 (FLAGS (\\Seen \\Deleted) UID 2)"])
+    a.logout()
+    b.logout()

@@ -688,14 +688,22 @@ class ImapSession:
         if self.readonly:
             self.write(tagged(cmd.tag, "NO", "[READ-ONLY] Mailbox is read-only"))
             return
-        for seq, m in self._targets(cmd, seqset_arg):
+        targets = self._targets(cmd, seqset_arg)
+        # +FLAGS/-FLAGS apply to the flags the message has now (another session or a Maildir
+        # reader may have changed them since the view was taken): no lost update
+        current = {mi.uid: mi for mi in self.mailbox.messages()} if targets else {}
+        for seq, m in targets:
+            now = current.get(m.uid)
+            if now is None:
+                continue                                    # expunged meanwhile
+            m = now
             letters = req.apply(m.flags)
             if letters != m.flags:
                 try:
                     m = self.mailbox.set_flags(m.uid, letters)
                 except (StoreError, LookupError, FileNotFoundError):
                     continue                                # expunged meanwhile
-                self.view[seq - 1] = m
+            self.view[seq - 1] = m
             if not req.silent:
                 uid = b" UID %d" % m.uid if cmd.uid else b""
                 self.write(untagged(b"%d FETCH (FLAGS %s%s)" % (seq, proto.render_flags(m.flags), uid)))
@@ -734,7 +742,8 @@ class ImapSession:
         try:
             if not self.readonly and "S" not in m.flags and any(a.sets_seen for a in atts):
                 with contextlib.suppress(KeyError, LookupError, FileNotFoundError):
-                    m = self.mailbox.set_flags(m.uid, "".join(sorted(m.flags + "S")))
+                    flags = self.mailbox.info(m.uid).flags          # now, not as viewed
+                    m = self.mailbox.set_flags(m.uid, "".join(sorted(set(flags + "S"))))
                     self.view[seq - 1] = m
                     if not any(a.name == "FLAGS" for a in atts):
                         atts = [*atts, proto.FetchAtt("FLAGS")]
