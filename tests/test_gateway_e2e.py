@@ -665,3 +665,22 @@ def _dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
     return p.pid
+
+
+def test_a_receipt_the_relay_did_not_take_is_sent_at_the_next_round(net: Net) -> None:
+    """SMTP down when the study is imported: the receipt is owed (not lost), and goes out at
+    the next `receive`; the sender's study is then confirmed."""
+    from tests.test_gateway_pacs import free_port
+
+    ct = net.gateway(CT)
+    files = synthetic_study(net.tmp / "owed", n=1)
+    gw("send", ct, "--to", RAD, str(files[0]))
+    no_smtp = net.gateway(RAD, smtp=f"127.0.0.1:{free_port()}")
+    r = gw("receive", no_smtp, "--once")
+    assert "imported 1 study" in r.stdout and "receipts sent 0" in r.stdout and "mdn_send_failed" in r.stderr
+    assert "MDNs 0" in gw("receive", ct, "--once").stdout
+    rad = net.gateway(RAD)                      # the same gateway (same state dir), SMTP back
+    assert "receipts sent 1" in gw("receive", rad, "--once").stdout
+    assert "receipts sent 0" in gw("receive", rad, "--once").stdout      # owed once, sent once
+    assert "MDNs 1" in gw("receive", ct, "--once").stdout
+    assert "all sent studies are confirmed" in gw("status", ct).stdout

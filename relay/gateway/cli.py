@@ -66,7 +66,7 @@ def _receiver(gw, pacs: bool = True):  # type: ignore[no-untyped-def]
 
 def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
     print(f"imported {s.n_imported} stud{'y' if s.n_imported == 1 else 'ies'}, "
-          f"quarantined {s.n_quarantined}, MDNs {s.mdns}, parts held {s.parts_held}, "
+          f"quarantined {s.n_quarantined}, MDNs {s.mdns}, receipts sent {s.mdns_sent}, parts held {s.parts_held}, "
           f"directory updates {s.directory_updates}"
           + (f", failed {s.failed} (left in the mailbox, retried)" if s.failed else ""))
     if s.earlier_imported or s.earlier_quarantined:

@@ -39,6 +39,8 @@ INCOMPLETE = "incomplete"
 NOT_DICOM = "not-dicom"
 MALFORMED = "malformed"
 
+MDN_GIVE_UP = 7 * 24 * 3600.0   # a receipt the relay refused for a week is dropped (logged)
+
 
 @dataclass
 class Summary:
@@ -50,6 +52,7 @@ class Summary:
     directory_replies: int = 0
     bytes_fetched: int = 0
     failed: int = 0             # messages left in the mailbox after an error (retried)
+    mdns_sent: int = 0
     seconds: dict[str, float] = field(default_factory=dict)   # fetch, decrypt, import
 
     earlier_imported: int = 0   # trimmed off `imported` by a long-running receiver
@@ -101,6 +104,7 @@ class Receiver:
     # --- the loop --------------------------------------------------------------------------
 
     def run_once(self) -> Summary:
+        self.send_mdns()                # owed from an earlier round (relay was down, a crash)
         held = self.gw.state.held_keys()
         waiting = self.source.messages()
         self.drop_stale_downloads({key for key, _ in waiting})
@@ -351,19 +355,35 @@ class Receiver:
         finally:
             remove_tree(work)
         self.gw.state.add_received(mid, study_uid, sender, count)
+        if head.get("Disposition-Notification-To") and mid:
+            self.gw.state.add_pending_mdn(mid, sender, count)     # owed from now on
         self.finish(keys, files)
         self.summary.imported.append(study_uid)
         log.info("study_imported", study=study_uid, sender=sender, files=count, message_id=mid)
-        if head.get("Disposition-Notification-To") and mid:
-            mdn = message.build_mdn(self.cfg.address, sender, mid,
-                                    f"{count} DICOM objects of one study were verified and imported.",
-                                    self.gw.ring)
-            try:
-                with transport.smtp_session(self.cfg) as smtp:
-                    smtp.send(self.cfg.address, sender, [mdn], size=len(mdn))
-            except transport.TransportError as e:
-                # the study is imported either way; the sender's status keeps it unconfirmed
-                log.error("mdn_send_failed", message_id=mid, to=sender, error=str(e))
+        self.send_mdns()
+
+    def send_mdns(self) -> None:
+        """Send the receipts owed. One the relay did not take (down, over quota) stays owed
+        and is sent at the next round, or after a restart; given up after MDN_GIVE_UP."""
+        owed = self.gw.state.pending_mdns()
+        if not owed:
+            return
+        try:
+            with transport.smtp_session(self.cfg) as smtp:
+                for mid, to, count, since in owed:
+                    if time.time() - since > MDN_GIVE_UP:
+                        log.error("mdn_given_up", message_id=mid, to=to)
+                        self.gw.state.drop_pending_mdn(mid)
+                        continue
+                    mdn = message.build_mdn(self.cfg.address, to, mid,
+                                            f"{count} DICOM objects of one study were verified and imported.",
+                                            self.gw.ring)
+                    smtp.send(self.cfg.address, to, [mdn], size=len(mdn))
+                    self.gw.state.drop_pending_mdn(mid)
+                    self.summary.mdns_sent += 1
+        except transport.TransportError as e:
+            # the studies are imported either way; the senders' status keeps them unconfirmed
+            log.error("mdn_send_failed", owed=len(owed), error=str(e))
 
     def verify_and_import(self, path: Path, head: object, sender: str, work: Path) -> tuple[str, int]:
         peer = self.gw.directory.peer(sender)

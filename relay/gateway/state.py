@@ -5,6 +5,7 @@ received   each message imported (a retry after a lost mailbox delete imports no
 partials   message/partial parts held on disk until their set is complete
 downloads  mailbox messages being fetched (resume from the size on disk) or held
 meta       e.g. the highest directory serial seen (never go back to an older document)
+mdn_pending  receipts owed for imported studies, until the relay took them (retried)
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ CREATE TABLE IF NOT EXISTS downloads (
     mailbox_key TEXT PRIMARY KEY, path TEXT NOT NULL, size INTEGER NOT NULL,
     state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS mdn_pending (
+    message_id TEXT PRIMARY KEY, recipient TEXT NOT NULL, files INTEGER NOT NULL,
+    since REAL NOT NULL);
 """
 
 
@@ -84,6 +88,18 @@ class State:
     def add_received(self, message_id: str, study_uid: str, sender: str, files: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO received VALUES (?,?,?,?,?)",
                         (message_id, study_uid, sender, files, time.time()))
+
+    # receipts owed
+    def add_pending_mdn(self, message_id: str, recipient: str, files: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO mdn_pending VALUES (?,?,?,?)",
+                        (message_id, recipient, files, time.time()))
+
+    def pending_mdns(self) -> list[tuple[str, str, int, float]]:
+        return [tuple(r) for r in self.db.execute(  # type: ignore[misc]
+            "SELECT message_id, recipient, files, since FROM mdn_pending ORDER BY since")]
+
+    def drop_pending_mdn(self, message_id: str) -> None:
+        self.db.execute("DELETE FROM mdn_pending WHERE message_id=?", (message_id,))
 
     # partials
     def add_partial(self, pid: str, number: int, total: int | None, path: Path, mailbox_key: str,

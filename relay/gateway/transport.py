@@ -56,7 +56,8 @@ class SmtpSession:
         return res.method
 
     def close(self) -> None:
-        self.client.quit()
+        with contextlib.suppress(OSError, self._error):     # the messages were taken already
+            self.client.quit()
 
 
 @contextlib.contextmanager
