@@ -167,6 +167,16 @@ def test_directory_key_is_made_once_private_and_ed25519(tmp_path: Path) -> None:
         check_public_key(k1.public_armored())
 
 
+def test_a_temporary_left_by_a_crash_with_our_pid_does_not_stop_the_start(tmp_path: Path) -> None:
+    """A container's relay is pid 1 at every start: a temporary key file left by a crash at
+    pid 1 must not make O_EXCL fail at every later start."""
+    d = tmp_path / "directory"
+    d.mkdir()
+    (d / f".{DirectoryKey.FILE}.{os.getpid()}.tmp").write_text("half a key")
+    k = DirectoryKey.load_or_create(tmp_path, "directory@x.test")
+    assert [p.name for p in d.iterdir()] == [DirectoryKey.FILE] and k.fingerprint
+
+
 def test_gpg_verifies_the_detached_signature_and_catches_tampering(tmp_path: Path) -> None:
     key = DirectoryKey.load_or_create(tmp_path)
     data = canonical_json({"name": "Klinikum Müller-Lüdenscheid", "serial": 7})

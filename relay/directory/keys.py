@@ -167,6 +167,9 @@ class DirectoryKey:
         if not path.exists():
             armored = str(cls._generate(uid_email))
             tmp = d / f".{cls.FILE}.{os.getpid()}.tmp"
+            # left by a process with our pid that died here (a container's pid 1 restarts
+            # with the same pid): ours to replace, or O_EXCL would fail at every start
+            tmp.unlink(missing_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.write(fd, armored.encode("ascii"))
