@@ -506,3 +506,21 @@ def test_store_adds_to_the_current_flags_not_to_a_stale_view(mail: Any) -> None:
     assert b.response("FETCH") == ("FETCH", [b"2 (FLAGS (\\Seen \\Deleted) UID 2)"])
     a.logout()
     b.logout()
+
+
+def test_expunge_and_close_go_by_the_current_deleted_flag(mail: Any) -> None:
+    """EXPUNGE/CLOSE remove what carries \\Deleted now: a mark another session set is
+    honoured, a mark another session cleared (an undelete) is not acted upon."""
+    a, b = login(mail), login(mail)
+    a.select()
+    b.select()
+    assert a.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK"
+    assert b.store("1", "-FLAGS", "(\\Deleted)")[0] == "OK"        # undeleted meanwhile
+    assert b.store("2", "+FLAGS", "(\\Deleted)")[0] == "OK"        # deleted by the other
+    assert a.expunge() == ("OK", [b"2"])
+    assert a.uid("SEARCH", "ALL") == ("OK", [b"1 3"])
+    assert b.store("3", "+FLAGS", "(\\Deleted)")[0] == "OK"
+    assert a.close()[0] == "OK"
+    assert len(stored(mail)) == 1
+    a.logout()
+    b.logout()

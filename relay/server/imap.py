@@ -638,9 +638,15 @@ class ImapSession:
             raise ImapSyntaxError("No messages")
         return [(i + 1, m) for i, m in enumerate(self.view) if seqset.contains(i + 1, n)]
 
+    def _deleted_now(self, uids: set[int] | None = None) -> list[int]:
+        """UIDs of the view (or of `uids`) that carry \\Deleted now, not as last viewed:
+        another session may have set or cleared it since."""
+        mine = {m.uid for m in self.view} if uids is None else uids
+        return [mi.uid for mi in self.mailbox.messages() if "T" in mi.flags and mi.uid in mine]
+
     async def cmd_close(self, cmd: Command) -> None:
         if not self.readonly:
-            deleted = [m.uid for m in self.view if "T" in m.flags]
+            deleted = self._deleted_now()
             if deleted:
                 self.mailbox.expunge(deleted)
         self._deselect()
@@ -662,7 +668,7 @@ class ImapSession:
         else:
             proto.want_args(cmd, 0, 0)
             named = {m.uid for m in self.view}
-        deleted = [m.uid for m in self.view if "T" in m.flags and m.uid in named]
+        deleted = self._deleted_now(named)
         gone = set(self.mailbox.expunge(deleted)) if deleted else set()
         for seq in range(len(self.view), 0, -1):
             if self.view[seq - 1].uid in gone:
