@@ -684,3 +684,26 @@ def test_a_receipt_the_relay_did_not_take_is_sent_at_the_next_round(net: Net) ->
     assert "receipts sent 0" in gw("receive", rad, "--once").stdout      # owed once, sent once
     assert "MDNs 1" in gw("receive", ct, "--once").stdout
     assert "all sent studies are confirmed" in gw("status", ct).stdout
+
+
+def test_a_new_participant_is_reachable_without_reconfiguring_anyone(net: Net) -> None:
+    """Issue 7's promise, seen from a gateway: the operator adds a participant with the CLI;
+    the relay pushes the signed directory; an existing gateway adopts it while receiving and
+    can send to the newcomer at once, who imports the study."""
+    from tests.test_gateway_pacs import wait_for
+
+    new = "us@example.test"
+    ct = net.gateway(CT)
+    files = synthetic_study(net.tmp / "to-new", n=1)
+    r = gw("send", ct, "--to", new, str(files[0]), check=False)
+    assert r.returncode == 1 and "not an active participant" in r.stderr
+    net.keys[new] = generate_key(net.tmp / "newkey", f"gateway <{new}>")
+    (net.tmp / "new.pub").write_text(net.keys[new][1])
+    relay_cli("participant", "add", new, "--key", str(net.tmp / "new.pub"), "--password-stdin",
+              "--config", str(net.relay_toml), stdin="secret\n")
+    wait_for(lambda: net.relay.call(lambda relay: relay.directory.statistics().pushed_serial) == 4, 30)
+    r = gw("receive", ct, "--once")
+    assert "directory updates 0" not in r.stdout, r.stdout        # the push, verified and adopted
+    gw("send", ct, "--to", new, str(files[0]))
+    us = net.gateway(new)
+    assert "imported 1 study" in gw("receive", us, "--once").stdout
