@@ -61,3 +61,24 @@ def test_cli_reports_configuration_errors(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "relay", "gateway", "status"],
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and "--config" in r.stderr
+
+
+def test_cli_reports_missing_and_unusable_key_files(tmp_path: Path) -> None:
+    """An administrator's typo or a wrong file: one line naming the key, exit 2, no traceback."""
+    f = tmp_path / "gw.toml"
+    f.write_text('address = "ct@hospital.test"\npassword = "x"\nsecret_key = "gw.sec.asc"\n'
+                 'directory_key = "directory.asc"\n')
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "relay", "gateway", "status", "--config", str(f)],
+                              capture_output=True, text=True, timeout=60, check=False)
+    r = status()
+    assert r.returncode == 2 and "secret_key" in r.stderr and "no such file" in r.stderr
+    assert "Traceback" not in r.stderr
+    (tmp_path / "gw.sec.asc").write_text("not a key\n")
+    r = status()
+    assert r.returncode == 2 and "directory_key" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "directory.asc").write_text("not a key either\n")
+    r = status()
+    assert r.returncode == 2 and "secret_key" in r.stderr and "no OpenPGP secret key" in r.stderr
+    assert "Traceback" not in r.stderr

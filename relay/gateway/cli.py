@@ -17,10 +17,20 @@ def _gateway(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from relay.gateway.config import load
     from relay.gateway.core import Gateway
 
+    from relay.gateway.pgp import PgpError
+
     if not args.config:
         raise ConfigError("relay gateway needs --config GW.toml (the gateway's own file)")
     logmod.setup("text", "DEBUG" if getattr(args, "verbose", False) else "INFO")
-    return Gateway(load(args.config))
+    cfg = load(args.config)
+    for key in ("secret_key", "directory_key", "password_file", "passphrase_file", "tls_ca"):
+        path = getattr(cfg, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{key}: {path}: no such file")
+    try:
+        return Gateway(cfg)
+    except PgpError as e:
+        raise ConfigError(f"secret_key: {e}") from None
 
 
 def _send(args: argparse.Namespace) -> int:
