@@ -16,7 +16,6 @@ def _gateway(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from relay.config import ConfigError
     from relay.gateway.config import load
     from relay.gateway.core import Gateway
-
     from relay.gateway.pgp import PgpError
 
     if not args.config:
