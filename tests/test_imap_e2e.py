@@ -524,3 +524,18 @@ def test_expunge_and_close_go_by_the_current_deleted_flag(mail: Any) -> None:
     assert len(stored(mail)) == 1
     a.logout()
     b.logout()
+
+
+def test_uid_search_sees_flags_another_session_changed(mail: Any) -> None:
+    """A poller's UID SEARCH UNSEEN answers from the flags as they are now (with the
+    untagged FETCH FLAGS announcing the change), not from its session's first view."""
+    c = Raw(mail.imap_port)
+    c.cmd(b"a LOGIN alice@example.test secret")
+    c.cmd(b"b SELECT INBOX")
+    assert c.cmd(b"c UID SEARCH UNSEEN") == [b"* SEARCH 1 2 3", b"c OK SEARCH completed"]
+    m = login(mail)
+    m.select()
+    m.store("2", "+FLAGS", "(\\Seen)")
+    m.logout()
+    assert c.cmd(b"d UID SEARCH UNSEEN") == [b"* 2 FETCH (FLAGS (\\Seen) UID 2)", b"* SEARCH 1 3",
+                                             b"d OK SEARCH completed"]

@@ -607,11 +607,14 @@ class ImapSession:
         """Mail that arrived since the last command becomes visible to SEARCH, FETCH and STORE
         without a NOOP (pollers that stay selected and only UID SEARCH): a UID command may
         carry every update, a sequence-number command only EXISTS, since EXPUNGE would shift
-        the numbers it names (RFC 9051 7.4.1, RFC 3501 7.4.1)."""
-        if not self.changed.is_set() or self.state != SELECTED:
+        the numbers it names (RFC 9051 7.4.1, RFC 3501 7.4.1). A UID command always compares
+        the flags too: the store announces new mail and expunges, not flag changes."""
+        if self.state != SELECTED:
             return
         if cmd.uid:
             await self.refresh()
+            return
+        if not self.changed.is_set():
             return
         top = self.view[-1].uid if self.view else 0
         new = [m for m in self.mailbox.messages() if m.uid > top]
