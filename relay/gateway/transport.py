@@ -125,8 +125,13 @@ class ImapSource:
             raise TransportError(f"IMAP: {e}") from None
 
     def delete(self, keys: list[str]) -> None:
+        # keys of another UIDVALIDITY name messages that are gone already (a quarantined
+        # message/partial set may be older than the mailbox's current UIDVALIDITY)
+        uids = [int(k.rsplit(":", 1)[1]) for k in keys if k.startswith(f"imap:{self.uidvalidity}:")]
+        if not uids:
+            return
         try:
-            self.c.delete([self._uid(k) for k in keys])
+            self.c.delete(uids)
         except self._errors as e:
             raise TransportError(f"IMAP: {e}") from None
 
@@ -149,6 +154,7 @@ class Pop3Source:
         self.cfg = cfg
         self.c = self._connect()
         self._deleted = False
+        self._num: dict[str, int] = {}
 
     def _connect(self) -> Pop3Client:
         from relay.clients.pop3 import Pop3Error
@@ -181,6 +187,7 @@ class Pop3Source:
     def delete(self, keys: list[str]) -> None:
         # POP3 deletes at QUIT (RFC 1939 6): commit now, then start a new session
         from relay.clients.pop3 import Pop3Error
+        keys = [k for k in keys if k in self._num]      # others left the mailbox already
         try:
             for k in keys:
                 self.c.dele(self._num[k])
