@@ -627,7 +627,10 @@ def test_stop_after_the_grace_period_closes_a_stalled_message(relay: RunningRela
 
 
 # --- `relay serve` as a real process --------------------------------------------------------------------
-def test_relay_serve_subprocess_sigterm_lets_session_finish(tmp_path: Path) -> None:
+def _serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`relay serve` on a config of its own with ALICE; returns the process and its SMTP port."""
+    import json
+
     data = tmp_path / "data"
     cfg = tmp_path / "relay.toml"
     cfg.write_text(f'data_dir = "{data}"\nhostname = "relay.test"\ngrace_period = 10\n'
@@ -638,14 +641,33 @@ def test_relay_serve_subprocess_sigterm_lets_session_finish(tmp_path: Path) -> N
                    check=True, env=env, capture_output=True, timeout=60)
     proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(cfg)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    listeners = data / "run" / "listeners.json"
+    deadline = time.monotonic() + 30
+    while not listeners.exists() and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())  # type: ignore[union-attr]
+        time.sleep(0.05)
+    return proc, json.loads(listeners.read_text())["smtp"][0][1]
+
+
+def test_relay_serve_sigint_stops_cleanly(tmp_path: Path) -> None:
+    proc, port = _serve(tmp_path)
     try:
-        listeners = data / "run" / "listeners.json"
-        deadline = time.monotonic() + 30
-        while not listeners.exists() and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
-            time.sleep(0.05)
-        import json
-        port = json.loads(listeners.read_text())["smtp"][0][1]
+        with smtplib.SMTP("127.0.0.1", port) as s:
+            assert s.noop()[0] == 250
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "app stopped" in proc.stderr.read().decode()  # type: ignore[union-attr]
+
+
+def test_relay_serve_subprocess_sigterm_lets_session_finish(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc, port = _serve(tmp_path)
+    try:
         with smtplib.SMTP("127.0.0.1", port) as s:
             assert s.sendmail("s@remote.test", [ALICE], b"Subject: 1\r\n\r\none\r\n") == {}
         c = Raw(port)                                 # a session in progress
