@@ -100,7 +100,6 @@ class SmtpConfig:
     command_timeout: float = 300.0            # RFC 5321 4.5.3.2.7: server waits >= 5 min
     data_timeout: float = 300.0               # between two reads during DATA/BDAT (4.5.3.2.5/6)
     max_errors: int = 20                      # bad commands before 421 4.7.0 and close
-    require_auth_for_relay: bool = True       # there is no relaying at all; kept explicit
 
 
 @dataclass(frozen=True)

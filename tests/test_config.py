@@ -92,6 +92,8 @@ min_free_disk = "10GiB"
     ({"tls": {"cert": "c.pem"}}, "cert and key go together"),
     ({"smtp": "x"}, "[smtp]"),
     ({"smtp": {"max_recipients": "many"}}, "smtp.max_recipients"),
+    # there is no relaying: no key may suggest that some setting allows it
+    ({"smtp": {"require_auth_for_relay": False}}, "unknown key 'require_auth_for_relay'"),
 ])
 def test_errors_name_the_key(raw: dict, needle: str) -> None:
     with pytest.raises(c.ConfigError) as e:
