@@ -43,6 +43,10 @@ from loadgen.profile import Profile, ProfileError, load_profile
 
 MIN_WAIT = 0.5             # seconds: the shortest wall-clock poll interval / retry delay
 IDLE_SLICE = 0.5           # seconds: IMAP IDLE is re-issued this often to check for the end
+# seconds: the longest silence on a receiver's session while its download is paced; a NOOP
+# follows each (servers log out idle clients: RFC 1939 3 after >= 10 min, RFC 9051 5.4 after
+# >= 30 min, and a POP3 session that is cut before QUIT loses its DELEs).
+KEEPALIVE = 60.0
 
 
 # --- the ledger ----------------------------------------------------------------------------
@@ -251,15 +255,20 @@ def make_plan(profile: Profile, m: modelmod.Model, period: str, speedup: float |
 
 
 def _paced(chunks: Iterator[bytes], rate: float, stop: threading.Event) -> Iterator[bytes]:
-    """Yield chunks no faster than `rate` bytes per second on average."""
+    """Yield chunks no faster than `rate` bytes per second on average, cut to about a second's
+    worth each (at least 64 KiB): a slow uplink streams, rather than sending 8 MiB and then
+    falling silent for longer than the server's data timeout (RFC 5321 4.5.3.2.6: 3 min)."""
     t0 = time.monotonic()
     sent = 0
+    piece = max(64 * 1024, int(rate))
     for chunk in chunks:
-        yield chunk
-        sent += len(chunk)
-        ahead = t0 + sent / rate - time.monotonic()
-        if ahead > 0:
-            stop.wait(ahead)
+        for i in range(0, len(chunk), piece) if len(chunk) > piece else (0,):
+            part = chunk[i:i + piece] if len(chunk) > piece else chunk
+            yield part
+            sent += len(part)
+            ahead = t0 + sent / rate - time.monotonic()
+            if ahead > 0:
+                stop.wait(ahead)
 
 
 class Run:
@@ -336,12 +345,18 @@ class Run:
             return False
         return self.ledger.waiting_for(who) == 0 or time.monotonic() > self.drain_deadline
 
-    def _take(self, who: str, path: Path, nbytes: int, t_start: float, rate: float) -> None:
+    def _take(self, who: str, path: Path, nbytes: int, t_start: float, rate: float,
+              keepalive: Callable[[], object]) -> None:
+        """Verify and record a download, then hold the session until the receiver's downlink
+        would have carried it, with a `keepalive()` (NOOP) every KEEPALIVE seconds."""
         self.ledger.delivered(who, verify_file(path), t_start - self.ledger.t0)
         path.unlink(missing_ok=True)
-        ahead = t_start + nbytes / rate - time.monotonic()
-        if ahead > 0:
-            self.stop_all.wait(ahead)
+        end = t_start + nbytes / rate
+        while (ahead := end - time.monotonic()) > 0:
+            if self.stop_all.wait(min(ahead, KEEPALIVE)):
+                return
+            if end - time.monotonic() > 0:
+                keepalive()
 
     def _receiver(self, who: str) -> None:
         g = self.plan.model.by_address[who].group
@@ -374,7 +389,7 @@ class Run:
                 t = time.monotonic()
                 path = folder / f"{uidl}.eml"
                 nbytes = c.retr_to_file(n, path)
-                self._take(who, path, nbytes, t, rate)
+                self._take(who, path, nbytes, t, rate, c.noop)
                 c.dele(n)
                 if self.stop_all.is_set():
                     break
@@ -395,7 +410,7 @@ class Run:
                     t = time.monotonic()
                     path = folder / f"{uid}.eml"
                     nbytes = c.fetch_to_file(uid, path)
-                    self._take(who, path, nbytes, t, rate)
+                    self._take(who, path, nbytes, t, rate, c.noop)
                     c.delete([uid])
                     if self.stop_all.is_set():
                         break

@@ -173,3 +173,64 @@ def test_a_message_that_never_fits_expires_and_the_run_fails(tmp_path: Path) -> 
     assert any("expired" in (rec["refused"] or "") for rec in rep["raw"]["records"])
     assert rep["lost"] == rep["duplicated"] == rep["corrupted"] == 0
     assert rep["delivered"] + rep["refused"] == rep["planned"]
+
+
+# one hospital sends small studies to a practice on a very slow line: each download is paced
+# for longer than the POP3 server's autologout timer
+SLOW = """
+name = "slow"
+domain = "slow.test"
+volume_per_month = "300MB"
+seed = 3
+
+[schedule]
+weekdays = [1, 1, 1, 1, 1, 1, 1]
+hours = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+
+[modality.CR]
+share = 1.0
+median = "5MB"
+sigma = 0.1
+
+[[participants]]
+group = "hospital"
+role = "hospital"
+uplink = "1Gbit"
+downlink = "1Gbit"
+sends_to = ["practice"]
+
+[[participants]]
+group = "practice"
+kind = "mail-client"
+role = "practice"
+uplink = "1Gbit"
+downlink = 100
+receive = "pop3"
+poll_interval = "1m"
+sends = 0
+"""
+
+
+def test_a_slow_receiver_keeps_its_session_alive_while_paced(
+        tmp_path: Path, relay_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pacing a 16 kB/s download holds the POP3 session idle for longer than the server's
+    autologout (1 s here, 10 min by RFC 1939 and a real run at a low speed-up): the receiver
+    sends NOOPs meanwhile, so its DELEs reach QUIT and nothing is downloaded twice."""
+    from loadgen import cli
+    from loadgen import run as runmod
+
+    monkeypatch.setattr(runmod, "KEEPALIVE", 0.3)
+    relay = relay_factory(pop3={"idle_timeout": 1.0})
+    for who in ("hospital", "practice"):
+        relay.add_user(f"{who}@slow.test", "pw-slow")
+    (tmp_path / "slow.toml").write_text(SLOW)
+    rc = cli.main(["run", "--profile", str(tmp_path / "slow.toml"), "--period", "day",
+                   "--scale", "0.005", "--speedup", "43200", "--report", str(tmp_path / "report"),
+                   "--no-progress", "--smtp", f"127.0.0.1:{relay.smtp_port}",
+                   "--pop3", f"127.0.0.1:{relay.pop3_port}", "--password", "pw-slow",
+                   "--drain-timeout", "20"])
+    rep = _report(tmp_path)
+    assert rep["duplicated"] == rep["lost"] == rep["corrupted"] == 0, rep["raw"]["events"]
+    assert rc == 0 and rep["delivered"] == rep["planned"] >= 2
+    assert rep["errors"] == 0
+    assert rep["per_receiver"]["practice@slow.test"]["paced_to_mb_per_s"] < 0.03

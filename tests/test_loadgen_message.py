@@ -127,3 +127,34 @@ def test_pgp_mime_message_from_the_pre_encrypted_pool(tmp_path: Path) -> None:
     (part,) = list(inner.iter_attachments())
     (tmp_path / "x.dcm").write_bytes(part.get_content())
     assert pydicom.dcmread(tmp_path / "x.dcm").PatientName == "LOADGEN^SYNTHETIC"
+
+
+def test_a_slow_sender_streams_a_second_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pacing an 8 MiB chunk at 200 kB/s: pieces of ~200 kB with pauses of about a second,
+    not the whole chunk and then 42 s of silence (servers drop a DATA that stalls for 3 min)."""
+    import types
+
+    from loadgen import run as runmod
+
+    class Clock:                                   # stop.wait() advances a virtual clock
+        def __init__(self) -> None:
+            self.now = 0.0
+            self.waits: list[float] = []
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def wait(self, seconds: float) -> bool:
+            self.waits.append(seconds)
+            self.now += seconds
+            return False
+
+    clock = Clock()
+    monkeypatch.setattr(runmod, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    data = bytes(range(256)) * (8 * 4096)           # 8 MiB
+    pieces = list(runmod._paced(iter([b"head\r\n", data]), 200_000, clock))  # type: ignore[arg-type]
+    assert b"".join(pieces) == b"head\r\n" + data
+    assert max(len(p) for p in pieces) <= 200_000 and len(pieces) >= 40
+    assert max(clock.waits) <= 1.01 and 41 < clock.now < 43
+    fast = list(runmod._paced(iter([data]), 1e12, clock))  # type: ignore[arg-type]
+    assert fast == [data]                           # a fast link: the chunk as it is
