@@ -15,6 +15,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from relay import __version__
 from relay.config import ConfigError
@@ -26,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """Adds --config to every (sub)parser, so `relay user add --config F` and
     `relay --config F user add` both work."""
 
-    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                           help="TOML configuration file (default: the embedded default)")
