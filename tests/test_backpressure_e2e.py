@@ -275,7 +275,8 @@ def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> No
 
 @pytest.fixture
 def small_fs(tmp_path: Any) -> Any:
-    """A 4 MiB tmpfs the test mounts (root only; skipped otherwise)."""
+    """A 4 MiB tmpfs the test mounts (root only; skipped otherwise). Request it before
+    relay_factory, so that the relay on it is stopped before it is unmounted."""
     import subprocess
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -287,7 +288,7 @@ def small_fs(tmp_path: Any) -> Any:
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_disk_full_while_streaming_gets_452_431(relay_factory: Any, small_fs: Any) -> None:
+def test_disk_full_while_streaming_gets_452_431(small_fs: Any, relay_factory: Any) -> None:
     """A message larger than the space left (no SIZE=, so the RCPT check cannot know): the
     write fails with ENOSPC, the tmp file goes at once, the sender gets 452 4.3.1 (storage
     low, temporary) rather than a generic 451, and the next message that fits is stored."""
