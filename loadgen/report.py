@@ -36,7 +36,7 @@ class Record:
 @dataclass
 class Event:
     t: float                          # wall seconds since the start
-    kind: str                         # accepted | deferred | refused | delivered | corrupted | duplicated | error
+    kind: str                         # accepted | deferred | refused | delivered | corrupted | duplicated | stale | error
     nbytes: int = 0
     who: str = ""                     # the recipient (or sender for errors)
     detail: str = ""
@@ -176,6 +176,7 @@ def figures(data: RunData) -> dict[str, Any]:
         "lost": lost,
         "duplicated": duplicated,
         "corrupted": count["corrupted"],
+        "stale": count["stale"],          # intact messages of an earlier run, found and deleted
         "not_sent": planned - sent,
         "complete": len(delivered) == planned and not data.interrupted,
         "interrupted": data.interrupted,
@@ -312,6 +313,8 @@ def markdown(fig: dict[str, Any]) -> str:
         (f"| {fig['planned']} | {fig['sent']} | {fig['accepted']} | {fig['deferred']} | {fig['retried']} | "
         f"{fig['refused']} | {fig['delivered']} | {fig['lost']} | {fig['duplicated']} | {fig['corrupted']} |"),
         "",
+        *([(f"{fig['stale']} intact messages of an earlier run were found in the mailboxes and deleted "
+            "(stale: not part of this run's figures)."), ""] if fig.get("stale") else []),
         "## Throughput (as run, on this machine)",
         "",
         f"- {fmt_bytes(fig['bytes_sent'])} accepted, {fmt_bytes(fig['bytes_delivered'])} downloaded and verified",

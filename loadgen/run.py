@@ -60,6 +60,9 @@ class Ledger:
         self.t0 = t0
         self.lock = threading.Lock()
         self.outstanding: dict[str, int] = {}        # recipient -> accepted, not yet delivered
+        # ids are "<run id>.<study>.<piece>": a message of another run (left in a mailbox of an
+        # external server by an interrupted run) is recognised as such, not as corruption
+        self.run_ids = {mid.partition(".")[0] for mid in records}
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -102,6 +105,9 @@ class Ledger:
         returns the outcome."""
         with self.lock:
             r = self.records.get(v.id or "")
+            if r is None and v.ok and v.id and v.id.partition(".")[0] not in self.run_ids:
+                self._event("stale", v.size, who, f"{v.id}: left by an earlier run")
+                return "stale"
             if not v.ok or r is None or r.recipient != who:
                 why = v.reason or ("unknown message id" if r is None else f"for {r.recipient}")
                 self._event("corrupted", v.size, who, f"{v.id}: {why}")

@@ -76,6 +76,28 @@ def test_a_duplicate_counts_once_as_the_run_records_it(tmp_path: Path) -> None:
     assert (fig["delivered"], fig["duplicated"], fig["lost"]) == (1, 2, 0)
 
 
+def test_a_message_of_an_earlier_run_is_stale_not_corrupted(tmp_path: Path) -> None:
+    """An interrupted run can leave messages in an external server's mailboxes; the next run
+    downloads and deletes them: intact and of another run = stale; damaged, unknown ids of this
+    run, or the wrong mailbox = corrupted."""
+    from loadgen.message import Verdict
+    from loadgen.run import Ledger
+
+    rec = Record("lg1.1.1", "h@x.test", "c@x.test", 1000, due=0.0, attempts=1)
+    ledger = Ledger({rec.id: rec}, t0=0.0)
+    ledger.accepted(rec.id)
+    assert ledger.delivered("c@x.test", Verdict("lg0.4.1", True, 500)) == "stale"
+    assert ledger.delivered("c@x.test", Verdict("lg0.5.1", False, 500, "digest")) == "corrupted"
+    assert ledger.delivered("c@x.test", Verdict("lg1.9.1", True, 500)) == "corrupted"
+    assert ledger.delivered("p@x.test", Verdict("lg1.1.1", True, 900)) == "corrupted"
+    assert ledger.delivered("c@x.test", Verdict("lg1.1.1", True, 900)) == "delivered"
+    d = RunData(meta={"profile": "t", "period": "day", "speedup": 10.0, "scale": 1.0},
+                records=[rec], events=ledger.events, wall_seconds=5.0)
+    fig = write(d, tmp_path)
+    assert (fig["stale"], fig["corrupted"], fig["delivered"], fig["lost"]) == (1, 3, 1, 0)
+    assert "1 intact messages of an earlier run" in (tmp_path / "report.md").read_text()
+
+
 def test_peak_rate_spreads_each_transfer_over_its_span(tmp_path: Path) -> None:
     """A 100 MB message streamed for 10 s is 10 MB/s, not 100 MB in the 0.25 s bin of its 250
     reply; a download of it over 2 s is 50 MB/s."""
