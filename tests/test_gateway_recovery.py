@@ -228,3 +228,42 @@ def test_an_incomplete_set_whose_parts_left_the_mailbox_is_still_quarantined(net
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert list(_quarantine(expired).values()) == ["incomplete"]
     assert gw("receive", expired, "--once").returncode == 0
+
+
+def test_keys_that_expire_soon_are_reported_and_expired_ones_refused(net: Net) -> None:
+    """docs/directory.md promises that gateways warn about keys close to expiry: `relay gateway
+    directory` lists them; sending to a key that has expired meanwhile is refused with a clear
+    message instead of a gpg error."""
+    import dataclasses
+    import time
+
+    from relay.gateway import send
+    from relay.gateway.config import load
+    from relay.gateway.core import Gateway, GatewayError
+
+    soon = "soon@example.test"
+    home = net.tmp / "soonkey"
+    home.mkdir(mode=0o700)
+
+    def g(*args: str) -> str:
+        return subprocess.run(["gpg", "--homedir", str(home), "--batch", "--passphrase", "", *args],
+                              check=True, capture_output=True, text=True, timeout=60).stdout
+    g("--quick-gen-key", f"gateway <{soon}>", "ed25519", "sign", "10d")
+    fpr = next(ln.split(":")[9] for ln in g("--with-colons", "--list-keys").splitlines() if ln.startswith("fpr"))
+    g("--quick-add-key", fpr, "cv25519", "encr", "10d")
+    (net.tmp / "soon.pub").write_text(g("--armor", "--export", fpr))
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], capture_output=True, check=False)
+    relay_cli("participant", "add", soon, "--key", str(net.tmp / "soon.pub"), "--config", str(net.relay_toml))
+    net.export_directory()
+    ct = net.gateway(CT)
+    out = gw("directory", ct, "--file", str(net.tmp / "dir" / "directory.json")).stdout
+    assert f"key of {soon} expires in 10 days" in out or f"key of {soon} expires in 9 days" in out, out
+    assert "key of rad@example.test" not in out                     # keys that never expire
+
+    files = synthetic_study(net.tmp / "exp", n=1)
+    with Gateway(load(ct)) as gwy:
+        peer = gwy.directory.peers[RAD]
+        gwy.directory.peers[RAD] = dataclasses.replace(peer, expires=time.time() - 60)   # time passed
+        with pytest.raises(GatewayError, match="has expired"):
+            send.send_paths(gwy, RAD, [files[0]])
+        assert gwy.state.sent() == []

@@ -179,6 +179,11 @@ def _directory(args: argparse.Namespace) -> int:
                 return 1
         print(f"directory serial {gw.directory.serial} (was {before}), "
               f"{len(gw.directory.peers)} participants")
+        for peer, left in gw.directory.expiring():
+            when = time.strftime("%Y-%m-%d", time.gmtime(peer.expires or 0))
+            state = "EXPIRED" if left <= 0 else f"expires in {left / 86400:.0f} days"
+            print(f"  key of {peer.address} {state} ({when}): the relay operator rotates it"
+                  " (relay participant update --key)")
         return 0 if gw.directory.serial >= 0 else 1
 
 

@@ -9,9 +9,11 @@ looked up by address with the fingerprint the directory lists.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,28 @@ class DirectoryError(ValueError):
     """A directory document we refuse (bad signature, wrong format, older serial)."""
 
 
+EXPIRY_WARNING = 30 * 86400.0     # warn about keys that expire within 30 days
+
+
 @dataclass(frozen=True)
 class Peer:
     address: str
     fingerprint: str
     name: str
+    expires: float | None = None  # the key's expiry (Unix time), None = never
+
+    def expires_in(self, now: float | None = None) -> float | None:
+        return None if self.expires is None else self.expires - (time.time() if now is None else now)
+
+
+def _expiry(value: object) -> float | None:
+    """RFC 3339 UTC from the document ("2028-01-01T00:00:00Z") -> Unix time; None if absent."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp()     # 3.11 reads the "Z"
+    except ValueError:
+        return None
 
 
 def _verify_with_gpg(json_bytes: bytes, sig_bytes: bytes, pinned_key: str, home: Path) -> dict[str, Any]:
@@ -130,7 +149,7 @@ class Directory:
             if not known and (len(fpr) != 40 or fpr not in self.ring.import_public(str(p.get("public_key", "")))):
                 log.warning("directory_entry_skipped", address=addr, reason="key does not match fingerprint")
                 continue
-            peers[addr] = Peer(addr, fpr, str(p.get("name", "")))
+            peers[addr] = Peer(addr, fpr, str(p.get("name", "")), _expiry(p.get("key_expires")))
         return peers
 
     def accept(self, json_bytes: bytes, sig_bytes: bytes) -> bool:
@@ -154,7 +173,18 @@ class Directory:
             tmp.write_bytes(data)
             os.replace(tmp, self.path.with_name(name))
         log.info("directory_accepted", serial=serial, participants=len(peers))
+        for peer, left in self.expiring():
+            log.warning("key_expiring", address=peer.address, fingerprint=peer.fingerprint,
+                        days=round(left / 86400, 1), own=peer.address == self.cfg.address.lower())
         return True
+
+    def expiring(self, within: float = EXPIRY_WARNING) -> list[tuple[Peer, float]]:
+        """Participants whose key expires within `within` seconds (or has expired: negative),
+        soonest first. The operator rotates them (`relay participant update --key`)."""
+        now = time.time()
+        found = [(p, left) for p in self.peers.values()
+                 if (left := p.expires_in(now)) is not None and left < within]
+        return sorted(found, key=lambda x: x[1])
 
     def peer(self, address: str) -> Peer | None:
         return self.peers.get(address.lower())

@@ -36,6 +36,10 @@ def send_study(gw: Gateway, to: str, instances: list[dicommime.Instance]) -> Sen
     if peer is None:
         raise GatewayError(f"{to} is not an active participant in the directory "
                            f"(serial {gw.directory.serial}); refresh it with `relay gateway directory`")
+    left = peer.expires_in()
+    if left is not None and left <= 0:
+        raise GatewayError(f"the key of {to} ({peer.fingerprint}) has expired: nothing can be "
+                           "encrypted to it until the relay operator registers its new key")
     cfg = gw.cfg
     study_uid = instances[0].study_uid
     mid = new_message_id(cfg.domain)
