@@ -539,3 +539,36 @@ def test_uid_search_sees_flags_another_session_changed(mail: Any) -> None:
     m.logout()
     assert c.cmd(b"d UID SEARCH UNSEEN") == [b"* 2 FETCH (FLAGS (\\Seen) UID 2)", b"* SEARCH 1 3",
                                              b"d OK SEARCH completed"]
+
+
+def fill_maildir(relay: Any, n: int) -> None:
+    """n small messages put into the Maildir from outside (the store indexes them)."""
+    body = b"Subject: x\r\n\r\nx\r\n"
+    for i in range(n):
+        (maildir(relay) / "new" / f"{1700000000 + i}.M{i}P1Q1.relay.test,S={len(body)}").write_bytes(body)
+
+
+def write_buffers(relay: Any, cls: type) -> list[int]:
+    """The transport write buffer of every live session of `cls` (the relay runs in-process)."""
+    import gc
+
+    return relay.call(lambda r: [o.writer.transport.get_write_buffer_size()  # type: ignore[no-any-return]
+                                 for o in gc.get_objects() if isinstance(o, cls)])
+
+
+def test_pipelined_commands_from_a_client_that_reads_nothing_stay_bounded(relay: Any) -> None:
+    """20,000 pipelined `UID SEARCH ALL` on 1,000 messages (~5 KB answer per 18-byte command):
+    the server stops at its write bound instead of answering a whole 64 KiB read (~15 MB)."""
+    from relay.server.imap import WRITE_HIGH_WATER, ImapSession
+
+    fill_maildir(relay, 1000)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", relay.imap_port))
+    s.sendall(b"a LOGIN alice@example.test secret\r\nb SELECT INBOX\r\n" + b"c UID SEARCH ALL\r\n" * 20000)
+    peak = 0
+    for _ in range(15):                                    # bounded: ~1.5 s of samples
+        time.sleep(0.1)
+        peak = max([peak, *write_buffers(relay, ImapSession)])
+    s.close()
+    assert WRITE_HIGH_WATER // 2 < peak < WRITE_HIGH_WATER + 256 * 1024, peak

@@ -382,3 +382,29 @@ def test_message_expunged_by_imap_meanwhile_is_sys_perm(relay: RunningRelay) -> 
     assert b"messages deleted" in p.quit()
     assert stored(relay) == []
     assert relay.call(lambda r: r.pop3.statistics().messages_deleted) == 1
+
+
+def test_pipelined_listings_to_a_client_that_reads_nothing_stay_bounded(relay: RunningRelay) -> None:
+    """LIST pipelined 20,000 times on 3,000 messages (~30 KB per 6-byte command): the write
+    buffer stops at its bound rather than holding the answers to a whole read (~7-20 MB)."""
+    import gc
+
+    from relay.server.pop3 import WRITE_HIGH_WATER, Pop3Session
+
+    local, domain = ALICE.split("@")
+    new = relay.data_dir / "mail" / domain / local / "new"
+    body = b"Subject: x\r\n\r\nx\r\n"
+    for i in range(3000):
+        (new / f"{1700000000 + i}.M{i}P1Q1.relay.test,S={len(body)}").write_bytes(body)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", relay.pop3_port))
+    s.sendall(f"USER {ALICE}\r\nPASS secret\r\n".encode() + b"LIST\r\n" * 20000)
+    peak = 0
+    for _ in range(15):                                    # bounded: ~1.5 s of samples
+        time.sleep(0.1)
+        sizes = relay.call(lambda r: [o.writer.transport.get_write_buffer_size()
+                                      for o in gc.get_objects() if isinstance(o, Pop3Session)])
+        peak = max([peak, *sizes])
+    s.close()
+    assert WRITE_HIGH_WATER // 4 < peak < WRITE_HIGH_WATER + 256 * 1024, peak

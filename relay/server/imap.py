@@ -267,6 +267,11 @@ class ImapSession:
                 self.write(bad.to_bytes())
                 continue
             handler = getattr(self, "cmd_" + ev.name.lower())
+            # pipelined commands from a client that reads nothing: a short command may have a
+            # long answer (UID SEARCH ALL), so the write buffer is bounded per command, not
+            # per 64 KiB read
+            if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                await self.flush()
             try:
                 await handler(ev)
             except ImapSyntaxError as e:

@@ -184,6 +184,9 @@ class Pop3Session:
                 self._out(ev.data)
                 if ev.close:
                     return "ok"
+                # pipelined LIST/UIDL from a client that reads nothing: a 6-byte command can
+                # make a long reply, so the write buffer is bounded per reply, not per read
+                await self._drain()
             elif isinstance(ev, proto.Authenticate):
                 self._out(await self._authenticate(ev))
             elif isinstance(ev, proto.Retrieve):
