@@ -267,3 +267,35 @@ def test_keys_that_expire_soon_are_reported_and_expired_ones_refused(net: Net) -
         with pytest.raises(GatewayError, match="has expired"):
             send.send_paths(gwy, RAD, [files[0]])
         assert gwy.state.sent() == []
+
+
+def test_a_study_signed_with_a_key_expired_since_is_quarantined_as_expired_key(net: Net) -> None:
+    """A key that was in the directory and has expired since: gpg says EXPKEYSIG (the content
+    is intact). Quarantined as expired-key, not as a bad signature (which would suggest
+    tampering). The message is made with pgpy: gpg refuses to sign with an expired key."""
+    import datetime
+    import warnings
+
+    from relay.gateway.config import load
+    from relay.gateway.core import Gateway
+    from tests.test_directory_keys import make_key, public
+
+    rad = net.gateway(RAD)
+    ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    old = make_key(CT, created=ago, expires=datetime.timedelta(days=1))
+    with Gateway(load(rad)) as g:
+        g.ring.import_public(public(old))       # it was in the directory while it was valid
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgpy  # type: ignore[import-untyped]
+        rad_key, _ = pgpy.PGPKey.from_blob(net.keys[RAD][1])
+        msg = pgpy.PGPMessage.new(b"Content-Type: text/plain\r\n\r\nx\r\n")
+        msg |= old.sign(msg)
+        armored = str(rad_key.encrypt(msg)).replace("\n", "\r\n")
+    net.inject(RAD, (f"From: {CT}\r\nTo: {RAD}\r\nSubject: DICOM\r\nMessage-ID: <expired@x>\r\n"
+                     "MIME-Version: 1.0\r\nContent-Type: multipart/encrypted; "
+                     'protocol="application/pgp-encrypted"; boundary="b"\r\n\r\n--b\r\n'
+                     "Content-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n\r\n--b\r\n"
+                     f"Content-Type: application/octet-stream\r\n\r\n{armored}\r\n--b--\r\n").encode())
+    r = gw("receive", rad, "--once", check=False)
+    assert r.returncode == 1 and list(_quarantine(rad).values()) == ["expired-key"], r.stdout

@@ -41,6 +41,7 @@ class Verdict:
     status: str          # the [GNUPG:] lines, for the quarantine reason file
     bad_signature: bool = False   # BADSIG: the content does not match its signature (gpg then
                                   # stops before DECRYPTION_OKAY, although decryption worked)
+    key_expired: bool = False     # EXPKEYSIG/REVKEYSIG: signed by a key expired or revoked since
 
 
 def _status_lines(stderr: str) -> list[list[str]]:
@@ -126,7 +127,8 @@ class Keyring:
         signed = bool(kinds & {"GOODSIG", "BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "VALIDSIG"})
         good = "GOODSIG" in kinds and bool(signer) and not kinds & {"BADSIG", "ERRSIG"}
         v = Verdict(decrypted, signed, good, signer, key_id,
-                    "\n".join(" ".join(s) for s in status), "BADSIG" in kinds)
+                    "\n".join(" ".join(s) for s in status), "BADSIG" in kinds,
+                    bool(kinds & {"EXPKEYSIG", "REVKEYSIG"}))
         if not (v.decrypted and v.good):
             dst.unlink(missing_ok=True)
         return v

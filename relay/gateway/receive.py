@@ -38,6 +38,7 @@ UNKNOWN_SENDER = "unknown-sender"
 INCOMPLETE = "incomplete"
 NOT_DICOM = "not-dicom"
 MALFORMED = "malformed"
+EXPIRED_KEY = "expired-key"
 
 MDN_GIVE_UP = 7 * 24 * 3600.0   # a receipt the relay refused for a week is dropped (logged)
 
@@ -402,6 +403,9 @@ class Receiver:
         if not v.signed:
             raise Quarantined(UNSIGNED, "encrypted but not signed\n" + v.status)
         if not v.good:
+            if v.key_expired:
+                raise Quarantined(EXPIRED_KEY, "signed with a key that has expired or been revoked "
+                                               "(the sender needs a new key in the directory)\n" + v.status)
             if v.key_id and "BADSIG" not in v.status:
                 raise Quarantined(UNKNOWN_KEY, f"signed by key {v.key_id}, not in the directory\n" + v.status)
             raise Quarantined(BAD_SIGNATURE, "the signature does not verify\n" + v.status)
