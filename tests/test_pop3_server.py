@@ -408,3 +408,22 @@ def test_pipelined_listings_to_a_client_that_reads_nothing_stay_bounded(relay: R
         peak = max([peak, *sizes])
     s.close()
     assert WRITE_HIGH_WATER // 4 < peak < WRITE_HIGH_WATER + 256 * 1024, peak
+
+
+def test_too_many_failed_logins_close_the_connection(relay: RunningRelay,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Password guessing: after 5 failures on one connection (USER/PASS or AUTH PLAIN) the
+    server closes it, as IMAP does; each failure is answered -ERR [AUTH]."""
+    import relay.server.pop3 as pop3_server
+
+    monkeypatch.setattr(pop3_server, "LOGIN_FAILURE_DELAY", 0.01)     # the relay runs in-process
+    raw = Raw(relay.pop3_port)
+    for i in range(4):
+        assert raw.cmd(b"USER " + ALICE.encode()).startswith(b"+OK")
+        assert raw.cmd(b"PASS wrong%d" % i).startswith(b"-ERR [AUTH]")
+    bad = base64.b64encode(b"\0" + ALICE.encode() + b"\0nope")
+    assert raw.cmd(b"AUTH PLAIN " + bad).startswith(b"-ERR [AUTH]")
+    assert raw.line() == b""                                         # closed
+    assert pop(relay).stat()[0] == 0                                  # others are served
+    st = relay.call(lambda r: r.sessions.statistics())
+    assert st.total.get(("pop3", "auth_failures")) == 1

@@ -36,6 +36,7 @@ TOP_CHUNK = 64 * 1024             # TOP reads only as far as the header and n li
 READ_SIZE = 4096                  # commands are short (255 octets, RFC 2449 4)
 WRITE_HIGH_WATER = 2 * RETR_CHUNK  # transport buffer bound before drain() waits
 LOGIN_FAILURE_DELAY = 0.5         # slows password guessing; RFC 1939 8 suggests a delay
+MAX_AUTH_FAILURES = 5             # then the connection is closed (as IMAP says BYE)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Pop3Session:
         self.mailbox: Any = None
         self.session: Session | None = None
         self.sent = 0
+        self.auth_failures = 0
 
     async def run(self) -> None:
         c = self.relay.config.pop3
@@ -189,6 +191,8 @@ class Pop3Session:
                 await self._drain()
             elif isinstance(ev, proto.Authenticate):
                 self._out(await self._authenticate(ev))
+                if self.auth_failures >= MAX_AUTH_FAILURES:
+                    return "auth_failures"          # RFC 1939 8: guessing ends here
             elif isinstance(ev, proto.Retrieve):
                 await self._retrieve(ev)
             elif isinstance(ev, proto.StartTls):
@@ -213,6 +217,7 @@ class Pop3Session:
             return self.conn.auth_failed("temp")
         if account is None:
             self.stats.login_failures += 1
+            self.auth_failures += 1
             log.info("auth_failed", sid=self.sid, user=ev.user[:64], mechanism=ev.mechanism)
             await asyncio.sleep(LOGIN_FAILURE_DELAY)
             return self.conn.auth_failed("auth")
