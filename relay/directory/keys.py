@@ -96,8 +96,18 @@ def _can_encrypt(key: pgpy.PGPKey) -> bool:
 def check_public_key(data: bytes | str, now: datetime.datetime | None = None) -> KeyInfo:
     """Parse an armored (or binary) OpenPGP public key and check that a gateway can use it:
     public (not secret), one key, self-signatures valid, neither expired nor revoked, and with
-    a usable encryption-capable (sub)key. Raises DirectoryError saying what is wrong."""
+    a usable encryption-capable (sub)key. Raises DirectoryError saying what is wrong, and
+    nothing else: pgpy parses some damaged keys and trips later (`expires_at`: IndexError)."""
     key = _load(data)
+    try:
+        return _check(key, now)
+    except DirectoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (pgpy raises anything on bad input)
+        raise DirectoryError(f"malformed key: {type(e).__name__}: {e}"[:300]) from None
+
+
+def _check(key: pgpy.PGPKey, now: datetime.datetime | None) -> KeyInfo:
     if not key.is_public:
         raise DirectoryError("this is a SECRET key: give the participant's PUBLIC key "
                              "(gpg --armor --export ADDRESS)")
