@@ -95,7 +95,7 @@ class State:
                         (message_id, recipient, files, time.time()))
 
     def pending_mdns(self) -> list[tuple[str, str, int, float]]:
-        return [tuple(r) for r in self.db.execute(  # type: ignore[misc]
+        return [(str(m), str(r), int(n), float(t)) for m, r, n, t in self.db.execute(
             "SELECT message_id, recipient, files, since FROM mdn_pending ORDER BY since")]
 
     def drop_pending_mdn(self, message_id: str) -> None:
