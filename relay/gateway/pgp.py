@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import gnupg
+import gnupg  # type: ignore[import-untyped]
 
 from relay.log import get_logger
 
