@@ -136,6 +136,7 @@ def test_get_get_since_and_key_are_answered(h: Harness) -> None:
                                                    "Re: hello"]
         for m in replies:
             assert m["Auto-Submitted"] == "auto-replied" and m["From"].addresses[0].addr_spec == "directory@x.test"
+            assert m["X-Relay-Directory-Serial"] == "2"             # docs: on every reply
         assert replies[0]["In-Reply-To"] == "<GET@gw>"
         doc = verify_document(*attachments(replies[0]).values(), h.cli.key.public_armored())
         assert doc["serial"] == 2

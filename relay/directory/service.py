@@ -293,14 +293,16 @@ class DirectoryService:
             return mail.reply(req, address, host,
                               f"The participant directory, serial {signed.serial}.\r\n",
                               serial=signed.serial, document=(signed.json, signed.signature))
+        serial = d.registry.serial()              # every reply says which serial it reflects
         if cmd.verb == "KEY":
             p = d.registry.get(cmd.address or "")
             if p is None or p.status != "active":
-                return mail.reply(req, address, host, f"no such participant: {cmd.address}\r\n")
+                return mail.reply(req, address, host, f"no such participant: {cmd.address}\r\n",
+                                  serial=serial)
             return mail.reply(req, address, host,
                               f"OpenPGP key of {p.address}: {p.fingerprint}\r\n",
-                              key=(p.address, p.public_key))
-        return mail.reply(req, address, host, mail.HELP)
+                              serial=serial, key=(p.address, p.public_key))
+        return mail.reply(req, address, host, mail.HELP, serial=serial)
 
     # --- HTTP (read-only) ------------------------------------------------------------------
 
