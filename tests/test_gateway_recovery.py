@@ -299,3 +299,19 @@ def test_a_study_signed_with_a_key_expired_since_is_quarantined_as_expired_key(n
                      f"Content-Type: application/octet-stream\r\n\r\n{armored}\r\n--b--\r\n").encode())
     r = gw("receive", rad, "--once", check=False)
     assert r.returncode == 1 and list(_quarantine(rad).values()) == ["expired-key"], r.stdout
+
+
+def test_a_part_delivered_twice_is_held_once(net: Net) -> None:
+    """The same message/partial part twice in the mailbox (a sender's retry): the copy is
+    dropped; the held part stays held and is not taken up again at every round."""
+    from relay.gateway import message as M
+
+    rad = net.gateway(RAD)
+    part = (f"From: {CT}\r\nTo: {RAD}\r\nSubject: DICOM\r\nMessage-ID: <p1@x>\r\nMIME-Version: 1.0\r\n"
+            f'Content-Type: message/partial; id="{M.new_message_id("example.test")}"; number=1; total=2\r\n'
+            f"\r\nFrom: {CT}\r\nSubject: DICOM\r\nContent-Type: text/plain\r\n\r\nstart\r\n").encode()
+    net.inject(RAD, part)
+    net.inject(RAD, part)
+    assert "parts held 1" in gw("receive", rad, "--once").stdout
+    assert len(left_in_mailbox(net.relay.data_dir / "mail" / "example.test" / "rad")) == 1
+    assert "parts held 0" in gw("receive", rad, "--once").stdout

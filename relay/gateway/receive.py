@@ -285,6 +285,13 @@ class Receiver:
         pid = f"{sender} {info.id}"
         pdir = self.cfg.state_dir / "partials" / hashlib.sha256(pid.encode()).hexdigest()[:24]
         pdir.mkdir(parents=True, exist_ok=True)
+        held = {n: k for n, _, _, k, _, _ in self.gw.state.partial_set(pid)}
+        if held.get(info.number, key) != key:
+            # the same part delivered twice: keep the first (replacing it would un-hold the
+            # first copy's mailbox message, which would then be taken up again every round)
+            log.info("partial_duplicate", id=info.id, number=info.number)
+            self.finish([key], [path])
+            return
         target = pdir / f"{info.number:05d}.eml"
         os.replace(path, target)
         self.gw.state.add_partial(pid, info.number, info.total, target, key, sender)
