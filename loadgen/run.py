@@ -19,6 +19,7 @@ report is written. Twice: receivers stop too (what was not drained counts as los
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import itertools
 import json
@@ -291,6 +292,11 @@ class Run:
         self.ledger = Ledger(records, self.t0)
         self.downloads = work / "downloads"
         self.downloads.mkdir(parents=True, exist_ok=True)
+        # receiver -> server ids (POP3 UIDL, IMAP "UIDVALIDITY:UID") of messages verified whose
+        # deletion the server has not confirmed yet: after a broken session a real client knows
+        # them (fetchmail's UIDL list) and only deletes them; downloaded again, they would count
+        # as duplicated although the server kept them only because our delete never arrived
+        self.unconfirmed: dict[str, set[str]] = {}
 
     # senders --------------------------------------------------------------------------------
     def _send_one(self, msg: Message) -> str:
@@ -349,13 +355,22 @@ class Run:
             return True
         if not self.senders_done.is_set():
             return False
-        return self.ledger.waiting_for(who) == 0 or time.monotonic() > self.drain_deadline
+        done = self.ledger.waiting_for(who) == 0 and not self.unconfirmed.get(who)
+        return done or time.monotonic() > self.drain_deadline
 
-    def _take(self, who: str, path: Path, nbytes: int, t_start: float, rate: float,
+    def _take(self, who: str, key: str, path: Path, download: Callable[[Path], int], rate: float,
               keepalive: Callable[[], object]) -> None:
-        """Verify and record a download, then hold the session until the receiver's downlink
-        would have carried it, with a `keepalive()` (NOOP) every KEEPALIVE seconds."""
+        """Download the message the server knows as `key` into `path`, verify and record it
+        (once per key until its deletion is confirmed), then hold the session until the
+        receiver's downlink would have carried it, with a `keepalive()` (NOOP) every
+        KEEPALIVE seconds."""
+        unconfirmed = self.unconfirmed.setdefault(who, set())
+        if key in unconfirmed:
+            return
+        t_start = time.monotonic()
+        nbytes = download(path)
         self.ledger.delivered(who, verify_file(path), t_start - self.ledger.t0)
+        unconfirmed.add(key)
         path.unlink(missing_ok=True)
         end = t_start + nbytes / rate
         while (ahead := end - time.monotonic()) > 0:
@@ -392,14 +407,13 @@ class Run:
         with Pop3Client(*self.ep.pop3, timeout=600, starttls=self.ep.tls) as c:  # type: ignore[misc]
             c.login(who, self.ep.passwords[who])
             for n, uidl in c.uidl().items():
-                t = time.monotonic()
-                path = folder / f"{uidl}.eml"
-                nbytes = c.retr_to_file(n, path)
-                self._take(who, path, nbytes, t, rate, c.noop)
+                self._take(who, uidl, folder / f"{uidl}.eml",
+                           functools.partial(c.retr_to_file, n), rate, c.noop)
                 c.dele(n)
                 if self.stop_all.is_set():
                     break
-            c.quit()
+            c.quit()                            # the DELEs take effect here (RFC 1939 6)
+            self.unconfirmed.pop(who, None)
 
     def _imap_session(self, who: str, folder: Path, rate: float, idle: bool, interval: float) -> None:
         import ssl
@@ -411,13 +425,13 @@ class Run:
             c.login(who, self.ep.passwords[who])
             c.select()
             while not self._finished(who):
-                uids = c.uid_search("UNDELETED")
+                uids = c.uid_search("ALL")      # with any we flagged \Deleted but could not expunge
                 for uid in uids:
-                    t = time.monotonic()
-                    path = folder / f"{uid}.eml"
-                    nbytes = c.fetch_to_file(uid, path)
-                    self._take(who, path, nbytes, t, rate, c.noop)
+                    key = f"{c.uidvalidity}:{uid}"
+                    self._take(who, key, folder / f"{uid}.eml",
+                               functools.partial(c.fetch_to_file, uid), rate, c.noop)
                     c.delete([uid])
+                    self.unconfirmed[who].discard(key)
                     if self.stop_all.is_set():
                         break
                 if not idle:
