@@ -218,3 +218,29 @@ def test_metrics_doc_lists_every_metric_in_one_table() -> None:
     table = list(itertools.takewhile(lambda ln: ln.startswith("|"), lines))
     rows = {ln.split("`")[1] for ln in table[2:]}
     assert rows == set(documented_metrics()), set(documented_metrics()) - rows
+
+
+def test_deferrals_drain_rate_and_pacing_figures(relay_factory: Callable[..., RunningRelay]) -> None:
+    """A recipient over its quota: the 452 4.2.2 shows as a reply by reason and as a policy
+    deferral; draining the mailbox by POP3 gives it a drain rate; paced seconds are a counter."""
+    r = relay_factory(quota={"default_bytes": "30KiB"})
+    r.add_user("alice@example.test", "secret")
+    with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as s:
+        s.sendmail("ct@hospital.test", ["alice@example.test"], BODY)          # ~20 kB: fits
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as e:                # would exceed
+            s.sendmail("ct@hospital.test", ["alice@example.test"], BODY)
+        assert e.value.recipients["alice@example.test"][0] == 452
+    p = poplib.POP3("127.0.0.1", r.pop3_port, timeout=30)
+    p.user("alice@example.test")
+    p.pass_("secret")
+    p.retr(1)
+    p.dele(1)
+    p.quit()
+    wait_sessions_closed(r)
+    ss = samples(scrape(r))
+    assert value(ss, "relay_smtp_replies_total", **{"class": "4xx", "code": "4.2.2",
+                                                     "reason": "over_quota"}) == 1
+    assert value(ss, "relay_backpressure_deferrals_total", reason="quota") == 1
+    assert value(ss, "relay_mailbox_drain_rate_bytes_per_second", mailbox="alice@example.test") > 0
+    assert value(ss, "relay_backpressure_paced_seconds_total") >= 0
+    assert value(ss, "relay_mailbox_backlog_bytes", mailbox="alice@example.test") == 0
