@@ -47,6 +47,16 @@ def value(ss: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **
     return ss[(name, frozenset(labels.items()))]
 
 
+def pop3_drain_first(r: RunningRelay, who: str) -> None:
+    """RETR and DELE the first message of `who` (password 'secret'), then QUIT."""
+    p = poplib.POP3("127.0.0.1", r.pop3_port, timeout=30)
+    p.user(who)
+    p.pass_("secret")
+    p.retr(1)
+    p.dele(1)
+    p.quit()
+
+
 def traffic(r: RunningRelay) -> None:
     """One message to alice and bob, one refused recipient; alice drains by POP3 (RETR, DELE),
     bob reads by IMAP and keeps the message."""
@@ -55,12 +65,7 @@ def traffic(r: RunningRelay) -> None:
         refused = s.sendmail("ct@hospital.test", ["alice@example.test", "bob@example.test",
                                                   "nobody@example.test"], BODY)
         assert set(refused) == {"nobody@example.test"}
-    p = poplib.POP3("127.0.0.1", r.pop3_port, timeout=30)
-    p.user("alice@example.test")
-    p.pass_("secret")
-    p.retr(1)
-    p.dele(1)
-    p.quit()
+    pop3_drain_first(r, "alice@example.test")
     m = imaplib.IMAP4("127.0.0.1", r.imap_port, timeout=30)
     m.login("bob@example.test", "secret")
     m.select("INBOX")
@@ -230,12 +235,7 @@ def test_deferrals_drain_rate_and_pacing_figures(relay_factory: Callable[..., Ru
         with pytest.raises(smtplib.SMTPRecipientsRefused) as e:                # would exceed
             s.sendmail("ct@hospital.test", ["alice@example.test"], BODY)
         assert e.value.recipients["alice@example.test"][0] == 452
-    p = poplib.POP3("127.0.0.1", r.pop3_port, timeout=30)
-    p.user("alice@example.test")
-    p.pass_("secret")
-    p.retr(1)
-    p.dele(1)
-    p.quit()
+    pop3_drain_first(r, "alice@example.test")
     wait_sessions_closed(r)
     ss = samples(scrape(r))
     assert value(ss, "relay_smtp_replies_total", **{"class": "4xx", "code": "4.2.2",
