@@ -7,10 +7,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 COPY requirements.lock ./
 RUN python -m venv /opt/relay \
  && /opt/relay/bin/pip install --no-cache-dir --require-virtualenv -r requirements.lock
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md docker/build-constraints.txt ./
 COPY relay ./relay
 COPY loadgen ./loadgen
-RUN /opt/relay/bin/pip install --no-cache-dir --no-deps .
+# The build backend pinned too (pip applies PIP_CONSTRAINT inside its isolated build env).
+RUN PIP_CONSTRAINT=/src/build-constraints.txt /opt/relay/bin/pip install --no-cache-dir --no-deps .
 
 FROM python:3.11.11-slim-bookworm
 ENV PATH=/opt/relay/bin:$PATH PYTHONUNBUFFERED=1

@@ -83,6 +83,24 @@ def test_lock_pins_every_runtime_dependency_at_the_tested_version() -> None:
         assert version(name) == ver, f"{name}: locked {ver}, tested with {version(name)}"
 
 
+def test_build_backend_is_pinned_too() -> None:
+    """`pip install .` in the image builds with pyproject's [build-system] requires, pinned by
+    docker/build-constraints.txt through PIP_CONSTRAINT (which pip honours in its isolated
+    build environment), not with whatever setuptools is newest that day."""
+    pins = {}
+    for line in (ROOT / "docker" / "build-constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, ver = line.partition("==")
+            pins[canonicalize_name(name)] = ver.strip()
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    for raw in requires:
+        req = Requirement(raw)
+        assert canonicalize_name(req.name) in pins, f"{req.name} not pinned"
+        assert pins[canonicalize_name(req.name)] in req.specifier, raw
+    build_runs = [args for op, args in instructions() if op == "RUN" and "install" in args and " ." in args]
+    assert build_runs and all("PIP_CONSTRAINT=/src/build-constraints.txt" in a for a in build_runs)
+
+
 def test_compose_is_consistent() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
