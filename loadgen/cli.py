@@ -39,7 +39,11 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from loadgen import run
 
-    return run.main(args)
+    try:
+        return run.main(args)
+    except run.StartError as e:
+        print(f"loadgen: {e}", file=sys.stderr)
+        return 1
 
 
 def _hostport(value: str) -> tuple[str, int]:

@@ -150,6 +150,10 @@ class Endpoints:
     description: str = ""
 
 
+class StartError(RuntimeError):
+    """The relay loadgen starts for itself did not come up."""
+
+
 class OwnRelay:
     """`relay serve` as a subprocess on a temporary data dir, ports chosen by the kernel. The
     participants' accounts are added with the store API while it runs (as `relay user add`
@@ -177,7 +181,10 @@ class OwnRelay:
         while not listeners.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"relay serve did not start; see {self.log.name}")
+                # the log goes with the temporary work dir: say what it says
+                tail = Path(self.log.name).read_bytes()[-2000:].decode("utf-8", "replace").strip()
+                raise StartError(f"relay serve did not start (exit status {self.proc.returncode}); "
+                                 f"its log ends:\n{tail or '(empty)'}")
             time.sleep(0.05)
         bound = json.loads(listeners.read_text())
         self.endpoints = Endpoints((bound["smtp"][0][0], bound["smtp"][0][1]),

@@ -252,3 +252,24 @@ def test_a_receiver_cut_off_before_quit_does_not_count_duplicates(
     nothing lost, the mailbox ends empty, and the broken sessions show as errors."""
     _, rep, _ = _slow_run(tmp_path, relay_factory, monkeypatch, keepalive=60.0)
     assert rep["errors"] >= rep["planned"] - 1          # a broken session per paced download
+
+
+def test_a_relay_that_does_not_start_is_reported_with_its_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its log is in the temporary work dir, removed on the way out: the error shows its end."""
+    import types
+
+    from loadgen import cli
+    from loadgen import run as runmod
+
+    fake = tmp_path / "python"                 # what runs as `python -m relay serve ...`
+    fake.write_text("#!/bin/sh\necho \"relay: cannot bind 127.0.0.1:0 ($*)\" >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(runmod, "sys", types.SimpleNamespace(executable=str(fake), stdout=sys.stdout))
+    (tmp_path / "e2e.toml").write_text(PROFILE)
+    rc = cli.main(["run", "--profile", str(tmp_path / "e2e.toml"), "--period", "hour", "--scale", "0.001",
+                   "--report", str(tmp_path / "report"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("loadgen: relay serve did not start (exit status 3)")
+    assert "relay: cannot bind 127.0.0.1:0 (-m relay serve --config " in err.split("its log ends:", 1)[1]
+    assert not (tmp_path / "report").exists()
