@@ -273,3 +273,29 @@ def test_a_relay_that_does_not_start_is_reported_with_its_log(
     assert rc == 1 and err.startswith("loadgen: relay serve did not start (exit status 3)")
     assert "relay: cannot bind 127.0.0.1:0 (-m relay serve --config " in err.split("its log ends:", 1)[1]
     assert not (tmp_path / "report").exists()
+
+
+def test_live_display_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal the run shows a live line: simulated time, counts, MB/s, backlog, errors."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    p = subprocess.Popen([a for a in _loadgen(tmp_path, "--speedup", "21600") if a != "--no-progress"],
+                         stdin=secondary, stdout=secondary, stderr=secondary, close_fds=True)
+    os.close(secondary)
+    out = b""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:                       # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(primary)
+    assert p.wait(30) == 0, out[-2000:]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode("utf-8", "replace"))   # colours, cursor
+    text = re.sub(r"\s+", " ", text)                                               # wrapped at 80
+    assert re.search(r"day \d+ \d\d:\d\d accepted \d+/\d+ delivered \d+ \d+ MB/s backlog \d+ \(", text), text[-2000:]
+    assert "deferred 0 refused 0 errors 0" in text
