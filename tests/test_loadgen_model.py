@@ -3,6 +3,7 @@ and profile mistakes named with their key and place. Nothing is sent."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -204,3 +205,23 @@ def test_pgp_share_marks_studies_and_changes_nothing_else() -> None:
         load_profile("ruhr-pilot", pgp_share=1.5)
     assert "pgp_share" in _error(GOOD.replace('volume_per_month = "1GB"',
                                               'volume_per_month = "1GB"\n[messages]\npgp_share = 2'))
+
+
+def test_command_line_follows_the_contract() -> None:
+    """CONTRACT.md "Load generator": the options of `loadgen model` and `loadgen run`."""
+    from loadgen.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()}
+    assert {"--profile", "--json"} <= options["model"]
+    assert {"--profile", "--period", "--speedup", "--scale", "--report", "--smtp", "--imap",
+            "--pop3"} <= options["run"]
+    args = parser.parse_args(["run", "--profile", "ruhr-pilot", "--period", "week", "--speedup", "100",
+                              "--scale", "0.5", "--report", "DIR", "--smtp", "mx.test:25",
+                              "--imap", "[::1]:143", "--pop3", "pop.test:110"])
+    assert (args.period, args.speedup, args.scale, args.report) == ("week", 100.0, 0.5, "DIR")
+    assert (args.smtp, args.imap, args.pop3) == (("mx.test", 25), ("::1", 143), ("pop.test", 110))
+    for bad in (["--period", "year"], ["--speedup", "0"], ["--smtp", "mx.test"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "--profile", "ruhr-pilot", *bad])
