@@ -375,10 +375,13 @@ class Run:
         if key in unconfirmed:
             return
         t_start = time.monotonic()
-        nbytes = download(path)
-        self.ledger.delivered(who, verify_file(path), t_start - self.ledger.t0)
+        try:
+            nbytes = download(path)
+            verdict = verify_file(path)
+        finally:
+            path.unlink(missing_ok=True)        # also what a broken download left
+        self.ledger.delivered(who, verdict, t_start - self.ledger.t0)
         unconfirmed.add(key)
-        path.unlink(missing_ok=True)
         end = t_start + nbytes / rate
         while (ahead := end - time.monotonic()) > 0:
             if self.stop_all.wait(min(ahead, KEEPALIVE)):

@@ -94,3 +94,21 @@ def test_a_receiver_cut_off_before_quit_does_not_count_duplicates(
     nothing lost, the mailbox ends empty, and the broken sessions show as errors."""
     _, rep, _ = _slow_run(tmp_path, relay_factory, monkeypatch, keepalive=60.0)
     assert rep["errors"] >= rep["planned"] - 1          # a broken session per paced download
+
+
+def test_a_broken_download_leaves_no_file_and_no_record(tmp_path: Path) -> None:
+    import threading
+
+    from loadgen.run import Ledger, Run
+
+    run = Run.__new__(Run)                    # only what a receiver's _take uses
+    run.unconfirmed, run.ledger, run.stop_all = {}, Ledger({}, 0.0), threading.Event()
+    path = tmp_path / "m.eml"
+
+    def download(p: Path) -> int:
+        p.write_bytes(b"X-Loadgen-Id: half\r\n")
+        raise ConnectionError("cut")
+
+    with pytest.raises(ConnectionError):
+        run._take("a@x.test", "1:7", path, download, 1e9, lambda: None)
+    assert not path.exists() and not run.unconfirmed["a@x.test"] and not run.ledger.events
