@@ -411,12 +411,20 @@ class Run:
                 self.ledger.error(who, repr(e))
                 self.stop_all.wait(max(interval, 0.2))
 
+    def _forget_gone(self, who: str, listed: set[str]) -> None:
+        """Verified messages the server no longer lists were deleted after all (the reply to
+        our QUIT or EXPUNGE was what got lost)."""
+        if who in self.unconfirmed:
+            self.unconfirmed[who] &= listed
+
     def _pop3_round(self, who: str, folder: Path, rate: float) -> None:
         from relay.clients.pop3 import Pop3Client
 
         with Pop3Client(*self.ep.pop3, timeout=600, starttls=self.ep.tls) as c:  # type: ignore[misc]
             c.login(who, self.ep.passwords[who])
-            for n, uidl in c.uidl().items():
+            listing = c.uidl()
+            self._forget_gone(who, set(listing.values()))
+            for n, uidl in listing.items():
                 self._take(who, uidl, folder / f"{uidl}.eml",
                            functools.partial(c.retr_to_file, n), rate, c.noop)
                 c.dele(n)
@@ -436,6 +444,7 @@ class Run:
             c.select()
             while not self._finished(who):
                 uids = c.uid_search("ALL")      # with any we flagged \Deleted but could not expunge
+                self._forget_gone(who, {f"{c.uidvalidity}:{uid}" for uid in uids})
                 for uid in uids:
                     key = f"{c.uidvalidity}:{uid}"
                     self._take(who, key, folder / f"{uid}.eml",

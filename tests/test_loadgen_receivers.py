@@ -112,3 +112,21 @@ def test_a_broken_download_leaves_no_file_and_no_record(tmp_path: Path) -> None:
     with pytest.raises(ConnectionError):
         run._take("a@x.test", "1:7", path, download, 1e9, lambda: None)
     assert not path.exists() and not run.unconfirmed["a@x.test"] and not run.ledger.events
+
+
+def test_a_deletion_whose_reply_was_lost_does_not_hold_the_receiver() -> None:
+    """A receiver stops only when nothing it verified still waits for its deletion; a message
+    the server no longer lists was deleted after all (only the reply was lost)."""
+    import threading
+
+    from loadgen.run import Ledger, Run
+
+    run = Run.__new__(Run)
+    run.unconfirmed, run.ledger = {"a@x.test": {"1:5", "1:6"}}, Ledger({}, 0.0)
+    run.stop_all, run.senders_done, run.drain_deadline = threading.Event(), threading.Event(), float("inf")
+    run.senders_done.set()
+    assert not run._finished("a@x.test")
+    run._forget_gone("a@x.test", {"1:6", "1:7"})             # 5 is gone, 6 still listed
+    assert run.unconfirmed["a@x.test"] == {"1:6"} and not run._finished("a@x.test")
+    run._forget_gone("a@x.test", set())
+    assert run._finished("a@x.test")
