@@ -154,6 +154,7 @@ def test_healthz_and_head(relay: RunningRelay) -> None:
     # while shutting down (a session still finishing), /healthz says 503
     with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as s:
         s.ehlo("gw.test")
+        s.mail("ct@hospital.test")            # a transaction in progress: not closed at once
         # stop with a long grace: the open session keeps the relay in its shutdown phase
         stopping = asyncio.run_coroutine_threadsafe(relay.relay.stop(grace=30), relay.loop)
         codes = []

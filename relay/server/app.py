@@ -88,6 +88,9 @@ class Relay:
                 continue
             for s in servers:
                 s.close()
+        for session in self.sessions.live():
+            if session.on_shutdown is not None:
+                session.on_shutdown()
         live = len(self.sessions.live())
         log.info("stopping", live_sessions=live, grace=grace)
         if live and not await self.sessions.wait_empty(grace):

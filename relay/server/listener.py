@@ -45,6 +45,9 @@ class Session:
     sid: str = field(default_factory=new_session_id)
     started: float = field(default_factory=time.monotonic)
     closer: Callable[[], Any] | None = None      # set by the server: closes the transport
+    # set by a server whose idle sessions should not hold a shutdown: called when shutdown
+    # starts; closes the session now if it is between messages, else after its message
+    on_shutdown: Callable[[], Any] | None = None
     _done: bool = False
 
     def close(self, outcome: str = "ok") -> None:

@@ -142,6 +142,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._bytes = 0
         self._messages = 0
         self._outcome = "ok"
+        self._shutting_down = False
 
     # --- connection ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -159,6 +160,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self.counters.sessions += 1
         self.session.closer = self._shutdown
+        self.session.on_shutdown = self._on_shutdown
         self.conn = P.SmtpConnection(
             self.config.hostname, c.max_message_size, max_recipients=c.max_recipients,
             max_errors=c.max_errors, tls_available=self.ssl_ctx is not None and not self.implicit_tls,
@@ -194,13 +196,24 @@ class SmtpSession(asyncio.BufferedProtocol):
             session.close(outcome)
 
     def _shutdown(self) -> None:
-        """Called by Relay.stop() after the grace period."""
+        """Close now with 421 4.3.2: at shutdown between messages, or after the grace period."""
         if self.conn is not None and not self.conn.closed:
             self.conn.close_with(R_SHUTDOWN)
             self._flush()
         self._outcome = "shutdown"
         if self.transport is not None:
             self.transport.close()
+
+    def _on_shutdown(self) -> None:
+        """Shutdown started: a session between messages gets 421 4.3.2 now; one with a
+        message in progress finishes it (within the grace period) and is closed after."""
+        self._shutting_down = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if (self._shutting_down and self.msg is None and self._task is None
+                and self.conn is not None and not self.conn.closed):
+            self._shutdown()
 
     # --- flow control ----------------------------------------------------------------------
     def _pause(self, reason: str) -> None:
@@ -301,6 +314,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self.loop.call_later(delay, self._resume, "pace")
         if self._task is None and not conn.closed:
             self._arm_timer()
+        self._close_if_idle()
 
     def _spawn(self, coro: Any) -> None:
         """Run an awaitable step with reading paused; then go on with buffered input. The
@@ -323,6 +337,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._process()                       # may start the next step (pipelined input)
         if self._task is None:
             self._resume("task")
+        self._close_if_idle()
 
     # --- events ----------------------------------------------------------------------------
     def _reset(self, ev: Any = None) -> None:
