@@ -302,15 +302,19 @@ def from_dict(raw: dict[str, Any], base: Path = Path(".")) -> Config:
     return cfg
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError naming it."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def load(path: str | Path | None) -> Config:
     """Load a TOML file; None gives the embedded default."""
     if path is None:
         return Config()
     p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: {e}") from None
-    return dataclasses.replace(from_dict(raw, p.resolve().parent), source=p)
+    return dataclasses.replace(from_dict(read_toml(p), p.resolve().parent), source=p)

@@ -7,12 +7,11 @@ that names the key, like relay.config.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.config import ConfigError, parse_hostport, parse_size
+from relay.config import ConfigError, parse_hostport, parse_size, read_toml
 
 
 @dataclass(frozen=True)
@@ -130,10 +129,4 @@ def from_dict(raw: dict[str, Any], base: Path = Path(".")) -> GatewayConfig:
 
 def load(path: str | Path) -> GatewayConfig:
     p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: {e}") from None
-    return dataclasses.replace(from_dict(raw, p.resolve().parent), source=p)
+    return dataclasses.replace(from_dict(read_toml(p), p.resolve().parent), source=p)
