@@ -572,3 +572,20 @@ def test_pipelined_commands_from_a_client_that_reads_nothing_stay_bounded(relay:
         peak = max([peak, *write_buffers(relay, ImapSession)])
     s.close()
     assert WRITE_HIGH_WATER // 2 < peak < WRITE_HIGH_WATER + 256 * 1024, peak
+
+
+def test_shutdown_says_bye_at_once_to_a_session_in_idle(relay: Any) -> None:
+    """A gateway waiting in IDLE holds nothing: stop() answers it BYE without waiting for the
+    grace period."""
+    import asyncio
+
+    c = Raw(relay.imap_port)
+    c.cmd(b"a LOGIN alice@example.test secret")
+    c.cmd(b"b SELECT INBOX")
+    c.send(b"c IDLE\r\n")
+    assert c.line() == b"+ idling"
+    t0 = time.monotonic()
+    stopping = asyncio.run_coroutine_threadsafe(relay.relay.stop(grace=30), relay.loop)
+    assert c.line().startswith(b"* BYE")
+    stopping.result(10)
+    assert time.monotonic() - t0 < 5                          # not the 30 s grace

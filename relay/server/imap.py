@@ -155,6 +155,7 @@ class ImapSession:
         self.auth_failures = 0
         self.sent = 0
         self._pending_read: asyncio.Task[bytes] | None = None
+        self._idling = False                  # waiting in IDLE: nothing to finish at shutdown
 
     def _new_parser(self) -> proto.ImapParser:
         return proto.ImapParser(self.config.imap.max_line, self.config.imap.max_literal)
@@ -211,6 +212,7 @@ class ImapSession:
             await self._close()
             return
         self.session.closer = self._shutdown
+        self.session.on_shutdown = self._on_shutdown
         outcome = "dropped"
         try:
             self.writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
@@ -544,10 +546,25 @@ class ImapSession:
 
     # --- IDLE ----------------------------------------------------------------------------
 
+    def _on_shutdown(self) -> None:
+        """Shutdown started: a session waiting in IDLE holds nothing, so it gets BYE at once
+        (a gateway reconnects to the next server); other sessions finish within the grace."""
+        if self._idling:
+            self._shutdown()
+
     async def cmd_idle(self, cmd: Command) -> None:
         self.write(b"+ idling\r\n")
         self.parser.expect_line()
         deadline = time.monotonic() + self.config.imap.idle_timeout
+        self._idling = True
+        try:
+            await self._idle(cmd, deadline)
+        finally:
+            self._idling = False
+
+    async def _idle(self, cmd: Command, deadline: float) -> None:
+        if not self.relay.sessions.accepting:         # shutdown began before the IDLE
+            raise _Bye("Server shutting down", "shutdown")
         while True:
             ev = self.parser.next_event()
             if isinstance(ev, ClientLine):
