@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from loadgen.profile import ProfileError, load_profile, shipped
 from loadgen.report import fmt_bytes as _fmt_bytes
+from relay.cli import hostport_type, size_type
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -44,22 +45,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except run.StartError as e:
         print(f"loadgen: {e}", file=sys.stderr)
         return 1
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
-def _size(value: str) -> int:
-    from relay.config import ConfigError, parse_size
-
-    try:
-        return parse_size(value, "--quota")
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(value: str) -> float:
@@ -102,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="byte scale: every message is X times its modelled size (default 1.0)")
     pr.add_argument("--report", default=None, metavar="DIR",
                     help="report directory (default ./loadgen-report-<profile>-<time>)")
-    pr.add_argument("--smtp", type=_hostport, metavar="HOST:PORT",
+    pr.add_argument("--smtp", type=hostport_type, metavar="HOST:PORT",
                     help="SMTP server to send to (without: start a relay of our own)")
-    pr.add_argument("--imap", type=_hostport, metavar="HOST:PORT",
+    pr.add_argument("--imap", type=hostport_type, metavar="HOST:PORT",
                     help="IMAP server for the participants that receive by IMAP")
-    pr.add_argument("--pop3", type=_hostport, metavar="HOST:PORT",
+    pr.add_argument("--pop3", type=hostport_type, metavar="HOST:PORT",
                     help="POP3 server for the participants that receive by POP3 "
                          "(given alone: every participant receives by POP3)")
     pr.add_argument("--password", default=None, metavar="TEXT",
@@ -119,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: a temporary directory, removed at the end)")
     pr.add_argument("--drain-timeout", type=_positive, default=120.0, metavar="SECONDS",
                     help="after the last send, how long receivers may take to drain (default 120)")
-    pr.add_argument("--quota", type=_size, default=None, metavar="SIZE",
+    pr.add_argument("--quota", type=size_type, default=None, metavar="SIZE",
                     help="our own relay: every mailbox's byte quota (e.g. \"500MB\"; default the "
                          "relay's 20 GiB); a full mailbox defers its senders with 452 4.2.2")
     pr.add_argument("--no-progress", action="store_true", help="no live display")

@@ -18,9 +18,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from relay import __version__
-from relay.config import ConfigError
+from relay.config import ConfigError, parse_hostport, parse_size
 
 AREAS = ("relay.server.cli", "relay.store.cli", "relay.directory.cli", "relay.gateway.cli")
+
+
+def size_type(value: str) -> int:
+    """argparse type for sizes ("4GiB", "500MB", 4096), parsed like the config's."""
+    try:
+        return parse_size(value, "size")
+    except ConfigError as e:                  # argparse names the option: drop our key
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
+
+
+def hostport_type(value: str) -> tuple[str, int]:
+    """argparse type for "HOST:PORT" ("[::1]:25" too), parsed like the config's listeners."""
+    try:
+        return parse_hostport(value, "address")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
 
 
 class _Parser(argparse.ArgumentParser):

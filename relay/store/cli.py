@@ -10,16 +10,10 @@ import time
 from collections.abc import Callable
 
 from relay import config as configmod
-from relay.config import ConfigError, format_size, parse_size
+from relay.cli import size_type
+from relay.config import format_size
 from relay.store.core import Store, Usage
 from relay.store.errors import StoreError
-
-
-def _size(value: str) -> int:
-    try:
-        return parse_size(value, "--quota-bytes")
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _count(value: str) -> int:
@@ -169,7 +163,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = us.add_parser("add", help="add an account (its Maildir is created)")
     p.add_argument("address")
-    p.add_argument("--quota-bytes", type=_size, metavar="SIZE", help="e.g. 20GiB (default: [quota] default_bytes)")
+    p.add_argument("--quota-bytes", type=size_type, metavar="SIZE", help="e.g. 20GiB (default: [quota] default_bytes)")
     p.add_argument("--quota-messages", type=_count, metavar="N", help="0 = unlimited (default: [quota] default_messages)")
     p.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
     p.set_defaults(func=_with_store(_user_add))
@@ -192,7 +186,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = us.add_parser("quota", help="set an account's quota override")
     p.add_argument("address")
-    p.add_argument("--quota-bytes", type=_size, metavar="SIZE")
+    p.add_argument("--quota-bytes", type=size_type, metavar="SIZE")
     p.add_argument("--quota-messages", type=_count, metavar="N", help="0 = unlimited")
     p.set_defaults(func=_with_store(_user_quota))
 
