@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay.config import format_size
+
 PLOTS = ("throughput.png", "backlog.png", "latency.png", "deferrals.png")
 
 
@@ -200,11 +202,8 @@ def figures(data: RunData) -> dict[str, Any]:
 
 
 def fmt_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
+    """Traffic in powers of 1000 (60.0 GB a month, as the network's figures are given)."""
+    return format_size(n, si=True)
 
 
 def _dur(s: float) -> str:

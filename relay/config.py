@@ -43,11 +43,13 @@ def parse_size(value: float | str, key: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+def format_size(n: float, si: bool = False) -> str:
+    """1536 -> "1.5 KiB"; with si=True powers of 1000: 1500 -> "1.5 kB" (traffic figures)."""
+    step, units = (1000, ("B", "kB", "MB", "GB", "TB")) if si else (1024, ("B", "KiB", "MiB", "GiB", "TiB"))
+    for unit in units:
+        if abs(n) < step or unit == units[-1]:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= step
     raise AssertionError
 
 
