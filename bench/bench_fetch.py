@@ -266,35 +266,31 @@ def main(argv: list[str] | None = None) -> int:
         hwm_reset = reset_hwm(proc.pid)
         res["rss_before_fetch"] = vm_hwm(proc.pid)
 
-        imap_rates = []
+        def median_rate(fetch: Any, what: str) -> float:
+            """Median MB/s of args.runs downloads into `out`; the first is compared byte for byte."""
+            rates = []
+            for i in range(args.runs):
+                t, n = timed(fetch)
+                assert n == stored_size, (n, stored_size)
+                if i == 0:
+                    assert same_bytes(out, stored), f"{what} download differs from the stored file"
+                out.unlink()
+                rates.append(n / t / MB)
+            return statistics.median(rates)
+
         with ImapClient("127.0.0.1", imap_port) as c:
             c.login(BIG, PASSWORD)
             c.select()
             [uid] = c.uid_search("ALL")
-            for i in range(args.runs):
-                t, n = timed(lambda: c.fetch_to_file(uid, out))
-                assert n == stored_size, (n, stored_size)
-                if i == 0:
-                    assert same_bytes(out, stored), "IMAP download differs from the stored file"
-                out.unlink()
-                imap_rates.append(n / t / MB)
+            res["imap_mb_s"] = median_rate(lambda: c.fetch_to_file(uid, out), "IMAP")
             c.logout()
-        res["imap_mb_s"] = statistics.median(imap_rates)
         res["rss_peak_imap"] = vm_hwm(proc.pid)
         reset_hwm(proc.pid)
 
-        pop3_rates = []
-        with Pop3Client("127.0.0.1", pop3_port) as c:
-            c.login(BIG, PASSWORD)
-            for i in range(args.runs):
-                t, n = timed(lambda: c.retr_to_file(1, out))
-                assert n == stored_size, (n, stored_size)
-                if i == 0:
-                    assert same_bytes(out, stored), "POP3 download differs from the stored file"
-                out.unlink()
-                pop3_rates.append(n / t / MB)
-            c.quit()
-        res["pop3_mb_s"] = statistics.median(pop3_rates)
+        with Pop3Client("127.0.0.1", pop3_port) as p:
+            p.login(BIG, PASSWORD)
+            res["pop3_mb_s"] = median_rate(lambda: p.retr_to_file(1, out), "POP3")
+            p.quit()
         res["rss_peak_pop3"] = vm_hwm(proc.pid)
         res["rss_peak"] = max(res["rss_peak_imap"], res["rss_peak_pop3"])
         res["rss_peak_is_fetch_only"] = hwm_reset
