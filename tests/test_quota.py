@@ -89,10 +89,14 @@ def test_message_count_quota(store: Store) -> None:
 
 
 def test_override_beats_default_and_zero_bytes_is_unlimited(store: Store) -> None:
+    with pytest.raises(QuotaExceeded):                 # the default (1000 bytes) holds ...
+        store.quota.reserve("a@example.test", 1001)
     store.accounts.add("big@example.test", quota_bytes=10**12)
-    store.quota.reserve("big@example.test", 10**11)
+    store.quota.reserve("big@example.test", 10**11)   # ... an override beats it
+    assert store.usage("big@example.test").reserved_bytes == 10**11
     store.accounts.set_quota("a@example.test", quota_bytes=0)
-    store.quota.reserve("a@example.test", 10**15)
+    store.quota.reserve("a@example.test", 10**15)     # 0 bytes = unlimited
+    assert store.usage("a@example.test").reserved_bytes == 10**15
 
 
 # --- CLI -----------------------------------------------------------------------------------
