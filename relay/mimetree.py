@@ -7,13 +7,18 @@ on the header block only). Multipart boundaries are found with `bytes.find` over
 scan once; results are cached per message (LRU keyed by the Maildir base name and size, which
 survive flag renames). ENVELOPE and BODYSTRUCTURE values (nested lists, rendered by
 relay.protocol.imap.render) are built from the tree. Malformed MIME never raises: a missing
-boundary makes the part run to the end, an endless header ends at the header bound.
+boundary makes the part run to the end, an endless header ends at the header bound, nesting
+beyond MAX_DEPTH and parts beyond MAX_PARTS are not looked into (the part stays a leaf), a
+Content-Type that cannot be parsed is text/plain (RFC 2045 5.2), and an address field that is
+too long, too deeply nested or that the parser refuses is NIL in ENVELOPE. Whatever a stored
+message holds, BODY[] is a byte range of the file and never depends on this module.
 """
 
 from __future__ import annotations
 
 import email.utils
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,8 +32,15 @@ from relay.protocol.imap import render
 
 CHUNK = 1 << 20
 MAX_HEADER = 1 << 20            # a header block beyond this is cut (malformed or hostile)
-MAX_DEPTH = 16                  # nesting of multiparts / message/rfc822
+MAX_DEPTH = 16                  # nesting of multiparts / message/rfc822 (Dovecot: 100; we are
+                                # a transport for flat DICOM mails, 16 levels is ample)
 MAX_PARTS = 2000                # parts per message
+# Structured fields (From, To, Cc, ..., Content-Type, Content-Disposition): the stdlib parsers
+# are pure Python, ~1 ms per KiB of hostile input, and the address parser recurses on comments
+# "(" and groups ":". An address field longer than 64 KiB (some 1500 addresses) or with
+# comments nested deeper than 32 is NIL in ENVELOPE; such a Content-Type is text/plain.
+MAX_STRUCTURED_FIELD = 64 * 1024
+MAX_COMMENT_DEPTH = 32          # RFC 5322 3.2.2 comments nest without limit; ours: 32
 CACHE_SIZE = 256
 
 _MIN_LINE_TEXT = ("text", "message")
@@ -47,6 +59,7 @@ class Part:
     children: list[Part] = field(default_factory=list)      # multipart
     message: Part | None = None                              # message/rfc822
     body_lines: int = -1          # -1: not counted yet (see fill_lines; only text/message need it)
+    envelope: object = None       # ENVELOPE value, computed once per cached tree (see envelope())
 
     @property
     def is_multipart(self) -> bool:
@@ -162,8 +175,11 @@ class _Builder:
                     if self.parts >= MAX_PARTS:
                         break
                     p.children.append(self.entity(s, e, depth + 1, child_default))
-        elif p.maintype == "message" and p.subtype in ("rfc822", "global") and depth < MAX_DEPTH:
-            p.message = self.entity(body, end, depth + 1)
+        elif p.maintype == "message" and p.subtype in ("rfc822", "global"):
+            if depth < MAX_DEPTH:
+                p.message = self.entity(body, end, depth + 1)
+            else:                               # BODYSTRUCTURE of MESSAGE/RFC822 needs the
+                p.maintype, p.subtype, p.params = "application", "octet-stream", []  # inner one
         return p
 
     def delimited(self, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
@@ -220,10 +236,22 @@ def _header_params(name: str, value: str) -> tuple[Message, list[tuple[str, str]
     return m, params
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+\Z")     # RFC 2045 5.1 token
+
+
 def _content_type(value: str) -> tuple[str, str, list[tuple[str, str]]]:
-    m, params = _header_params("Content-Type", value)
-    ctype = m.get_content_type()                # "text/plain" when malformed
+    """(maintype, subtype, params); text/plain without parameters (RFC 2045 5.2) when the
+    field is too long or the parser refuses it: the part is then a flat leaf."""
+    if len(value) > MAX_STRUCTURED_FIELD:
+        return "text", "plain", []
+    try:
+        m, params = _header_params("Content-Type", value)
+        ctype = m.get_content_type()            # "text/plain" when malformed
+    except Exception:  # noqa: BLE001 - the stdlib parser on hostile bytes: a flat part
+        return "text", "plain", []
     maintype, _, subtype = ctype.partition("/")
+    if not (_TOKEN.match(maintype) and _TOKEN.match(subtype)):
+        return "text", "plain", []              # RFC 2045 5.2: invalid syntax -> text/plain
     return maintype, subtype, params
 
 
@@ -320,12 +348,33 @@ def header_fields(fd: int, part: Part, names: tuple[str, ...], exclude: bool) ->
 Value = object
 
 
+def _comment_depth(v: str) -> int:
+    """The deepest nesting of "(" in `v` (a cheap count first: most fields have none)."""
+    if v.count("(") <= MAX_COMMENT_DEPTH:
+        return v.count("(")
+    depth = deepest = 0
+    for c in v:
+        if c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")" and depth:
+            depth -= 1
+    return deepest
+
+
 def _addresses(part: Part, name: str) -> Value:
-    values = _raw_all(part.headers, name)
+    values = [_unfold(v) for v in _raw_all(part.headers, name)]
     if not values:
         return None
+    if (sum(len(v) for v in values) > MAX_STRUCTURED_FIELD
+            or any(_comment_depth(v) > MAX_COMMENT_DEPTH for v in values)):
+        return None
+    try:
+        pairs = email.utils.getaddresses(values)
+    except Exception:  # noqa: BLE001 - the stdlib parser on hostile bytes: NIL, never a crash
+        return None
     out = []
-    for display, addr in email.utils.getaddresses([_unfold(v) for v in values]):
+    for display, addr in pairs:
         if not addr and not display:
             continue
         local, _, host = addr.rpartition("@") if "@" in addr else (addr, "", None)
@@ -335,11 +384,15 @@ def _addresses(part: Part, name: str) -> Value:
 
 
 def envelope(part: Part) -> Value:
-    frm = _addresses(part, "From")
-    return [part.header("Date"), part.header("Subject"), frm,
-            _addresses(part, "Sender") or frm, _addresses(part, "Reply-To") or frm,
-            _addresses(part, "To"), _addresses(part, "Cc"), _addresses(part, "Bcc"),
-            part.header("In-Reply-To"), part.header("Message-ID")]
+    """The ENVELOPE of `part` (RFC 9051 7.5.2), computed once per cached tree: a poison
+    message costs its address parsing once, not on every FETCH."""
+    if part.envelope is None:
+        frm = _addresses(part, "From")
+        part.envelope = [part.header("Date"), part.header("Subject"), frm,
+                         _addresses(part, "Sender") or frm, _addresses(part, "Reply-To") or frm,
+                         _addresses(part, "To"), _addresses(part, "Cc"), _addresses(part, "Bcc"),
+                         part.header("In-Reply-To"), part.header("Message-ID")]
+    return part.envelope
 
 
 def _params(params: list[tuple[str, str]]) -> Value:
@@ -353,8 +406,11 @@ def _disposition(part: Part) -> Value:
     v = _raw_get(part.headers, "Content-Disposition")
     if v is None:
         return None
-    m, params = _header_params("Content-Disposition", _unfold(v))
-    items = m.get_params(header="content-disposition") or []
+    try:
+        m, params = _header_params("Content-Disposition", _unfold(v)[:MAX_STRUCTURED_FIELD])
+        items = m.get_params(header="content-disposition") or []
+    except Exception:  # noqa: BLE001 - the stdlib parser on hostile bytes: NIL
+        return None
     if not items:
         return None
     return [items[0][0], _params(params)]
