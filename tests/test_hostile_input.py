@@ -213,6 +213,24 @@ def test_imap_search_date_takes_ascii_digits_only() -> None:
     assert imap_reply('t SEARCH SINCE "\u0661-Jan-2020"\r\n'.encode()).startswith("BAD Syntax error: invalid date")
 
 
+def test_imap_tag_with_a_bare_lf_is_not_echoed() -> None:
+    # found by fuzzing: "^...+$" matched "UT\n", and the reply carried a bare LF to the client
+    p = ImapParser()
+    p.receive_data(b"UT\n\r\n")
+    assert p.next_event() == Reject("*", "BAD", "Missing or invalid tag")
+
+
+def test_imap_quoted_string_never_carries_a_trailing_lf() -> None:
+    assert I.quote(b"abc\n") == b"{4}\r\nabc\n"
+    assert I.quote("x\r") == b"{2}\r\nx\r"
+
+
+def test_imap_literal_marker_before_a_bare_lf_is_not_a_literal() -> None:
+    p = ImapParser()
+    p.receive_data(b"t LOGIN {5}\n\r\n")
+    assert p.next_event() == Reject("t", "BAD", "Syntax error: invalid character in atom")
+
+
 # --- POP3 ------------------------------------------------------------------------------------
 
 def pop3(*lines: bytes) -> list[bytes]:

@@ -125,8 +125,8 @@ def check_state(cmd: Command, state: str) -> Reject | None:
 
 # --- the parser ----------------------------------------------------------------------------
 
-_LITERAL_RE = re.compile(rb"\{(\d{1,19})(\+?)\}$")
-_TAG_RE = re.compile(rb"^[\x21\x23\x24\x26\x27\x2c-\x5a\x5e-\x7a\x7c\x7e]+$")   # astring-char minus "+"
+_LITERAL_RE = re.compile(rb"\{(\d{1,19})(\+?)\}\Z")
+_TAG_RE = re.compile(rb"^[\x21\x23\x24\x26\x27\x2c-\x5a\x5e-\x7a\x7c\x7e]+\Z")   # astring-char minus "+"
 _NONSYNC_TAIL = 32                  # enough to see "{<19 digits>+}" at the end of a dropped line
 
 # --- bounds on arguments (RFC 9051 leaves them to the server; BAD [LIMIT] beyond them) ---------
@@ -564,7 +564,7 @@ _MACROS: Final = {"ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
 _BODY_RE = re.compile(r"^(BODY|BODY\.PEEK)\[([^\]]*)\](?:<([0-9]{1,19})\.([0-9]{1,19})>)?$", re.IGNORECASE)
 # The largest MIME part number in a section ("BODY[10000]"): mimetree keeps at most 2000 parts.
 MAX_SECTION_PART: Final = 10000
-_FIELD_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")       # RFC 5322 ftext
+_FIELD_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+\Z")       # RFC 5322 ftext
 
 
 def parse_section(spec: str) -> Section:
@@ -814,7 +814,7 @@ def _parse_search(args: tuple[Arg, ...] | list[Arg], depth: int, count: list[int
 
 # --- response formatting -------------------------------------------------------------------
 
-_QUOTABLE = re.compile(rb"^[\x01-\x09\x0b\x0c\x0e-\x7f]*$")
+_QUOTABLE = re.compile(rb"^[\x01-\x09\x0b\x0c\x0e-\x7f]*\Z")
 
 
 def quote(s: str | bytes) -> bytes:

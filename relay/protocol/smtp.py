@@ -265,7 +265,7 @@ _LINE_STATES = {State.START, State.GREETED, State.MAIL, State.RCPT, State.BDAT_T
 
 _PATH_RE = re.compile(r"^(FROM|TO):\s*<([^<>]*)>(.*)$", re.IGNORECASE | re.DOTALL)
 _BDAT_RE = re.compile(rf"^([0-9]{{1,{MAX_BDAT_DIGITS}}})(?:[ \t]+(LAST))?[ \t]*$", re.IGNORECASE)
-_B64_RE = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
+_B64_RE = re.compile(rb"^[A-Za-z0-9+/]*={0,2}\Z")
 _CR_VIEW = memoryview(b"\r")
 
 
