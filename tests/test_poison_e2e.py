@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import imaplib
 import poplib
+import random
 import re
 import smtplib
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from relay import mimetree
+from tests.test_imap_session import Raw
 
 pytestmark = pytest.mark.e2e
 
@@ -130,3 +133,62 @@ def test_hostile_first_command_before_login_gets_bad(relay: Any) -> None:
         assert f.readline().startswith(b"t BAD ")
         assert f.readline().startswith(b"u BAD ")
         assert re.match(rb"v (OK|BAD) ", f.readline())          # still served
+
+
+def mutated_commands(n: int, seed: int) -> list[bytes]:
+    """`n` command lines (without tags) from the recorded imaplib/fetchmail sessions
+    (fuzz/corpus/imap), mutated with hostile pieces; a fixed seed: the same lines every run.
+    Lines that would wait for more input (literals, IDLE, AUTHENTICATE) or end the session
+    (LOGOUT, STARTTLS) are left out: each line must get its tagged answer."""
+    corpus = Path(__file__).resolve().parents[1] / "fuzz" / "corpus" / "imap"
+    lines = [ln.split(b" ", 1)[1] for f in sorted(corpus.iterdir())
+             for ln in f.read_bytes()[1:].split(b"\r\n") if b" " in ln]
+    spice = [b"\x00", b"\xff", b"\xc2\xb2", b"(" * 40, b")", b"9" * 30, b"9" * 5000, b"[",
+             b"]", b"<", b'"', b"\\", b"*", b":", b" NOT" * 40, b"1.2.3.4.5.6", b"\n", b"\r",
+             b"BODY[1.MIME]", b"BODY[2.HEADER.FIELDS (FROM TO)]", b"BODYSTRUCTURE", b"ENVELOPE",
+             b"OR", b"UID", b"1:*", b"*:1", b"0", b"4294967296", b"RFC822.TEXT", b"<0.1>"]
+    rnd = random.Random(seed)
+    out = []
+    while len(out) < n:
+        line = bytearray(rnd.choice(lines))
+        for _ in range(rnd.randint(1, 4)):
+            pos = rnd.randint(0, len(line))
+            if rnd.random() < 0.7:
+                line[pos:pos] = rnd.choice(spice)
+            else:
+                del line[pos:pos + rnd.randint(1, 8)]
+        text = bytes(line).replace(b"\r\n", b"")
+        upper = text.upper()
+        if b"{" in text or any(w in upper for w in (b"IDLE", b"AUTHENTICATE", b"LOGOUT", b"STARTTLS")):
+            continue
+        out.append(text)
+    return out
+
+
+def test_mutated_commands_on_a_poison_mailbox_all_get_their_answer(
+        relay: Any, caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("parens", "rfc822", "parts", "broken"):
+        send(relay, POISON[name])
+    c = Raw(relay.imap_port)
+    c.sock.settimeout(60)
+    assert c.cmd(b"a LOGIN alice@example.test secret")[-1].startswith(b"a OK")
+    assert c.cmd(b"b SELECT INBOX")[-1].startswith(b"b OK")
+    caplog.clear()
+    commands = mutated_commands(400, seed=12)
+    for i, text in enumerate(commands):
+        tag = b"h%d" % i
+        if b"\n" in text or b"\r" in text:            # a bare CR/LF: the parser sees two lines
+            c.send(tag + b" " + text + b"\r\n" + tag + b"x NOOP\r\n")
+            tag += b"x"
+        else:
+            c.send(tag + b" " + text + b"\r\n")
+        while True:
+            line = c.line()
+            if line.startswith(tag + b" "):
+                assert re.match(rb"(OK|NO|BAD) ", line[len(tag) + 1:]), (text[:200], line[:200])
+                break
+        if b"CLOSE" in text.upper() or b"UNSELECT" in text.upper():
+            c.cmd(b"s SELECT INBOX")
+    assert c.cmd(b"z NOOP")[-1] == b"z OK NOOP completed"
+    failures = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not failures, [r.getMessage() for r in failures[:5]]
