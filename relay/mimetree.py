@@ -35,6 +35,11 @@ MAX_HEADER = 1 << 20            # a header block beyond this is cut (malformed o
 MAX_DEPTH = 16                  # nesting of multiparts / message/rfc822 (Dovecot: 100; we are
                                 # a transport for flat DICOM mails, 16 levels is ample)
 MAX_PARTS = 2000                # parts per message
+# Header bytes parsed per message, all parts together: the compat32 parser costs ~0.7 s per
+# MiB of short fields, so 200 parts of 120 KiB headers (a 24 MB message) held the GIL for 14 s
+# in one FETCH BODYSTRUCTURE. Real messages parse a few KiB (2000 parts x 200 B = 400 KiB).
+# Parts beyond the budget keep their offsets but an empty header (text/plain, NIL fields).
+MAX_HEADERS_TOTAL = 2 << 20
 # Structured fields (From, To, Cc, ..., Content-Type, Content-Disposition): the stdlib parsers
 # are pure Python, ~1 ms per KiB of hostile input, and the address parser recurses on comments
 # "(" and groups ":". An address field longer than 64 KiB (some 1500 addresses) or with
@@ -60,6 +65,7 @@ class Part:
     message: Part | None = None                              # message/rfc822
     body_lines: int = -1          # -1: not counted yet (see fill_lines; only text/message need it)
     envelope: object = None       # ENVELOPE value, computed once per cached tree (see envelope())
+    _fields: dict[str, list[str]] | None = None   # lower-case name -> raw values, built once
 
     @property
     def is_multipart(self) -> bool:
@@ -67,26 +73,25 @@ class Part:
 
     def header(self, name: str) -> bytes | None:
         """The first field `name` as it is in the file (8-bit bytes kept), unfolded."""
-        v = _raw_get(self.headers, name)
-        if v is None:
+        values = self.raw_all(name)
+        if not values:
             return None
-        return _raw(_unfold(v)).strip()
+        return _raw(_unfold(values[0])).strip()
+
+    def raw_all(self, name: str) -> list[str]:
+        """Field values as parsed (str with surrogate escapes for 8-bit bytes). `Message.get`
+        would turn an 8-bit value into a Header whose str() has U+FFFD in place of the bytes.
+        Indexed once per part: a header of 100,000 fields is not scanned per lookup."""
+        if self._fields is None:
+            index: dict[str, list[str]] = {}
+            for k, v in self.headers.raw_items():
+                index.setdefault(k.lower(), []).append(v)
+            self._fields = index
+        return self._fields.get(name.lower(), [])
 
 
 def _raw(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
-
-
-def _raw_all(headers: Message, name: str) -> list[str]:
-    """Field values as parsed (str with surrogate escapes for 8-bit bytes). `Message.get`
-    would turn an 8-bit value into a Header whose str() has U+FFFD in place of the bytes."""
-    key = name.lower()
-    return [v for k, v in headers.raw_items() if k.lower() == key]
-
-
-def _raw_get(headers: Message, name: str) -> str | None:
-    values = _raw_all(headers, name)
-    return values[0] if values else None
 
 
 def _unfold(v: str) -> str:
@@ -152,13 +157,17 @@ class _Builder:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.parts = 0
+        self.header_budget = MAX_HEADERS_TOTAL
 
     def entity(self, start: int, end: int, depth: int, default: tuple[str, str] = ("text", "plain")) -> Part:
         self.parts += 1
         hsize, body = _header_end(self.fd, start, end)
-        headers = _parse_headers(self.fd, start, hsize)
+        parsed = min(hsize, MAX_HEADER, self.header_budget)
+        self.header_budget -= parsed
+        headers = _parse_headers(self.fd, start, parsed)
         p = Part(start, hsize, body, max(0, end - body), headers)
-        ctype = _raw_get(headers, "Content-Type")
+        ctypes = p.raw_all("Content-Type")
+        ctype = ctypes[0] if ctypes else None
         if ctype is None:
             p.maintype, p.subtype = default
             p.params = [("charset", "us-ascii")] if default == ("text", "plain") else []
@@ -363,7 +372,7 @@ def _comment_depth(v: str) -> int:
 
 
 def _addresses(part: Part, name: str) -> Value:
-    values = [_unfold(v) for v in _raw_all(part.headers, name)]
+    values = [_unfold(v) for v in part.raw_all(name)]
     if not values:
         return None
     if (sum(len(v) for v in values) > MAX_STRUCTURED_FIELD
@@ -403,9 +412,10 @@ def _params(params: list[tuple[str, str]]) -> Value:
 
 
 def _disposition(part: Part) -> Value:
-    v = _raw_get(part.headers, "Content-Disposition")
-    if v is None:
+    values = part.raw_all("Content-Disposition")
+    if not values:
         return None
+    v = values[0]
     try:
         m, params = _header_params("Content-Disposition", _unfold(v)[:MAX_STRUCTURED_FIELD])
         items = m.get_params(header="content-disposition") or []
