@@ -87,16 +87,16 @@ def _imap_command(cmd: I.Command) -> None:
         I.want_args(cmd, 2, 2)
         seq = I.parse_sequence_set(I.atom(args[0]))
         seq.select([1, 2, 3, 7])
-        for a in I.parse_fetch_atts(args[1]):
-            a.response_name()
+        for att in I.parse_fetch_atts(args[1]):
+            att.response_name()
     elif name == "SEARCH":
         rest = list(args)
         key = I.parse_search(rest)
         match = key.compile(3, 7)
-        for seq, uid in ((1, 1), (2, 5), (3, 7)):
-            match(seq, uid, "S", 86400.0 * 19000, 1000)
+        for n, uid in ((1, 1), (2, 5), (3, 7)):
+            match(n, uid, "S", 86400.0 * 19000, 1000)
     elif name == "STORE":
-        seq, req = I.parse_store(args)
+        _, req = I.parse_store(args)
         req.apply("ST")
     elif name in ("COPY", "MOVE", "EXPUNGE") and args:
         I.parse_sequence_set(I.atom(args[0]))
