@@ -33,6 +33,12 @@ class Relay:
         from relay.policy.backpressure import Backpressure
 
         self.policy: Any = Backpressure(config, self.store)   # quotas, disk, pacing (issue 4)
+        from relay.policy.penalty import LoginPenalty
+        from relay.server.pressure import ReadBuffers
+
+        # the one login throttle of SMTP AUTH, IMAP and POP3; argon2 on its own pool (issue 12)
+        self.logins = LoginPenalty(config, self.store.accounts.verify_async)
+        self.read_buffers = ReadBuffers()         # SMTP receive buffers, lent per read
         self.directory: Any = None        # relay.directory service (issue 7)
         # Read-only HTTP routes served on the metrics listener: path prefix ->
         # handler(path) -> (status, content_type, body). "/metrics" is the metrics module's.
