@@ -183,6 +183,8 @@ class BackpressureConfig:
     pace_floor: int = 5 * 1024**2
     min_free_disk: int | None = None          # None = auto: 2 x max_message_size
     drain_halflife: float = 60.0              # seconds; smoothing of the drain-rate EWMA
+    disk_reserve: int = 8 * 1024**2           # kept in data_dir/run for deletions on a full
+                                              # disk (relay/policy/reserve.py); 0 = none
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ class Config:
 
 _SIZE_KEYS = {
     ("smtp", "max_message_size"), ("imap", "max_literal"), ("imap", "max_line"),
-    ("quota", "default_bytes"), ("backpressure", "pace_floor"),
+    ("quota", "default_bytes"), ("backpressure", "pace_floor"), ("backpressure", "disk_reserve"),
 }
 _LISTEN_LISTS = {("smtp", "listen"), ("imap", "listen"), ("imap", "listen_tls"),
                  ("pop3", "listen"), ("pop3", "listen_tls")}

@@ -133,8 +133,12 @@ def test_pacer_delay_pauses_reading(tmp_path: Path) -> None:
     class Policy:
         pacer_obj = Pacer()
 
-        def check_rcpt(self, a: str, size: int | None) -> None:
+        def check_rcpt(self, a: str, size: int | None, claim: Any = None) -> None:
             return None
+
+        def claim_disk(self, declared: int) -> Any:
+            import types
+            return types.SimpleNamespace(wrote=lambda n: None, release=lambda: None, remaining=0)
 
         def pacer(self, rcpts: list[str]) -> Pacer:
             return self.pacer_obj

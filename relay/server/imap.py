@@ -320,8 +320,14 @@ class ImapSession:
             # per 64 KiB read
             if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
                 await self.flush()
+            sent = self.sent
             try:
-                await handler(ev)
+                try:
+                    await handler(ev)
+                except StoreError as e:       # a full disk: the reserve makes room, once
+                    if self.sent != sent or not self.relay.reserve.release_for(e):
+                        raise
+                    await handler(ev)
             except ImapSyntaxError as e:
                 self.write(tagged(ev.tag, "BAD", str(e) if str(e).startswith("[") else f"Syntax error: {e}"))
             except StoreError as e:            # I/O trouble, account removed meanwhile: temporary
@@ -735,6 +741,7 @@ class ImapSession:
         if not self.readonly:
             deleted = self._deleted_now()
             if deleted:
+                self.relay.reserve.before_deletion()
                 self.mailbox.expunge(deleted)
         self._deselect()
         self.state = AUTH
@@ -756,6 +763,8 @@ class ImapSession:
             proto.want_args(cmd, 0, 0)
             named = {m.uid for m in self.view}
         deleted = self._deleted_now(named)
+        if deleted:
+            self.relay.reserve.before_deletion()
         gone = set(self.mailbox.expunge(deleted)) if deleted else set()
         for seq in range(len(self.view), 0, -1):
             if self.view[seq - 1].uid in gone:

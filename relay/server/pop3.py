@@ -298,8 +298,13 @@ class Pop3Session:
         locks.add(address)
         self.locked = self.address = address
         try:
-            mb = store.mailbox(address)
-            snapshot = [proto.Message(m.uid, m.size) for m in mb.messages()]
+            try:
+                mb = store.mailbox(address)
+                snapshot = [proto.Message(m.uid, m.size) for m in mb.messages()]
+            except StoreError as e:           # a full disk: the reserve makes room, once
+                if not self.relay.reserve.release_for(e):
+                    raise
+                snapshot = [proto.Message(m.uid, m.size) for m in mb.messages()]
             uidvalidity = mb.uidvalidity
         except Exception as e:
             log.error("maildrop_error", sid=self.sid, error=f"{type(e).__name__}: {e}")
@@ -371,9 +376,16 @@ class Pop3Session:
     async def _update(self, ev: proto.Quit) -> bytes:
         failed = 0
         if ev.expunge:
+            self.relay.reserve.before_deletion()
             try:
                 # only what was removed here (an IMAP session may have expunged some already)
-                self.stats.messages_deleted += len(self.mailbox.expunge(list(ev.expunge)))
+                try:
+                    removed = self.mailbox.expunge(list(ev.expunge))
+                except StoreError as e:       # a full disk: the reserve makes room, once
+                    if not self.relay.reserve.release_for(e):
+                        raise
+                    removed = self.mailbox.expunge(list(ev.expunge))
+                self.stats.messages_deleted += len(removed)
             except Exception as e:  # report, keep the messages
                 log.error("expunge_failed", sid=self.sid, uids=len(ev.expunge), exc_info=e)
                 failed = len(ev.expunge)

@@ -112,6 +112,7 @@ class _Message:
         self.reservations: list[Reservation] = []
         self.delivery: Delivery | None = None
         self.pacer: Any = None
+        self.claim: Any = None               # declared SIZE not yet written (free disk)
         self.started = 0.0
         self.size = 0
         self.reserved = mail.size or 0       # bytes each reservation holds
@@ -120,6 +121,9 @@ class _Message:
         for r in self.reservations:
             r.release()
         self.reservations.clear()
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
         if self.pacer is not None:
             self.pacer.close()
             self.pacer = None
@@ -478,10 +482,12 @@ class SmtpSession(asyncio.BufferedProtocol):
             if addr in msg.recipients:
                 return R_RCPT_OK
             if self.relay.policy is not None:
-                refusal = self.relay.policy.check_rcpt(addr, msg.mail.size)
+                refusal = self.relay.policy.check_rcpt(addr, msg.mail.size, msg.claim)
                 if refusal is not None:
                     return refusal  # type: ignore[no-any-return]
             msg.reservations.append(store.quota.reserve(addr, msg.mail.size or 0))
+            if msg.claim is None and msg.mail.size and self.relay.policy is not None:
+                msg.claim = self.relay.policy.claim_disk(msg.mail.size)
         except QuotaExceeded:
             return R_OVER_QUOTA
         except StoreError as e:
@@ -543,6 +549,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if msg is None or msg.delivery is None:
             return
         msg.size += len(data)
+        if msg.claim is not None:
+            msg.claim.wrote(len(data))
         try:
             msg.delivery.write(data)
         except StoreError as e:
