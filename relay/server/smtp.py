@@ -288,11 +288,14 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _arm_timer(self) -> None:
         """One timer per session, at the deadline or RECHECK_SECONDS from now, whichever is
-        first (stress may begin meanwhile and shorten the deadline). Moving the deadline does
-        not touch the timer: it looks again when it fires."""
-        if self._timer is None:
-            at = min(self._deadline.expires, self.loop.time() + RECHECK_SECONDS)
-            self._timer = self.loop.call_at(at, self._on_timer)
+        first (stress may begin meanwhile and shorten the deadline). A later deadline does not
+        touch the timer (it looks again when it fires); only an earlier one re-arms it."""
+        at = min(self._deadline.expires, self.loop.time() + RECHECK_SECONDS)
+        if self._timer is not None:
+            if self._timer.when() <= at:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
