@@ -382,7 +382,7 @@ def test_fetch_response_pieces() -> None:
     r.add_file_literal("BODY[]", 0, 1000)
     r.add_literal_bytes("BODY[HEADER]", b"X: y\r\n\r\n")
     r.finish()
-    assert r.parts == [b"* 3 FETCH (UID 42", b" BODY[] {1000}\r\n", ("file", 0, 1000),
+    assert r.parts == [b"* 3 FETCH (UID 42", b" BODY[] {1000}\r\n", p.BodyRange(0, 1000),
                        b" BODY[HEADER] {8}\r\nX: y\r\n\r\n", b")\r\n"]
 
 

@@ -31,13 +31,16 @@ Bounds (every buffer is bounded):
 from __future__ import annotations
 
 import calendar
+import enum
+import fnmatch
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
+from relay.auth import AuthError, decode_plain
 from relay.protocol.numbers import ascii_number
 
 Arg: TypeAlias = str | bytes | list["Arg"]
@@ -88,12 +91,21 @@ class ImapSyntaxError(ValueError):
 
 # --- states --------------------------------------------------------------------------------
 
-NOT_AUTH, AUTH, SELECTED, LOGOUT = "not-authenticated", "authenticated", "selected", "logout"
+class State(enum.Enum):
+    """RFC 9051 section 3: the connection's state (ImapConnection.state)."""
+    NOT_AUTHENTICATED = "not-authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+NOT_AUTH, AUTH, SELECTED, LOGOUT = (State.NOT_AUTHENTICATED, State.AUTHENTICATED, State.SELECTED,
+                                    State.LOGOUT)
 _ANY = frozenset({NOT_AUTH, AUTH, SELECTED})
 _AUTHED = frozenset({AUTH, SELECTED})
 
 # Everything about which command is valid in which state (RFC 9051 section 3 and 6).
-COMMAND_STATES: Final[dict[str, frozenset[str]]] = {
+COMMAND_STATES: Final[dict[str, frozenset[State]]] = {
     "CAPABILITY": _ANY, "NOOP": _ANY, "LOGOUT": _ANY, "ID": _ANY,
     "STARTTLS": frozenset({NOT_AUTH}), "LOGIN": frozenset({NOT_AUTH}),
     "AUTHENTICATE": frozenset({NOT_AUTH}),
@@ -107,9 +119,16 @@ COMMAND_STATES: Final[dict[str, frozenset[str]]] = {
     "STORE": frozenset({SELECTED}), "COPY": frozenset({SELECTED}), "MOVE": frozenset({SELECTED}),
 }
 UID_COMMANDS: Final = frozenset({"FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE"})
+# Outcome in a state -> next state (ImapConnection). Nothing else changes the state.
+TRANSITIONS: Final[dict[tuple[State, str], State]] = {
+    (NOT_AUTH, "login"): AUTH,
+    (AUTH, "select"): SELECTED, (SELECTED, "select"): SELECTED,
+    (AUTH, "deselect"): AUTH, (SELECTED, "deselect"): AUTH,     # CLOSE, UNSELECT, SELECT failing
+    (NOT_AUTH, "logout"): LOGOUT, (AUTH, "logout"): LOGOUT, (SELECTED, "logout"): LOGOUT,
+}
 
 
-def check_state(cmd: Command, state: str) -> Reject | None:
+def check_state(cmd: Command, state: State) -> Reject | None:
     """None when `cmd` may run in `state`; else the BAD to send."""
     allowed = COMMAND_STATES.get(cmd.name)
     if allowed is None:
@@ -866,12 +885,19 @@ def untagged(text: str | bytes) -> bytes:
     return b"* " + b + b"\r\n"
 
 
+@dataclass(frozen=True)
+class BodyRange:
+    """In a FETCH response: send `count` bytes of the message from `offset` here."""
+    offset: int
+    count: int
+
+
 @dataclass
 class FetchResponse:
     """Build "* <seq> FETCH (...)" piece by piece; big literals are streamed by the caller.
-    `parts` holds bytes, and ("file", offset, count) markers where the caller sends file bytes."""
+    `parts` holds bytes, and BodyRange markers where the caller sends the message's bytes."""
     seq: int
-    parts: list[bytes | tuple[str, int, int]] = field(default_factory=list)
+    parts: list[bytes | BodyRange] = field(default_factory=list)
     _first: bool = True
 
     def _sep(self) -> bytes:
@@ -888,9 +914,847 @@ class FetchResponse:
 
     def add_file_literal(self, name: str, offset: int, count: int) -> None:
         self.parts.append(self._sep() + name.encode() + b" " + literal_header(count))
-        self.parts.append(("file", offset, count))
+        self.parts.append(BodyRange(offset, count))
 
     def finish(self) -> None:
         if self._first:
             self.parts.append(self._sep())
         self.parts.append(b")\r\n")
+
+
+# --- the connection: everything IMAP decides, as events for the server ----------------------
+#
+#     conn = ImapConnection(hostname, max_line=..., max_literal=..., tls_available=...,
+#                           tls_active=..., plaintext_allowed=...)
+#     write(conn.greeting())
+#     loop: conn.receive_data(bytes); ev = conn.next_event() until NEED_DATA; act on ev:
+#
+#     Respond(data, close)      write data; when `close` (the session's outcome), end the session
+#     Authenticate(user, password, mechanism)
+#                               verify; then write(conn.login_succeeded(address) or
+#                               conn.login_failed(kind))
+#     StartTls()                nothing else sent by the client may wait in the server's own
+#                               buffers: write(conn.starttls_refused()) and end, or
+#                               write(conn.starttls_accepted()), upgrade, conn.tls_started()
+#     OpenMailbox(readonly)     SELECT/EXAMINE: write(conn.mailbox_opened(messages, uidvalidity,
+#                               uidnext)) and follow the mailbox's changes (conn.mailbox_changed())
+#     MailboxStatus()           write(conn.status_result(messages, uidvalidity, uidnext))
+#     QuotaRequest()            write(conn.quota_result(bytes, messages, quota_bytes, quota_messages))
+#     Refresh(full)             write(conn.refreshed(messages)); the command goes on at next_event()
+#     Expunge(uids, close)      remove those of `uids` that carry \\Deleted now; write(conn.expunged(gone))
+#     StoreFlags(targets, request)
+#                               per (seq, uid): set request.apply(flags now); write(conn.flags_stored(
+#                               seq, message or None)); then write(conn.store_done())
+#     Fetch(targets, ...)       per target: set \\Seen when asked, open the body when `needs_body`,
+#                               parts = conn.fetch_message(seq, content, seen); write the bytes and
+#                               send each BodyRange of the body; then write(conn.fetch_done(missing))
+#     Idle()                    write(IDLE_CONTINUATION); until next_event() gives the Respond that
+#                               ends it: write(conn.update(messages)) on each change of the mailbox
+#
+# A command whose I/O failed is ended with write(conn.failed(kind)). The state changes only
+# through TRANSITIONS; `view` is the message list the client knows (sequence number = index + 1).
+
+IDLE_CONTINUATION: Final = b"+ idling\r\n"
+# RFC 9051 6.3.1: the flags this server keeps (no keywords: PERMANENTFLAGS has no \\*)
+PERMANENT: Final = SYSTEM_FLAGS
+_SIMPLE_ITEMS: Final = frozenset({"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE"})
+_TREE_ITEMS: Final = frozenset({"RFC822.HEADER", "RFC822.TEXT", "ENVELOPE", "BODYSTRUCTURE", "BODY"})
+_STATUS_ITEMS: Final = ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "RECENT", "UNSEEN", "DELETED", "SIZE")
+
+
+class ProtocolError(RuntimeError):
+    """The server called the connection out of order (a bug in the server, not client input)."""
+
+
+class MessageView(Protocol):
+    """What the connection keeps per message of the view: any object with these attributes
+    (the store's message listing as it is, or a translation of it)."""
+    @property
+    def uid(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def internaldate(self) -> float: ...
+    @property
+    def flags(self) -> str: ...          # system flags as letters (FLAG_LETTERS), e.g. "FS"
+
+
+class MessageContent(Protocol):
+    """One message opened for FETCH by the server (MIME structure from relay.mimetree)."""
+    @property
+    def size(self) -> int: ...
+
+    def envelope(self) -> bytes:
+        """The rendered ENVELOPE value."""
+        ...
+
+    def bodystructure(self, extended: bool) -> bytes:
+        """The rendered BODYSTRUCTURE (extended) or BODY value."""
+        ...
+
+    def locate(self, section: Section) -> tuple[int, int] | bytes | None:
+        """What BODY[section] names: (offset, count) of the message bytes, the bytes themselves
+        (HEADER.FIELDS), or None when the part does not exist (NIL)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FetchParts:
+    parts: tuple[bytes | BodyRange, ...]
+    whole: bool                          # the whole message up to its last byte is sent
+
+
+@dataclass(frozen=True)
+class Respond:
+    data: bytes
+    close: str | None = None             # the session ends with this outcome after `data`
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    user: str
+    password: str
+    mechanism: str                       # "LOGIN" or "PLAIN"
+
+
+@dataclass(frozen=True)
+class StartTls:
+    pass
+
+
+@dataclass(frozen=True)
+class OpenMailbox:
+    readonly: bool                       # EXAMINE
+
+
+@dataclass(frozen=True)
+class MailboxStatus:
+    pass
+
+
+@dataclass(frozen=True)
+class QuotaRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class Refresh:
+    full: bool                           # False: only new messages (EXISTS), no EXPUNGE/FLAGS
+
+
+@dataclass(frozen=True)
+class Expunge:
+    uids: frozenset[int]                 # remove those that carry \\Deleted now
+    close: bool                          # CLOSE: no EXPUNGE responses, back to AUTHENTICATED
+
+
+@dataclass(frozen=True)
+class StoreFlags:
+    targets: tuple[tuple[int, int], ...]   # (seq, uid)
+    request: StoreRequest
+
+
+@dataclass(frozen=True)
+class Fetch:
+    targets: tuple[tuple[int, int, bool], ...]   # (seq, uid, set \\Seen first)
+    needs_body: bool                     # open the message (anything beyond UID FLAGS ...)
+    needs_tree: bool                     # its MIME structure (part sections, ENVELOPE, BODY...)
+    needs_lines: bool                    # with line counts (BODY, BODYSTRUCTURE)
+
+
+@dataclass(frozen=True)
+class Idle:
+    pass
+
+
+ConnEvent: TypeAlias = (Respond | Authenticate | StartTls | OpenMailbox | MailboxStatus | QuotaRequest
+                        | Refresh | Expunge | StoreFlags | Fetch | Idle)
+
+
+@dataclass(frozen=True)
+class ConnectionStats:
+    commands: int                        # tagged commands parsed (valid or not)
+
+
+def is_inbox(name: str) -> bool:
+    return name.upper() == "INBOX"
+
+
+def matches_inbox(reference: str, pattern: str) -> bool:
+    """LIST wildcards (* and %) against the one mailbox name."""
+    full = (reference + pattern).replace("%", "*")
+    return fnmatch.fnmatchcase("INBOX", full.upper().replace("[", "[[]"))
+
+
+def _bad_text(e: ImapSyntaxError) -> str:
+    return str(e) if str(e).startswith("[") else f"Syntax error: {e}"
+
+
+class ImapConnection:
+    """One IMAP session's protocol state; see the comment above for the server's loop."""
+
+    def __init__(self, hostname: str, *, max_line: int = 64 * 1024, max_literal: int = 64 * 1024,
+                 tls_available: bool = False, tls_active: bool = False,
+                 plaintext_allowed: bool = True, version: str = "") -> None:
+        self.hostname = hostname
+        self.version = version
+        self.max_line, self.max_literal = max_line, max_literal
+        self.tls_available = tls_available
+        self.tls_active = tls_active
+        self.plaintext_allowed = plaintext_allowed or tls_active
+        self.state = NOT_AUTH
+        self.user: str | None = None
+        self.readonly = False
+        self.view: list[MessageView] = []
+        self.parser = ImapParser(max_line, max_literal)
+        self._changed = False                # the store announced a change since the last refresh
+        self._tag = "*"                      # of the command in progress
+        self._busy: str | None = None        # waiting for the server: an event's result
+        self._resume: Command | None = None  # go on with this command after a Refresh
+        self._sasl = False                   # AUTHENTICATE PLAIN sent "+ ", response line expected
+        self._idling = False
+        self._fetch: list[FetchAtt] = []
+        self._missing = 0
+        self._commands = 0
+
+    # --- server API ----------------------------------------------------------------------------
+    def greeting(self) -> bytes:
+        return untagged(f"OK [CAPABILITY {self.capabilities()}] {self.hostname} IMAP ready")
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self.parser.receive_data(data)
+
+    @property
+    def buffered(self) -> int:
+        return self.parser.buffered
+
+    @property
+    def idling(self) -> bool:
+        return self._idling
+
+    @property
+    def busy(self) -> str | None:
+        """The result the connection waits for (None: call next_event())."""
+        return self._busy
+
+    def statistics(self) -> ConnectionStats:
+        return ConnectionStats(self._commands)
+
+    def capabilities(self) -> str:
+        caps = ["IMAP4rev1", "SASL-IR", "ID", "ENABLE", "IDLE", "LITERAL+"]
+        if self.state is NOT_AUTH:
+            if self.tls_available and not self.tls_active:
+                caps.append("STARTTLS")
+            caps.append("AUTH=PLAIN" if self.plaintext_allowed else "LOGINDISABLED")
+        else:
+            caps += ["UIDPLUS", "UNSELECT", "NAMESPACE", "QUOTA", "QUOTA=RES-STORAGE",
+                     "QUOTA=RES-MESSAGE"]
+        return " ".join(caps)
+
+    def next_event(self) -> ConnEvent | _NeedData:
+        if self._busy is not None:
+            raise ProtocolError(f"next_event() while waiting for the {self._busy} result")
+        if self._resume is not None:
+            cmd, self._resume = self._resume, None
+            return self._run(cmd, resumed=True)
+        while self.state is not LOGOUT:
+            ev = self.parser.next_event()
+            if ev is NEED_DATA:
+                return NEED_DATA
+            if self._idling:
+                return self._idle_line(ev)
+            if self._sasl:
+                return self._sasl_line(ev)
+            if isinstance(ev, Continuation):
+                return Respond(f"+ {ev.text}\r\n".encode())
+            if isinstance(ev, Reject):
+                return Respond(ev.to_bytes())
+            if isinstance(ev, ClientLine):          # only expected inside a command
+                return Respond(b"* BAD Unexpected line\r\n")
+            assert isinstance(ev, Command)
+            self._commands += 1
+            bad = check_state(ev, self.state)
+            if bad is not None:
+                return Respond(bad.to_bytes())
+            self._tag = ev.tag
+            return self._run(ev, resumed=False)
+        return NEED_DATA
+
+    def failed(self, kind: str = "temp") -> bytes:
+        """The server could not do the I/O of the command in progress: "temp" (store trouble,
+        try again), "bug" (an error in the server). The session goes on."""
+        self._busy, self._resume, self._fetch = None, None, []
+        if kind == "temp":
+            return tagged(self._tag, "NO", "[UNAVAILABLE] Temporary failure, try again later")
+        return tagged(self._tag, "NO", "[SERVERBUG] Internal error, try again later")
+
+    def login_succeeded(self, address: str) -> bytes:
+        self._expect("login")
+        self._to("login")
+        self.user = address
+        return tagged(self._tag, "OK", f"[CAPABILITY {self.capabilities()}] Logged in")
+
+    def login_failed(self, kind: str = "auth") -> bytes:
+        """kind: "auth" (bad credentials), "busy" (too many attempts, the penalty)."""
+        self._expect("login")
+        if kind == "auth":
+            return tagged(self._tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed")
+        return tagged(self._tag, "NO", "[UNAVAILABLE] Too many attempts, try again later")
+
+    def starttls_refused(self) -> bytes:
+        """Bytes followed STARTTLS before the handshake (RFC 9051 6.2.1: command injection)."""
+        self._expect("tls")
+        return (tagged(self._tag, "BAD", "Nothing may follow STARTTLS before the handshake")
+                + untagged("BYE Command injection refused"))
+
+    def starttls_accepted(self) -> bytes:
+        self._expect("tls")
+        self._busy = "tls-handshake"
+        return tagged(self._tag, "OK", "Begin TLS negotiation now")
+
+    def tls_started(self) -> None:
+        """The transport speaks TLS now: forget everything received before."""
+        self._expect("tls-handshake")
+        self.tls_active = True
+        self.plaintext_allowed = True
+        self.parser = ImapParser(self.max_line, self.max_literal)
+
+    def mailbox_opened(self, messages: Sequence[MessageView], uidvalidity: int, uidnext: int) -> bytes:
+        self._expect("select")
+        self._to("select")
+        self.view = list(messages)
+        self._changed = False
+        out = [untagged(f"FLAGS ({PERMANENT})"),
+               untagged(f"OK [PERMANENTFLAGS ({'' if self.readonly else PERMANENT})] Flags permitted"),
+               untagged(f"{len(self.view)} EXISTS"), untagged("0 RECENT")]
+        unseen = next((i + 1 for i, m in enumerate(self.view) if "S" not in m.flags), None)
+        if unseen is not None:
+            out.append(untagged(f"OK [UNSEEN {unseen}] First unseen"))
+        out.append(untagged(f"OK [UIDVALIDITY {uidvalidity}] UIDs valid"))
+        out.append(untagged(f"OK [UIDNEXT {uidnext}] Predicted next UID"))
+        mode = "READ-ONLY" if self.readonly else "READ-WRITE"
+        out.append(tagged(self._tag, "OK", f"[{mode}] {'EXAMINE' if self.readonly else 'SELECT'} completed"))
+        return b"".join(out)
+
+    def status_result(self, messages: Sequence[MessageView], uidvalidity: int, uidnext: int) -> bytes:
+        self._expect("status")
+        items, self._status_items = self._status_items, ()
+        values = {"MESSAGES": len(messages), "UIDNEXT": uidnext, "UIDVALIDITY": uidvalidity,
+                  "RECENT": 0, "UNSEEN": sum(1 for m in messages if "S" not in m.flags),
+                  "DELETED": sum(1 for m in messages if "T" in m.flags),
+                  "SIZE": sum(m.size for m in messages)}
+        out = " ".join(f"{name} {values[name]}" for name in items)
+        return untagged(f"STATUS INBOX ({out})") + tagged(self._tag, "OK", "STATUS completed")
+
+    def quota_result(self, used_bytes: int, used_messages: int, quota_bytes: int,
+                     quota_messages: int) -> bytes:
+        """RFC 9208 5.1: STORAGE in units of 1024 octets; a resource without limit (0) is left out."""
+        self._expect("quota")
+        res = []
+        if quota_bytes:
+            res.append(f"STORAGE {(used_bytes + 1023) // 1024} {quota_bytes // 1024}")
+        if quota_messages:
+            res.append(f"MESSAGE {used_messages} {quota_messages}")
+        line = untagged(f'QUOTA "" ({" ".join(res)})')
+        if self._quota_root:
+            return untagged('QUOTAROOT INBOX ""') + line + tagged(self._tag, "OK", "GETQUOTAROOT completed")
+        return line + tagged(self._tag, "OK", "GETQUOTA completed")
+
+    def mailbox_changed(self) -> None:
+        """The store announced new mail or an expunge in the selected mailbox."""
+        self._changed = True
+
+    def refreshed(self, messages: Sequence[MessageView]) -> bytes:
+        """The result of Refresh: the updates to send; the command goes on at next_event()."""
+        full = self._busy == "refresh"
+        self._expect("refresh" if full else "refresh-new")
+        return self._update(messages) if full else self._new_only(messages)
+
+    def update(self, messages: Sequence[MessageView]) -> bytes:
+        """Unsolicited updates while idling (or between commands): EXPUNGE for vanished
+        messages (highest first), FETCH FLAGS for changed flags, EXISTS for new ones."""
+        if self._busy is not None:
+            raise ProtocolError(f"update() while waiting for the {self._busy} result")
+        return self._update(messages)
+
+    def expunged(self, gone: Iterable[int]) -> bytes:
+        self._expect("expunge")
+        if self._closing:
+            self._deselect()
+            return tagged(self._tag, "OK", "CLOSE completed")
+        gone = set(gone)
+        out = []
+        for seq in range(len(self.view), 0, -1):
+            if self.view[seq - 1].uid in gone:
+                del self.view[seq - 1]
+                out.append(untagged(f"{seq} EXPUNGE"))
+        out.append(tagged(self._tag, "OK", "EXPUNGE completed"))
+        return b"".join(out)
+
+    def flags_stored(self, seq: int, message: MessageView | None) -> bytes:
+        """One target of StoreFlags: its flags now, or None when it was expunged meanwhile."""
+        self._check("store")
+        if message is None:
+            return b""
+        self.view[seq - 1] = message
+        if self._store_silent:
+            return b""
+        uid = b" UID %d" % message.uid if self._uid else b""
+        return untagged(b"%d FETCH (FLAGS %s%s)" % (seq, render_flags(message.flags), uid))
+
+    def store_done(self) -> bytes:
+        self._expect("store")
+        return tagged(self._tag, "OK", "STORE completed")
+
+    def fetch_message(self, seq: int, content: MessageContent | None,
+                      seen: MessageView | None = None) -> FetchParts:
+        """The response for one target of Fetch. `content`: the opened message (None when
+        needs_body is False); `seen`: the message after the server set \\Seen for it."""
+        self._check("fetch")
+        atts = self._fetch
+        if seen is not None:
+            self.view[seq - 1] = seen
+            if not any(a.name == "FLAGS" for a in atts):
+                atts = [*atts, FetchAtt("FLAGS")]
+        m = self.view[seq - 1]
+        size = content.size if content is not None else m.size
+        resp = FetchResponse(seq)
+        whole = False
+        for a in atts:
+            whole |= self._render_att(resp, a, m, content, size)
+        resp.finish()
+        return FetchParts(tuple(resp.parts), whole)
+
+    def fetch_missing(self) -> None:
+        """A target of Fetch was expunged before it could be read."""
+        self._check("fetch")
+        self._missing += 1
+
+    def fetch_done(self) -> bytes:
+        self._expect("fetch")
+        self._fetch = []
+        missing, self._missing = self._missing, 0
+        if missing:
+            return tagged(self._tag, "NO", "[EXPUNGEISSUED] Some messages no longer exist")
+        return tagged(self._tag, "OK", "FETCH completed")
+
+    def view_uids(self) -> list[int]:
+        return [m.uid for m in self.view]
+
+    # --- internals -------------------------------------------------------------------------------
+    _status_items: tuple[str, ...] = ()
+    _quota_root = False
+    _closing = False
+    _store_silent = False
+    _uid = False
+
+    def _check(self, what: str) -> None:
+        if self._busy != what:
+            raise ProtocolError(f"{what} result given while waiting for {self._busy}")
+
+    def _expect(self, what: str) -> None:
+        self._check(what)
+        self._busy = None
+
+    def _to(self, outcome: str) -> None:
+        self.state = TRANSITIONS[(self.state, outcome)]
+
+    def _wait(self, what: str, ev: ConnEvent) -> ConnEvent:
+        self._busy = what
+        return ev
+
+    def _ok(self, text: str, *lines: str | bytes) -> Respond:
+        return Respond(b"".join(untagged(x) for x in lines) + tagged(self._tag, "OK", text))
+
+    def _no(self, text: str) -> Respond:
+        return Respond(tagged(self._tag, "NO", text))
+
+    def _deselect(self) -> None:
+        self._to("deselect")
+        self.view = []
+        self.readonly = False
+        self._changed = False
+
+    def _run(self, cmd: Command, resumed: bool) -> ConnEvent:
+        handler = _HANDLERS.get(cmd.name)
+        if handler is None:                      # COMMAND_STATES and _HANDLERS disagree: a bug
+            return Respond(tagged(cmd.tag, "BAD", "Unknown command"))
+        try:
+            return handler(self, cmd, resumed)
+        except ImapSyntaxError as e:
+            self._busy, self._resume = None, None
+            return Respond(tagged(cmd.tag, "BAD", _bad_text(e)))
+
+    def _catch_up(self, cmd: Command, resumed: bool) -> ConnEvent | None:
+        """Mail that arrived since the last command becomes visible to SEARCH and FETCH
+        without a NOOP (pollers that stay selected and only UID SEARCH): a UID command may
+        carry every update, a sequence-number command only EXISTS, since EXPUNGE would shift
+        the numbers it names (RFC 9051 7.4.1). A UID command always compares the flags too:
+        the store announces new mail and expunges, not flag changes."""
+        if resumed or self.state is not SELECTED:
+            return None
+        if cmd.uid:
+            self._resume = cmd
+            return self._wait("refresh", Refresh(True))
+        if not self._changed:
+            return None
+        self._resume = cmd
+        return self._wait("refresh-new", Refresh(False))
+
+    def _update(self, messages: Sequence[MessageView]) -> bytes:
+        self._changed = False
+        if self.state is not SELECTED:
+            return b""
+        by_uid = {m.uid: m for m in messages}
+        out = []
+        view = self.view
+        for seq in range(len(view), 0, -1):
+            if view[seq - 1].uid not in by_uid:
+                del view[seq - 1]
+                out.append(untagged(f"{seq} EXPUNGE"))
+        for i, m in enumerate(view):
+            now = by_uid[m.uid]
+            if now.flags != m.flags:
+                view[i] = now
+                out.append(untagged(b"%d FETCH (FLAGS %s UID %d)" % (i + 1, render_flags(now.flags), m.uid)))
+        top = view[-1].uid if view else 0
+        new = [m for m in messages if m.uid > top]
+        if new:
+            view += new
+            out.append(untagged(f"{len(view)} EXISTS"))
+        return b"".join(out)
+
+    def _new_only(self, messages: Sequence[MessageView]) -> bytes:
+        top = self.view[-1].uid if self.view else 0
+        new = [m for m in messages if m.uid > top]
+        if not new:
+            return b""
+        self.view += new
+        return untagged(f"{len(self.view)} EXISTS")
+
+    def _targets(self, cmd: Command, spec: Arg) -> list[tuple[int, MessageView]]:
+        """(seq, message) of the messages a sequence set (or UID set) names."""
+        seqset = parse_sequence_set(atom(spec))
+        view = self.view
+        if cmd.uid:
+            if not view:
+                return []
+            star = view[-1].uid
+            return [(i + 1, m) for i, m in enumerate(view) if seqset.contains(m.uid, star)]
+        n = len(view)
+        for a, b in seqset.ranges:
+            for x in (a, b):
+                if x is not None and x > n:
+                    raise ImapSyntaxError("Invalid message sequence number")
+        if not n:
+            raise ImapSyntaxError("No messages")
+        return [(i + 1, m) for i, m in enumerate(view) if seqset.contains(i + 1, n)]
+
+    # --- any state -------------------------------------------------------------------------------
+    def _cmd_capability(self, cmd: Command, resumed: bool) -> ConnEvent:
+        return self._ok("Capability completed", "CAPABILITY " + self.capabilities())
+
+    def _cmd_noop(self, cmd: Command, resumed: bool) -> ConnEvent:
+        if not resumed and self.state is SELECTED:
+            self._resume = cmd
+            return self._wait("refresh", Refresh(True))
+        return self._ok(f"{cmd.name} completed")
+
+    def _cmd_logout(self, cmd: Command, resumed: bool) -> ConnEvent:
+        self._to("logout")
+        return Respond(untagged("BYE Logging out") + tagged(cmd.tag, "OK", "Logout completed"), close="ok")
+
+    def _cmd_id(self, cmd: Command, resumed: bool) -> ConnEvent:
+        return self._ok("ID completed", b"ID " + render(["name", "relay", "version", self.version]))
+
+    # --- not authenticated -----------------------------------------------------------------------
+    def _cmd_starttls(self, cmd: Command, resumed: bool) -> ConnEvent:
+        if not self.tls_available or self.tls_active:
+            return Respond(tagged(cmd.tag, "BAD", "STARTTLS not available"))
+        if self.parser.buffered:
+            return Respond(tagged(cmd.tag, "BAD", "Nothing may follow STARTTLS before the handshake")
+                           + untagged("BYE Command injection refused"), close="protocol_error")
+        return self._wait("tls", StartTls())
+
+    def _plaintext_refused(self) -> Respond | None:
+        if self.plaintext_allowed:
+            return None
+        return self._no("[PRIVACYREQUIRED] Use STARTTLS or TLS first")
+
+    def _cmd_login(self, cmd: Command, resumed: bool) -> ConnEvent:
+        want_args(cmd, 2, 2)
+        user, password = astring(cmd.args[0]), astring(cmd.args[1])
+        return self._plaintext_refused() or self._wait("login", Authenticate(user, password, "LOGIN"))
+
+    def _cmd_authenticate(self, cmd: Command, resumed: bool) -> ConnEvent:
+        want_args(cmd, 1, 2)
+        if atom(cmd.args[0]).upper() != "PLAIN":
+            return self._no("Unsupported authentication mechanism")
+        refused = self._plaintext_refused()
+        if refused is not None:
+            return refused
+        if len(cmd.args) == 1:
+            self._sasl = True
+            self.parser.expect_line()
+            return Respond(b"+ \r\n")
+        response = astring(cmd.args[1]).encode()            # SASL-IR (RFC 4959)
+        return self._plain(b"" if response == b"=" else response)
+
+    def _sasl_line(self, ev: Event) -> ConnEvent:
+        self._sasl = False
+        if not isinstance(ev, ClientLine):
+            return Respond(tagged(self._tag, "BAD", "Authentication exchange failed"))
+        response = ev.data.strip()
+        if response == b"*":
+            return Respond(tagged(self._tag, "BAD", "Authentication cancelled"))
+        return self._plain(response)
+
+    def _plain(self, response: bytes) -> ConnEvent:
+        try:
+            _, user, password = decode_plain(response)
+        except AuthError as e:
+            return Respond(tagged(self._tag, "BAD", f"Invalid SASL PLAIN response: {e}"))
+        return self._wait("login", Authenticate(user, password, "PLAIN"))
+
+    # --- authenticated ---------------------------------------------------------------------------
+    def _cmd_enable(self, cmd: Command, resumed: bool) -> ConnEvent:
+        want_args(cmd, 1)
+        return self._ok("ENABLE completed", "ENABLED")           # nothing to enable
+
+    def _cmd_list(self, cmd: Command, resumed: bool) -> ConnEvent:
+        want_args(cmd, 2, 2)
+        ref, pattern = astring(cmd.args[0]), astring(cmd.args[1])
+        kind = cmd.name
+        lines: list[str | bytes] = []
+        if kind == "LIST" and pattern == "":
+            lines.append(b'LIST (\\Noselect) "/" ""')
+        elif matches_inbox(ref, pattern):
+            attrs = "\\HasNoChildren" if kind == "LIST" else ""
+            lines.append(f'{kind} ({attrs}) "/" INBOX')
+        return self._ok(f"{kind} completed", *lines)
+
+    def _cmd_namespace(self, cmd: Command, resumed: bool) -> ConnEvent:
+        return self._ok("NAMESPACE completed", 'NAMESPACE (("" "/")) NIL NIL')
+
+    def _no_such_mailbox(self) -> Respond:
+        return self._no("[NONEXISTENT] Only INBOX exists")
+
+    def _cmd_create(self, cmd: Command, resumed: bool) -> ConnEvent:      # also DELETE, RENAME
+        return self._no("[CANNOT] Only INBOX exists here")
+
+    def _cmd_subscribe(self, cmd: Command, resumed: bool) -> ConnEvent:   # also UNSUBSCRIBE
+        want_args(cmd, 1, 1)
+        if not is_inbox(astring(cmd.args[0])):
+            return self._no_such_mailbox()
+        return self._ok(f"{cmd.name} completed")
+
+    def _cmd_append(self, cmd: Command, resumed: bool) -> ConnEvent:
+        return self._no("[CANNOT] APPEND is not supported: INBOX is filled by SMTP")
+
+    def _cmd_copy(self, cmd: Command, resumed: bool) -> ConnEvent:        # also MOVE
+        return self._no(f"[CANNOT] {cmd.name} is not supported: only INBOX exists")
+
+    def _cmd_status(self, cmd: Command, resumed: bool) -> ConnEvent:
+        want_args(cmd, 2, 2)
+        if not is_inbox(astring(cmd.args[0])):
+            return self._no_such_mailbox()
+        raw = cmd.args[1] if isinstance(cmd.args[1], list) else [cmd.args[1]]
+        items = tuple(atom(it).upper() for it in raw)
+        for name in items:
+            if name not in _STATUS_ITEMS:
+                raise ImapSyntaxError(f"unknown STATUS item {name}")
+        self._status_items = items
+        return self._wait("status", MailboxStatus())
+
+    def _cmd_select(self, cmd: Command, resumed: bool) -> ConnEvent:      # also EXAMINE
+        want_args(cmd, 1, 2)
+        self._deselect()
+        if not is_inbox(astring(cmd.args[0])):
+            return self._no_such_mailbox()
+        self.readonly = cmd.name == "EXAMINE"
+        return self._wait("select", OpenMailbox(self.readonly))
+
+    def _cmd_getquotaroot(self, cmd: Command, resumed: bool) -> ConnEvent:
+        want_args(cmd, 1, 1)
+        if not is_inbox(astring(cmd.args[0])):
+            return self._no_such_mailbox()
+        self._quota_root = True
+        return self._wait("quota", QuotaRequest())
+
+    def _cmd_getquota(self, cmd: Command, resumed: bool) -> ConnEvent:
+        want_args(cmd, 1, 1)
+        if astring(cmd.args[0]) != "":
+            return self._no("[NONEXISTENT] No such quota root")
+        self._quota_root = False
+        return self._wait("quota", QuotaRequest())
+
+    def _cmd_idle(self, cmd: Command, resumed: bool) -> ConnEvent:
+        self._idling = True
+        self.parser.expect_line()
+        return Idle()
+
+    def _idle_line(self, ev: Event) -> ConnEvent:
+        self._idling = False
+        if isinstance(ev, ClientLine) and ev.data.strip().upper() == b"DONE":
+            return Respond(tagged(self._tag, "OK", "IDLE terminated"))
+        return Respond(tagged(self._tag, "BAD", "Expected DONE"))
+
+    # --- selected --------------------------------------------------------------------------------
+    def _cmd_close(self, cmd: Command, resumed: bool) -> ConnEvent:
+        if self.readonly:
+            self._deselect()
+            return self._ok("CLOSE completed")
+        self._closing = True
+        return self._wait("expunge", Expunge(frozenset(self.view_uids()), close=True))
+
+    def _cmd_unselect(self, cmd: Command, resumed: bool) -> ConnEvent:
+        self._deselect()
+        return self._ok("UNSELECT completed")
+
+    def _cmd_check(self, cmd: Command, resumed: bool) -> ConnEvent:
+        return self._cmd_noop(cmd, resumed)
+
+    def _cmd_expunge(self, cmd: Command, resumed: bool) -> ConnEvent:
+        if self.readonly:
+            return self._no("[READ-ONLY] Mailbox is read-only")
+        if cmd.uid:
+            want_args(cmd, 1, 1)
+            named = frozenset(m.uid for _, m in self._targets(cmd, cmd.args[0]))
+        else:
+            want_args(cmd, 0, 0)
+            named = frozenset(self.view_uids())
+        self._closing = False
+        return self._wait("expunge", Expunge(named, close=False))
+
+    def _cmd_search(self, cmd: Command, resumed: bool) -> ConnEvent:
+        ev = self._catch_up(cmd, resumed)
+        if ev is not None:
+            return ev
+        args = list(cmd.args)
+        if args and isinstance(args[0], str) and args[0].upper() == "RETURN":
+            raise ImapSyntaxError("SEARCH RETURN (ESEARCH) is not supported")
+        key = parse_search(args)
+        view = self.view
+        match = key.compile(len(view), view[-1].uid if view else 0)
+        hits = [m.uid if cmd.uid else i for i, m in enumerate(view, 1)
+                if match(i, m.uid, m.flags, m.internaldate, m.size)]
+        return self._ok("SEARCH completed", "SEARCH" + "".join(f" {h}" for h in hits))
+
+    def _cmd_store(self, cmd: Command, resumed: bool) -> ConnEvent:
+        seqset_arg = cmd.args[0] if cmd.args else ""
+        _, req = parse_store(cmd.args)
+        if self.readonly:
+            return self._no("[READ-ONLY] Mailbox is read-only")
+        targets = self._targets(cmd, seqset_arg)
+        if not targets:
+            return self._ok("STORE completed")
+        self._store_silent, self._uid = req.silent, cmd.uid
+        return self._wait("store", StoreFlags(tuple((seq, m.uid) for seq, m in targets), req))
+
+    def _cmd_fetch(self, cmd: Command, resumed: bool) -> ConnEvent:
+        ev = self._catch_up(cmd, resumed)
+        if ev is not None:
+            return ev
+        want_args(cmd, 2, 2)
+        atts = parse_fetch_atts(cmd.args[1])
+        if cmd.uid and not any(a.name == "UID" for a in atts):
+            atts.insert(0, FetchAtt("UID"))
+        targets = self._targets(cmd, cmd.args[0])
+        if not targets:
+            return self._ok("FETCH completed")
+        seen = not self.readonly and any(a.sets_seen for a in atts)
+        # the MIME tree only for structure items and part sections: BODY[] and its partials
+        # are plain byte ranges (a partial of a 2 GB message reads only its range)
+        tree = any((a.section is None and a.name in _TREE_ITEMS)
+                   or (a.section is not None and a.section != Section()) for a in atts)
+        lines = any(a.name == "BODYSTRUCTURE" or (a.name == "BODY" and a.section is None) for a in atts)
+        self._fetch, self._missing = atts, 0
+        return self._wait("fetch", Fetch(tuple((seq, m.uid, seen and "S" not in m.flags) for seq, m in targets),
+                                         needs_body=any(a.name not in _SIMPLE_ITEMS for a in atts),
+                                         needs_tree=tree, needs_lines=lines))
+
+    def _render_att(self, resp: FetchResponse, a: FetchAtt, m: MessageView,
+                    content: MessageContent | None, size: int) -> bool:
+        """Add one item; True when it sends the whole message up to its last byte."""
+        name = a.name
+        if name == "UID":
+            resp.add("UID", str(m.uid).encode())
+        elif name == "FLAGS":
+            resp.add("FLAGS", render_flags(m.flags))
+        elif name == "INTERNALDATE":
+            resp.add("INTERNALDATE", quote(imap_datetime(m.internaldate)))
+        elif name == "RFC822.SIZE":
+            resp.add("RFC822.SIZE", str(size).encode())
+        else:
+            if content is None:
+                raise ProtocolError(f"FETCH {name} needs the message content")
+            if name == "RFC822":
+                resp.add_file_literal("RFC822", 0, size)
+                return True
+            if name == "RFC822.HEADER":
+                self._add_located(resp, name, content.locate(Section((), "HEADER")))
+            elif name == "RFC822.TEXT":
+                self._add_located(resp, name, content.locate(Section((), "TEXT")))
+            elif name == "ENVELOPE":
+                resp.add(name, content.envelope())
+            elif name == "BODYSTRUCTURE" or (name == "BODY" and a.section is None):
+                resp.add(name, content.bodystructure(name == "BODYSTRUCTURE"))
+            else:
+                return self._render_section(resp, a, content, size)
+        return False
+
+    @staticmethod
+    def _add_located(resp: FetchResponse, name: str, where: tuple[int, int] | bytes | None) -> None:
+        if where is None:
+            resp.add(name, b"NIL")
+        elif isinstance(where, bytes):
+            resp.add_literal_bytes(name, where)
+        else:
+            resp.add_file_literal(name, where[0], where[1])
+
+    def _render_section(self, resp: FetchResponse, a: FetchAtt, content: MessageContent, size: int) -> bool:
+        sec = a.section
+        assert sec is not None
+        rname = a.response_name()
+        where: tuple[int, int] | bytes | None
+        where = (0, size) if sec == Section() else content.locate(sec)
+        if where is None:
+            resp.add(rname, b"NIL")
+            return False
+        if a.partial is not None:
+            off, length = a.partial
+            if isinstance(where, bytes):
+                where = where[off:off + length]
+            else:
+                start = min(off, where[1])
+                where = (where[0] + start, max(0, min(length, where[1] - start)))
+        self._add_located(resp, rname, where)
+        return (not isinstance(where, bytes) and not sec.part and not sec.text
+                and where[0] + where[1] >= size and where[1] > 0)
+
+
+_Handler: TypeAlias = Callable[[ImapConnection, Command, bool], ConnEvent]
+_HANDLERS: Final[dict[str, _Handler]] = {
+    "CAPABILITY": ImapConnection._cmd_capability, "NOOP": ImapConnection._cmd_noop,
+    "LOGOUT": ImapConnection._cmd_logout, "ID": ImapConnection._cmd_id,
+    "STARTTLS": ImapConnection._cmd_starttls, "LOGIN": ImapConnection._cmd_login,
+    "AUTHENTICATE": ImapConnection._cmd_authenticate, "ENABLE": ImapConnection._cmd_enable,
+    "SELECT": ImapConnection._cmd_select, "EXAMINE": ImapConnection._cmd_select,
+    "LIST": ImapConnection._cmd_list, "LSUB": ImapConnection._cmd_list,
+    "NAMESPACE": ImapConnection._cmd_namespace, "STATUS": ImapConnection._cmd_status,
+    "CREATE": ImapConnection._cmd_create, "DELETE": ImapConnection._cmd_create,
+    "RENAME": ImapConnection._cmd_create, "SUBSCRIBE": ImapConnection._cmd_subscribe,
+    "UNSUBSCRIBE": ImapConnection._cmd_subscribe, "APPEND": ImapConnection._cmd_append,
+    "IDLE": ImapConnection._cmd_idle, "GETQUOTAROOT": ImapConnection._cmd_getquotaroot,
+    "GETQUOTA": ImapConnection._cmd_getquota, "CLOSE": ImapConnection._cmd_close,
+    "UNSELECT": ImapConnection._cmd_unselect, "CHECK": ImapConnection._cmd_check,
+    "EXPUNGE": ImapConnection._cmd_expunge, "SEARCH": ImapConnection._cmd_search,
+    "FETCH": ImapConnection._cmd_fetch, "STORE": ImapConnection._cmd_store,
+    "COPY": ImapConnection._cmd_copy, "MOVE": ImapConnection._cmd_copy,
+}
+
+
+def deleted_now(messages: Iterable[MessageView], uids: frozenset[int]) -> list[int]:
+    """For Expunge: the UIDs of `uids` whose message carries \\Deleted in `messages` (the
+    flags now, not as last viewed: another session may have set or cleared it since)."""
+    return [m.uid for m in messages if "T" in m.flags and m.uid in uids]

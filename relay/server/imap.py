@@ -1,15 +1,18 @@
-"""IMAP server: asyncio glue around relay.protocol.imap (read, feed, act, write).
+"""IMAP server: asyncio glue around relay.protocol.imap.ImapConnection (read, feed, act, write).
 
-- One INBOX per account (`store.mailbox(address)`); mailbox names are compared with "INBOX"
-  and never used as paths. The session keeps a view (the message list the client knows,
-  sequence number = position + 1) and brings it up to date on NOOP, CHECK and during IDLE
-  (EXPUNGE and EXISTS responses), never in the middle of FETCH/STORE/SEARCH.
+The connection decides everything IMAP (states, capabilities, arguments, the view, sequence
+sets, SEARCH, the FETCH response); this module does what its events ask: log in, read the
+mailbox, set flags, expunge, open a message and send byte ranges of it, wait in IDLE.
+
+- One INBOX per account (`store.mailbox(address)`). The store's listing is given to the
+  connection on SELECT, NOOP, CHECK, UID commands and during IDLE; its flags are the
+  connection's (FLAG_LETTERS) as they are.
 - Literal message bytes go from the file to the socket without being held: on a plain TCP
   connection with os.sendfile while the socket takes them (zero copy), otherwise (TLS, or the
   socket is full) 1 MiB preads written with flow control (write buffer bound + drain). Server
   memory does not depend on message size; a partial FETCH reads only its range.
-- IDLE (RFC 2177): store.subscribe pushes "new"/"expunge" at once; the view is refreshed and
-  EXISTS/EXPUNGE sent. Autologout after imap.idle_timeout (RFC 9051 5.4: at least 30 min).
+- IDLE (RFC 2177): store.subscribe pushes "new"/"expunge" at once; the connection sends
+  EXISTS/EXPUNGE. Autologout after imap.idle_timeout (RFC 9051 5.4: at least 30 min).
 - STARTTLS via StreamWriter.start_tls; bytes pipelined after STARTTLS are refused (RFC 9051
   6.2.1, command injection). LOGINDISABLED when relay.auth.plaintext_allowed says no.
 - Counters: `relay.imap_stats.statistics()` -> ImapStats, read by relay/metrics.py.
@@ -23,28 +26,16 @@ import os
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from relay import __version__, mimetree
-from relay.auth import AuthError, decode_plain, plaintext_allowed
+from relay.auth import plaintext_allowed
 from relay.log import get_logger
 from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
-from relay.protocol import imap as proto
-from relay.protocol.imap import (
-    AUTH,
-    NEED_DATA,
-    NOT_AUTH,
-    SELECTED,
-    ClientLine,
-    Command,
-    Continuation,
-    ImapSyntaxError,
-    Reject,
-    tagged,
-    untagged,
-)
 from relay.policy.penalty import MAX_FAILURES_PER_SESSION, Verdict
+from relay.protocol import imap as proto
+from relay.protocol.imap import NEED_DATA, SELECTED, untagged
 from relay.server.listener import Session, create_stream_servers
 from relay.server.pressure import RECHECK_SECONDS
 from relay.store import StoreError, normalize_address
@@ -58,8 +49,7 @@ WAKE_CHUNK = 64 * 1024            # sent through the transport when sendfile fin
 READ_SIZE = 64 * 1024
 WRITE_HIGH_WATER = 2 * CHUNK      # transport buffer bound before drain() waits
 IDLE_POLL = 30.0                  # IDLE also re-reads the index this often (changes by other processes)
-PERMANENT = proto.SYSTEM_FLAGS
-_TREE_ITEMS = frozenset({"RFC822.HEADER", "RFC822.TEXT", "ENVELOPE", "BODYSTRUCTURE", "BODY"})
+_ADD_SEEN = proto.StoreRequest("+", True, proto.FLAG_LETTERS["\\Seen"])
 
 
 @dataclass(frozen=True)
@@ -73,15 +63,16 @@ class ImapStats:
     commands: int
 
 
+@dataclass
 class ImapCounters:
-    def __init__(self) -> None:
-        self.messages_fetched = 0
-        self.fetched_bytes = 0
-        self.fetch_duration = Histogram(TRANSFER_SECONDS)
-        self.logins = 0
-        self.login_failures = 0
-        self.idle_pushes = 0
-        self.commands = 0
+    messages_fetched: int = 0
+    fetched_bytes: int = 0
+    fetch_duration: Histogram = field(default_factory=lambda: Histogram(TRANSFER_SECONDS))
+    logins: int = 0
+    login_failures: int = 0
+    idle_pushes: int = 0
+    commands: int = 0
+    sessions: set[ImapSession] = field(default_factory=set)     # live, for tests and shutdown
 
     def statistics(self) -> ImapStats:
         return ImapStats(self.messages_fetched, self.fetched_bytes, self.fetch_duration.snapshot(),
@@ -110,7 +101,7 @@ async def start(relay: Any, addrs: tuple[str, ...] | list[str], ssl_ctx: ssl.SSL
 
 
 class _Closed(Exception):
-    """The client went away or timed out; the session ends."""
+    """The client went away; the session ends."""
 
 
 class _Bye(Exception):
@@ -126,16 +117,46 @@ class _Bye(Exception):
 _SESSION_ENDS = (_Closed, _Bye, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError)
 
 
-def _is_inbox(name: str) -> bool:
-    return name.upper() == "INBOX"
+class _Content:
+    """One opened message for the connection's FETCH rendering (proto.MessageContent): its
+    MIME tree from relay.mimetree, byte ranges of the file."""
+
+    def __init__(self, fd: int, size: int, root: mimetree.Part | None) -> None:
+        self.fd, self.size, self.root = fd, size, root
+
+    def envelope(self) -> bytes:
+        assert self.root is not None
+        return proto.render(mimetree.envelope(self.root))
+
+    def bodystructure(self, extended: bool) -> bytes:
+        assert self.root is not None
+        return mimetree.bodystructure(self.root, extended=extended)
+
+    def locate(self, sec: proto.Section) -> tuple[int, int] | bytes | None:
+        root = self.root
+        assert root is not None
+        part = mimetree.find_part(root, sec.part) if sec.part else root
+        if part is None:
+            return None
+        target = part if not sec.part else part.message
+        if sec.text == "":
+            return part.body_offset, part.body_size
+        if sec.text == "MIME":
+            return part.header_offset, part.header_size
+        if target is None:                             # HEADER/TEXT of a non-message part
+            return b""
+        if sec.text == "HEADER":
+            return target.header_offset, target.header_size
+        if sec.text == "TEXT":
+            return target.body_offset, target.body_size
+        return mimetree.header_fields(self.fd, target, sec.fields, sec.text.endswith(".NOT"))
 
 
-def _matches_inbox(reference: str, pattern: str) -> bool:
-    """LIST wildcards (* and %) against the one mailbox name."""
-    import fnmatch
-
-    full = (reference + pattern).replace("%", "*")
-    return fnmatch.fnmatchcase("INBOX", full.upper().replace("[", "[[]"))
+def _tree(name: str, size: int, fd: int, lines: bool) -> mimetree.Part:
+    root = mimetree.tree(name, size, fd)
+    if lines:
+        mimetree.fill_lines(root, fd)
+    return root
 
 
 class ImapSession:
@@ -144,43 +165,47 @@ class ImapSession:
         self.relay, self.store, self.config = relay, relay.store, relay.config
         self.reader, self.writer = reader, writer
         self.ssl_ctx = ssl_ctx
-        self.tls = implicit_tls
         self.stats = counters(relay)
         peer = writer.get_extra_info("peername")
         self.peer_ip: str = peer[0] if peer else ""
-        self.parser = self._new_parser()
-        self.state = NOT_AUTH
+        c = self.config.imap
+        self.conn = proto.ImapConnection(
+            self.config.hostname, max_line=c.max_line, max_literal=c.max_literal,
+            tls_available=ssl_ctx is not None, tls_active=implicit_tls,
+            plaintext_allowed=plaintext_allowed(self.config, self.peer_ip, implicit_tls),
+            version=__version__)
         self.address: str | None = None
         self.mailbox: Any = None
-        self.readonly = False
-        self.view: list[Any] = []               # MessageInfo, in UID order (seq = index + 1)
         self.unsubscribe: Callable[[], None] | None = None
         self.changed = asyncio.Event()
         self.session: Session | None = None
         self.auth_failures = 0
         self.sent = 0
+        self._commands = 0                    # of conn.statistics().commands, counted already
         self._pending_read: asyncio.Task[bytes] | None = None
-        self._idling = False                  # waiting in IDLE: nothing to finish at shutdown
         self._started = time.monotonic()      # the login deadline counts from here
         self._line_open = False               # the last bytes written did not end a line
         self._in_response = False             # a FETCH response with literals is being sent
 
-    def _new_parser(self) -> proto.ImapParser:
-        return proto.ImapParser(self.config.imap.max_line, self.config.imap.max_literal)
+    @property
+    def sid(self) -> str:
+        return self.session.sid if self.session else ""
 
     # --- I/O -----------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        self._check_open()
+        if not data:
+            return
+        if self.writer.transport.is_closing():
+            # a transport closed by the peer (RST) or by shutdown refuses writes with
+            # RuntimeError under uvloop; that is a lost connection, not a server error
+            raise ConnectionResetError("connection closed")
         self.sent += len(data)
         self.writer.write(data)
         self._line_open = not data.endswith(b"\r\n")
 
-    def _check_open(self) -> None:
-        """A transport closed by the peer (RST) or by shutdown refuses writes with
-        RuntimeError under uvloop; that is a lost connection, not a server error."""
-        if self.writer.transport.is_closing():
-            raise ConnectionResetError("connection closed")
+    def write_buffer_size(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
 
     async def flush(self) -> None:
         """drain(), but a client that stops reading for idle_timeout is dropped (bounded
@@ -190,25 +215,35 @@ class ImapSession:
         else:
             await self.writer.drain()
 
-    async def read_more(self) -> None:
-        """Feed the parser the next bytes from the client (autologout on idle_timeout; before
-        login, the login deadline: relay/server/pressure.py)."""
+    def _start_read(self) -> asyncio.Task[bytes]:
         if self._pending_read is None:
             self._pending_read = asyncio.ensure_future(self.reader.read(READ_SIZE))
+        return self._pending_read
+
+    def _take_read(self) -> None:
+        """Feed the connection the bytes of the finished read."""
+        assert self._pending_read is not None
+        data = self._pending_read.result()
+        self._pending_read = None
+        if not data:
+            raise _Closed
+        self.conn.receive_data(data)
+
+    async def read_more(self) -> None:
+        """Feed the connection the next bytes from the client (autologout on idle_timeout;
+        before login, the login deadline: relay/server/pressure.py)."""
+        pending = self._start_read()
         t0 = time.monotonic()
         while True:
             timeout, why = self._read_timeout(t0)
             if timeout <= 0:
                 raise _Bye(why)
             try:
-                data = await asyncio.wait_for(asyncio.shield(self._pending_read), timeout)
+                await asyncio.wait_for(asyncio.shield(pending), timeout)
                 break
             except TimeoutError:
                 continue
-        self._pending_read = None
-        if not data:
-            raise _Closed
-        self.parser.receive_data(data)
+        self._take_read()
 
     def _read_timeout(self, t0: float) -> tuple[float, str]:
         """(seconds to wait for the read begun at t0, why the session ends when they run
@@ -218,7 +253,7 @@ class ImapSession:
         c = self.config.imap
         now = time.monotonic()
         idle_left = t0 + c.idle_timeout - now
-        if self.state != NOT_AUTH:
+        if self.address is not None:
             return idle_left, "Autologout; idle for too long"
         limit = c.login_timeout
         if self.relay.sessions.stressed("imap"):
@@ -228,13 +263,13 @@ class ImapSession:
             return min(idle_left, RECHECK_SECONDS), "Autologout; idle for too long"
         return min(login_left, RECHECK_SECONDS), "Login timeout"
 
-    async def next_event(self) -> proto.Event:
-        while True:
-            ev = self.parser.next_event()
-            if ev is not NEED_DATA:
-                return ev
-            await self.flush()
-            await self.read_more()
+    async def _more_was_sent(self) -> bool:
+        """Whether the client's bytes already wait in the reader (a read completes at once)."""
+        pending = self._start_read()
+        await asyncio.sleep(0)
+        if not pending.done():
+            return False                       # stays pending: after the handshake it reads TLS
+        return True
 
     # --- session -------------------------------------------------------------------------
 
@@ -250,10 +285,11 @@ class ImapSession:
         self.session.on_shutdown = self._on_shutdown
         self.session.evict = self._evict
         self.session.idle_since = self._started       # evictable under stress until login
+        self.stats.sessions.add(self)
         outcome = "dropped"
         try:
             self.writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-            self.write(untagged(f"OK [CAPABILITY {self.capabilities()}] {self.config.hostname} IMAP ready"))
+            self.write(self.conn.greeting())
             outcome = await self._loop()
         except _Closed:
             pass
@@ -263,18 +299,19 @@ class ImapSession:
                 self.write(untagged(f"BYE {e.text}"))
                 await asyncio.wait_for(self.flush(), 5)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as e:
-            log.info("connection_lost", sid=self.session.sid, error=type(e).__name__)
-        except Exception as e:  # the parser or the glue failed: the state is not to be trusted
+            log.info("connection_lost", sid=self.sid, error=type(e).__name__)
+        except Exception as e:  # the connection or the glue failed: the state is not to be trusted
             outcome = "error"
-            log.error("session_failed", sid=self.session.sid, error=type(e).__name__)
+            log.error("session_failed", sid=self.sid, error=type(e).__name__)
             with contextlib.suppress(Exception):
                 self.write(untagged("BYE Internal error, closing"))
                 await asyncio.wait_for(self.flush(), 5)
         finally:
-            self._deselect()
+            self.stats.sessions.discard(self)
+            self._follow(False)
             if self._pending_read is not None:
                 self._pending_read.cancel()
-            log.info("session", sid=self.session.sid, peer=self.peer_ip, user=self.address or "",
+            log.info("session", sid=self.sid, peer=self.peer_ip, user=self.address or "",
                      outcome=outcome, bytes_out=self.sent)
             self.session.close(outcome)
             await self._close()
@@ -291,30 +328,28 @@ class ImapSession:
             self.writer.write(untagged("BYE Server shutting down"))
         self.writer.close()
 
+    def _on_shutdown(self) -> None:
+        """Shutdown started: a session waiting in IDLE holds nothing, so it gets BYE at once
+        (a gateway reconnects to the next server); other sessions finish within the grace."""
+        if self.conn.idling:
+            self._shutdown()
+
     async def _close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 5)
 
     async def _loop(self) -> str:
+        conn = self.conn
         while True:
-            ev = await self.next_event()
-            if isinstance(ev, Continuation):
-                self.write(f"+ {ev.text}\r\n".encode())
+            ev = conn.next_event()
+            n = conn.statistics().commands
+            self.stats.commands += n - self._commands
+            self._commands = n
+            if ev is NEED_DATA:
+                await self.flush()
+                await self.read_more()
                 continue
-            if isinstance(ev, Reject):
-                self.write(ev.to_bytes())
-                continue
-            if isinstance(ev, ClientLine):                  # only expected inside a command
-                self.write(b"* BAD Unexpected line\r\n")
-                continue
-            assert isinstance(ev, Command)
-            self.stats.commands += 1
-            bad = proto.check_state(ev, self.state)
-            if bad is not None:
-                self.write(bad.to_bytes())
-                continue
-            handler = getattr(self, "cmd_" + ev.name.lower())
             # pipelined commands from a client that reads nothing: a short command may have a
             # long answer (UID SEARCH ALL), so the write buffer is bounded per command, not
             # per 64 KiB read
@@ -323,28 +358,25 @@ class ImapSession:
             sent = self.sent
             try:
                 try:
-                    await handler(ev)
+                    await self._handle(ev)
                 except StoreError as e:       # a full disk: the reserve makes room, once
                     if self.sent != sent or not self.relay.reserve.release_for(e):
                         raise
-                    await handler(ev)
-            except ImapSyntaxError as e:
-                self.write(tagged(ev.tag, "BAD", str(e) if str(e).startswith("[") else f"Syntax error: {e}"))
+                    await self._handle(ev)
             except StoreError as e:            # I/O trouble, account removed meanwhile: temporary
-                log.error("store_error", sid=self.session.sid if self.session else "", command=ev.name,
-                          error=str(e))
+                log.error("store_error", sid=self.sid, command=type(ev).__name__, error=str(e))
                 self._after_failure()
-                self.write(tagged(ev.tag, "NO", "[UNAVAILABLE] Temporary failure, try again later"))
+                self.write(conn.failed("temp"))
             except _SESSION_ENDS:
                 raise
             except Exception as e:             # a bug in one command: one line, NO, go on
-                log.error("command_failed", sid=self.session.sid if self.session else "",
-                          command=ev.name, error=type(e).__name__)
+                log.error("command_failed", sid=self.sid, command=type(ev).__name__, error=type(e).__name__)
                 self._after_failure()
-                self.write(tagged(ev.tag, "NO", "[SERVERBUG] Internal error, try again later"))
-            if self.state == proto.LOGOUT:
+                self.write(conn.failed("bug"))
+            self._follow(conn.state is SELECTED)
+            if isinstance(ev, proto.Respond) and ev.close is not None:
                 await self.flush()
-                return "ok"
+                return ev.close
 
     def _after_failure(self) -> None:
         """A command failed: when its response was cut inside a line or a literal, the
@@ -352,73 +384,66 @@ class ImapSession:
         if self._line_open or self._in_response:
             raise _Bye("Internal error, closing", "error")
 
-    # --- any state -----------------------------------------------------------------------
-
-    def capabilities(self) -> str:
-        caps = ["IMAP4rev1", "SASL-IR", "ID", "ENABLE", "IDLE", "LITERAL+"]
-        if self.state == NOT_AUTH:
-            if self.ssl_ctx is not None and not self.tls:
-                caps.append("STARTTLS")
-            if plaintext_allowed(self.config, self.peer_ip, self.tls):
-                caps.append("AUTH=PLAIN")
-            else:
-                caps.append("LOGINDISABLED")
+    async def _handle(self, ev: object) -> None:
+        if isinstance(ev, proto.Respond):
+            self.write(ev.data)
+        elif isinstance(ev, proto.Refresh):
+            self.write(self.conn.refreshed(await self._messages()))
+        elif isinstance(ev, proto.Fetch):
+            await self._fetch(ev)
+        elif isinstance(ev, proto.StoreFlags):
+            await self._store_flags(ev)
+        elif isinstance(ev, proto.Expunge):
+            await self._expunge(ev)
+        elif isinstance(ev, proto.Authenticate):
+            await self._authenticate(ev)
+        elif isinstance(ev, proto.OpenMailbox):
+            await self._open_mailbox()
+        elif isinstance(ev, proto.MailboxStatus):
+            mb = self.store.mailbox(self.address)
+            self.write(self.conn.status_result(mb.messages(), mb.uidvalidity, mb.uidnext))
+        elif isinstance(ev, proto.QuotaRequest):
+            u = self.store.usage(self.address)
+            self.write(self.conn.quota_result(u.bytes, u.messages, u.quota_bytes, u.quota_messages))
+        elif isinstance(ev, proto.Idle):
+            await self._idle()
+        elif isinstance(ev, proto.StartTls):
+            await self._starttls()
         else:
-            caps += ["UIDPLUS", "UNSELECT", "NAMESPACE", "QUOTA", "QUOTA=RES-STORAGE",
-                     "QUOTA=RES-MESSAGE"]
-        return " ".join(caps)
+            raise AssertionError(f"unhandled event {ev!r}")
 
-    async def cmd_capability(self, cmd: Command) -> None:
-        self.write(untagged("CAPABILITY " + self.capabilities()))
-        self.write(tagged(cmd.tag, "OK", "Capability completed"))
+    # --- the store -------------------------------------------------------------------------
 
-    async def cmd_noop(self, cmd: Command) -> None:
-        await self.refresh()
-        self.write(tagged(cmd.tag, "OK", "NOOP completed"))
+    async def _messages(self) -> list[Any]:
+        return self.mailbox.messages()          # type: ignore[no-any-return]
 
-    async def cmd_check(self, cmd: Command) -> None:
-        await self.refresh()
-        self.write(tagged(cmd.tag, "OK", "CHECK completed"))
+    def _follow(self, selected: bool) -> None:
+        """Follow the selected mailbox's changes while the connection is in SELECTED."""
+        if selected and self.unsubscribe is None:
+            self.changed.clear()
+            self.unsubscribe = self.store.subscribe(self.address, self._on_store_change)
+        elif not selected and self.unsubscribe is not None:
+            self.unsubscribe()
+            self.unsubscribe = None
+            self.mailbox = None
 
-    async def cmd_logout(self, cmd: Command) -> None:
-        self.write(untagged("BYE Logging out"))
-        self.write(tagged(cmd.tag, "OK", "Logout completed"))
-        self.state = proto.LOGOUT
+    def _on_store_change(self, kind: str, nbytes: int, nmessages: int) -> None:
+        self.conn.mailbox_changed()
+        self.changed.set()
 
-    async def cmd_id(self, cmd: Command) -> None:
-        self.write(untagged(b"ID " + proto.render(["name", "relay", "version", __version__])))
-        self.write(tagged(cmd.tag, "OK", "ID completed"))
+    # --- events ----------------------------------------------------------------------------
 
-    # --- not authenticated ---------------------------------------------------------------
-
-    async def cmd_starttls(self, cmd: Command) -> None:
-        if self.ssl_ctx is None or self.tls:
-            self.write(tagged(cmd.tag, "BAD", "STARTTLS not available"))
-            return
-        if self.parser.buffered or self.reader._buffer:  # type: ignore[attr-defined]
-            self.write(tagged(cmd.tag, "BAD", "Nothing may follow STARTTLS before the handshake"))
-            raise _Bye("Command injection refused", "protocol_error")
-        self.write(tagged(cmd.tag, "OK", "Begin TLS negotiation now"))
-        await self.flush()
-        await self.writer.start_tls(self.ssl_ctx)
-        self.tls = True
-        self.parser = self._new_parser()
-
-    async def _login(self, tag: str, user: str, password: str) -> None:
-        sid = self.session.sid if self.session else ""
-        verdict = await self.relay.logins.verify("imap", self.peer_ip, user, password, sid)
+    async def _authenticate(self, ev: proto.Authenticate) -> None:
+        verdict = await self.relay.logins.verify("imap", self.peer_ip, ev.user, ev.password, self.sid)
         if verdict is not Verdict.OK:
             self.auth_failures += 1
             if verdict is Verdict.FAILED:
                 self.stats.login_failures += 1
-                self.write(tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed"))
-            else:
-                self.write(tagged(tag, "NO", "[UNAVAILABLE] Too many attempts, try again later"))
+            self.write(self.conn.login_failed("auth" if verdict is Verdict.FAILED else "busy"))
             if self.auth_failures >= MAX_FAILURES_PER_SESSION:
                 raise _Bye("Too many authentication failures", "auth_failures")
             return
-        self.address = normalize_address(user)
-        self.state = AUTH
+        self.address = normalize_address(ev.user)
         if self.session is not None:
             self.session.idle_since = None
         self.stats.logins += 1
@@ -427,553 +452,147 @@ class ImapSession:
             try:                               # bookkeeping: best effort (a full disk must
                 note(self.address)             # not keep a receiver from draining)
             except Exception as e:  # noqa: BLE001
-                log.warning("note_poll_failed", sid=sid, error=type(e).__name__)
-        self.write(tagged(tag, "OK", f"[CAPABILITY {self.capabilities()}] Logged in"))
+                log.warning("note_poll_failed", sid=self.sid, error=type(e).__name__)
+        self.write(self.conn.login_succeeded(self.address))
 
-    def _plaintext_refused(self, tag: str) -> bool:
-        if plaintext_allowed(self.config, self.peer_ip, self.tls):
-            return False
-        self.write(tagged(tag, "NO", "[PRIVACYREQUIRED] Use STARTTLS or TLS first"))
-        return True
+    async def _starttls(self) -> None:
+        if await self._more_was_sent():
+            self.write(self.conn.starttls_refused())
+            raise _Bye("Command injection refused", "protocol_error") from None
+        assert self.ssl_ctx is not None
+        self.write(self.conn.starttls_accepted())
+        await self.flush()
+        await self.writer.start_tls(self.ssl_ctx)
+        self.conn.tls_started()
 
-    async def cmd_login(self, cmd: Command) -> None:
-        proto.want_args(cmd, 2, 2)
-        user, password = proto.astring(cmd.args[0]), proto.astring(cmd.args[1])
-        if not self._plaintext_refused(cmd.tag):
-            await self._login(cmd.tag, user, password)
-
-    async def cmd_authenticate(self, cmd: Command) -> None:
-        proto.want_args(cmd, 1, 2)
-        if proto.atom(cmd.args[0]).upper() != "PLAIN":
-            self.write(tagged(cmd.tag, "NO", "Unsupported authentication mechanism"))
-            return
-        if self._plaintext_refused(cmd.tag):
-            return
-        if len(cmd.args) == 2:                                  # SASL-IR (RFC 4959)
-            response = proto.astring(cmd.args[1]).encode()
-            if response == b"=":
-                response = b""
-        else:
-            self.write(b"+ \r\n")
-            self.parser.expect_line()
-            ev = await self.next_event()
-            if not isinstance(ev, ClientLine):
-                self.write(tagged(cmd.tag, "BAD", "Authentication exchange failed"))
-                return
-            response = ev.data.strip()
-            if response == b"*":
-                self.write(tagged(cmd.tag, "BAD", "Authentication cancelled"))
-                return
-        try:
-            _, user, password = decode_plain(response)
-        except AuthError as e:
-            self.write(tagged(cmd.tag, "BAD", f"Invalid SASL PLAIN response: {e}"))
-            return
-        await self._login(cmd.tag, user, password)
-
-    # --- authenticated -------------------------------------------------------------------
-
-    async def cmd_enable(self, cmd: Command) -> None:
-        proto.want_args(cmd, 1)
-        self.write(untagged("ENABLED"))                         # nothing to enable
-        self.write(tagged(cmd.tag, "OK", "ENABLE completed"))
-
-    async def _list(self, cmd: Command, kind: str) -> None:
-        proto.want_args(cmd, 2, 2)
-        ref, pattern = proto.astring(cmd.args[0]), proto.astring(cmd.args[1])
-        if kind == "LIST" and pattern == "":
-            self.write(untagged(b'LIST (\\Noselect) "/" ""'))
-        elif _matches_inbox(ref, pattern):
-            attrs = "\\HasNoChildren" if kind == "LIST" else ""
-            self.write(untagged(f'{kind} ({attrs}) "/" INBOX'))
-        self.write(tagged(cmd.tag, "OK", f"{kind} completed"))
-
-    async def cmd_list(self, cmd: Command) -> None:
-        await self._list(cmd, "LIST")
-
-    async def cmd_lsub(self, cmd: Command) -> None:
-        await self._list(cmd, "LSUB")
-
-    async def cmd_namespace(self, cmd: Command) -> None:
-        self.write(untagged('NAMESPACE (("" "/")) NIL NIL'))
-        self.write(tagged(cmd.tag, "OK", "NAMESPACE completed"))
-
-    def _no_such_mailbox(self, tag: str) -> None:
-        self.write(tagged(tag, "NO", "[NONEXISTENT] Only INBOX exists"))
-
-    async def _not_supported(self, cmd: Command) -> None:
-        self.write(tagged(cmd.tag, "NO", "[CANNOT] Only INBOX exists here"))
-
-    cmd_create = cmd_delete = cmd_rename = _not_supported
-
-    async def cmd_subscribe(self, cmd: Command) -> None:
-        proto.want_args(cmd, 1, 1)
-        if _is_inbox(proto.astring(cmd.args[0])):
-            self.write(tagged(cmd.tag, "OK", "SUBSCRIBE completed"))
-        else:
-            self._no_such_mailbox(cmd.tag)
-
-    cmd_unsubscribe = cmd_subscribe
-
-    async def cmd_append(self, cmd: Command) -> None:
-        self.write(tagged(cmd.tag, "NO", "[CANNOT] APPEND is not supported: INBOX is filled by SMTP"))
-
-    async def cmd_copy(self, cmd: Command) -> None:
-        self.write(tagged(cmd.tag, "NO", f"[CANNOT] {cmd.name} is not supported: only INBOX exists"))
-
-    cmd_move = cmd_copy
-
-    async def cmd_status(self, cmd: Command) -> None:
-        proto.want_args(cmd, 2, 2)
-        if not _is_inbox(proto.astring(cmd.args[0])):
-            self._no_such_mailbox(cmd.tag)
-            return
-        items = cmd.args[1] if isinstance(cmd.args[1], list) else [cmd.args[1]]
-        mb = self.store.mailbox(self.address)
-        msgs = mb.messages()
-        values = {"MESSAGES": len(msgs), "UIDNEXT": mb.uidnext, "UIDVALIDITY": mb.uidvalidity,
-                  "RECENT": 0, "UNSEEN": sum(1 for m in msgs if "S" not in m.flags),
-                  "DELETED": sum(1 for m in msgs if "T" in m.flags), "SIZE": sum(m.size for m in msgs)}
-        out: list[str] = []
-        for it in items:
-            name = proto.atom(it).upper()
-            if name not in values:
-                raise ImapSyntaxError(f"unknown STATUS item {name}")
-            out.append(f"{name} {values[name]}")
-        self.write(untagged(f"STATUS INBOX ({' '.join(out)})"))
-        self.write(tagged(cmd.tag, "OK", "STATUS completed"))
-
-    async def _select(self, cmd: Command, readonly: bool) -> None:
-        proto.want_args(cmd, 1, 2)
-        self._deselect()
-        self.state = AUTH
-        if not _is_inbox(proto.astring(cmd.args[0])):
-            self._no_such_mailbox(cmd.tag)
-            return
+    async def _open_mailbox(self) -> None:
+        self._follow(False)
         self.mailbox = self.store.mailbox(self.address)
-        self.readonly = readonly
-        self.view = list(self.mailbox.messages())
-        self.changed.clear()
-        self.unsubscribe = self.store.subscribe(self.address, self._on_store_change)
-        self.state = SELECTED
-        self.write(untagged(f"FLAGS ({PERMANENT})"))
-        perm = "" if readonly else PERMANENT
-        self.write(untagged(f"OK [PERMANENTFLAGS ({perm})] Flags permitted"))
-        self.write(untagged(f"{len(self.view)} EXISTS"))
-        self.write(untagged("0 RECENT"))
-        unseen = next((i + 1 for i, m in enumerate(self.view) if "S" not in m.flags), None)
-        if unseen is not None:
-            self.write(untagged(f"OK [UNSEEN {unseen}] First unseen"))
-        self.write(untagged(f"OK [UIDVALIDITY {self.mailbox.uidvalidity}] UIDs valid"))
-        self.write(untagged(f"OK [UIDNEXT {self.mailbox.uidnext}] Predicted next UID"))
-        mode = "READ-ONLY" if readonly else "READ-WRITE"
-        self.write(tagged(cmd.tag, "OK", f"[{mode}] {cmd.name} completed"))
+        messages = await self._messages()
+        self.write(self.conn.mailbox_opened(messages, self.mailbox.uidvalidity, self.mailbox.uidnext))
 
-    async def cmd_select(self, cmd: Command) -> None:
-        await self._select(cmd, False)
+    async def _expunge(self, ev: proto.Expunge) -> None:
+        deleted = proto.deleted_now(await self._messages(), ev.uids)
+        gone: list[int] = []
+        if deleted:
+            self.relay.reserve.before_deletion()
+            gone = self.mailbox.expunge(deleted)
+        self.write(self.conn.expunged(gone))
 
-    async def cmd_examine(self, cmd: Command) -> None:
-        await self._select(cmd, True)
+    async def _store_flags(self, ev: proto.StoreFlags) -> None:
+        # +FLAGS/-FLAGS apply to the flags the message has now (another session or a Maildir
+        # reader may have changed them since the view was taken): no lost update
+        current = {m.uid: m for m in await self._messages()}
+        for seq, uid in ev.targets:
+            m = current.get(uid)
+            if m is not None:
+                flags = ev.request.apply(m.flags)
+                if flags != m.flags:
+                    try:
+                        m = self.mailbox.set_flags(uid, flags)
+                    except (StoreError, LookupError, FileNotFoundError):
+                        m = None                                # expunged meanwhile
+            data = self.conn.flags_stored(seq, m)
+            if data:
+                self.write(data)
+                await self.flush()
+        self.write(self.conn.store_done())
 
-    def _on_store_change(self, kind: str, nbytes: int, nmessages: int) -> None:
-        self.changed.set()
+    async def _set_seen(self, uid: int) -> Any:
+        """\\Seen added to the flags the message has now; None when it is gone."""
+        with contextlib.suppress(KeyError, LookupError, FileNotFoundError):
+            flags = self.mailbox.info(uid).flags
+            return self.mailbox.set_flags(uid, _ADD_SEEN.apply(flags))
+        return None
 
-    def _deselect(self) -> None:
-        if self.unsubscribe is not None:
-            self.unsubscribe()
-            self.unsubscribe = None
-        self.mailbox = None
-        self.view = []
+    def _open(self, uid: int) -> int | None:
+        for _ in range(3):                           # a flag rename may race with the open
+            try:
+                return os.open(self.mailbox.path(uid), os.O_RDONLY)
+            except (FileNotFoundError, KeyError, LookupError):
+                continue
+        return None
 
-    async def cmd_getquotaroot(self, cmd: Command) -> None:
-        proto.want_args(cmd, 1, 1)
-        if not _is_inbox(proto.astring(cmd.args[0])):
-            self._no_such_mailbox(cmd.tag)
-            return
-        self.write(untagged('QUOTAROOT INBOX ""'))
-        self.write(untagged(self._quota_line()))
-        self.write(tagged(cmd.tag, "OK", "GETQUOTAROOT completed"))
+    async def _fetch(self, ev: proto.Fetch) -> None:
+        for seq, uid, set_seen in ev.targets:
+            fd = self._open(uid) if ev.needs_body else None
+            if ev.needs_body and fd is None:
+                self.conn.fetch_missing()
+            else:
+                try:
+                    await self._fetch_one(ev, seq, uid, set_seen, fd)
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+            await self.flush()                 # FETCH 1:* of 10,000 messages: bounded buffer
+        self.write(self.conn.fetch_done())
 
-    async def cmd_getquota(self, cmd: Command) -> None:
-        proto.want_args(cmd, 1, 1)
-        if proto.astring(cmd.args[0]) != "":
-            self.write(tagged(cmd.tag, "NO", "[NONEXISTENT] No such quota root"))
-            return
-        self.write(untagged(self._quota_line()))
-        self.write(tagged(cmd.tag, "OK", "GETQUOTA completed"))
+    async def _fetch_one(self, ev: proto.Fetch, seq: int, uid: int, set_seen: bool, fd: int | None) -> None:
+        seen = await self._set_seen(uid) if set_seen else None
+        content = None
+        if fd is not None:
+            size = os.fstat(fd).st_size
+            root = None
+            if ev.needs_tree:                  # a boundary scan may read the whole file:
+                name = self.mailbox.info(uid).name if seen is None else seen.name
+                if size <= INLINE_SCAN:        # not on the loop, unless the file is small
+                    root = _tree(name, size, fd, ev.needs_lines)
+                else:
+                    root = await asyncio.to_thread(_tree, name, size, fd, ev.needs_lines)
+            content = _Content(fd, size, root)
+        out = self.conn.fetch_message(seq, content, seen)
+        t0 = time.monotonic()
+        self._in_response = True               # cut inside: the client cannot recover
+        for piece in out.parts:
+            if isinstance(piece, bytes):
+                self.write(piece)
+            else:
+                assert fd is not None
+                await self.send_file(fd, piece.offset, piece.count)
+        self._in_response = False
+        if out.whole:
+            self.stats.messages_fetched += 1
+            self.stats.fetch_duration.observe(time.monotonic() - t0)
+            with contextlib.suppress(Exception):
+                self.mailbox.note_fetched(uid)
 
-    def _quota_line(self) -> bytes:
-        """RFC 9208 5.1: STORAGE in units of 1024 octets; a resource without limit is left out."""
-        u = self.store.usage(self.address)
-        res = []
-        if u.quota_bytes:
-            res.append(f"STORAGE {(u.bytes + 1023) // 1024} {u.quota_bytes // 1024}")
-        if u.quota_messages:
-            res.append(f"MESSAGE {u.messages} {u.quota_messages}")
-        return f'QUOTA "" ({" ".join(res)})'.encode()
+    # --- IDLE ------------------------------------------------------------------------------
 
-    # --- IDLE ----------------------------------------------------------------------------
-
-    def _on_shutdown(self) -> None:
-        """Shutdown started: a session waiting in IDLE holds nothing, so it gets BYE at once
-        (a gateway reconnects to the next server); other sessions finish within the grace."""
-        if self._idling:
-            self._shutdown()
-
-    async def cmd_idle(self, cmd: Command) -> None:
-        self.write(b"+ idling\r\n")
-        self.parser.expect_line()
+    async def _idle(self) -> None:
+        self.write(proto.IDLE_CONTINUATION)
         deadline = time.monotonic() + self.config.imap.idle_timeout
-        self._idling = True
-        try:
-            await self._idle(cmd, deadline)
-        finally:
-            self._idling = False
-
-    async def _idle(self, cmd: Command, deadline: float) -> None:
         if not self.relay.sessions.accepting:         # shutdown began before the IDLE
             raise _Bye("Server shutting down", "shutdown")
         while True:
-            ev = self.parser.next_event()
-            if isinstance(ev, ClientLine):
-                if ev.data.strip().upper() == b"DONE":
-                    self.write(tagged(cmd.tag, "OK", "IDLE terminated"))
-                else:
-                    self.write(tagged(cmd.tag, "BAD", "Expected DONE"))
-                return
-            if ev is not NEED_DATA:
-                self.write(tagged(cmd.tag, "BAD", "Expected DONE"))
+            ev = self.conn.next_event()
+            if isinstance(ev, proto.Respond):
+                self.write(ev.data)
                 return
             await self.flush()
-            if self._pending_read is None:
-                self._pending_read = asyncio.ensure_future(self.reader.read(READ_SIZE))
+            pending = self._start_read()
             change = asyncio.ensure_future(self.changed.wait())
             left = deadline - time.monotonic()
             if left <= 0:
                 change.cancel()
                 raise _Bye("Autologout; idle for too long")
-            done, _ = await asyncio.wait({self._pending_read, change}, timeout=min(left, IDLE_POLL),
+            done, _ = await asyncio.wait({pending, change}, timeout=min(left, IDLE_POLL),
                                          return_when=asyncio.FIRST_COMPLETED)
             change.cancel()
-            if self._pending_read in done:
-                data = self._pending_read.result()
-                self._pending_read = None
-                if not data:
-                    raise _Closed
-                self.parser.receive_data(data)
-            if self.state == SELECTED:
-                n = await self.refresh()
-                self.stats.idle_pushes += n
+            if pending in done:
+                self._take_read()
+            if self.conn.state is SELECTED:
+                self.changed.clear()
+                data = self.conn.update(await self._messages())
+                self.stats.idle_pushes += data.count(b"\r\n")
+                self.write(data)
 
-    async def refresh(self) -> int:
-        """Bring the view up to date: EXPUNGE for vanished messages (highest first), FETCH
-        FLAGS for changed flags, EXISTS for new ones. Returns the number of responses."""
-        self.changed.clear()
-        if self.state != SELECTED:
-            return 0
-        current = self.mailbox.messages()
-        by_uid = {m.uid: m for m in current}
-        sent = 0
-        for seq in range(len(self.view), 0, -1):
-            if self.view[seq - 1].uid not in by_uid:
-                del self.view[seq - 1]
-                self.write(untagged(f"{seq} EXPUNGE"))
-                sent += 1
-        for i, m in enumerate(self.view):
-            now = by_uid[m.uid]
-            if now.flags != m.flags:
-                self.view[i] = now
-                self.write(untagged(b"%d FETCH (FLAGS %s UID %d)" % (i + 1, proto.render_flags(now.flags), m.uid)))
-                sent += 1
-        top = self.view[-1].uid if self.view else 0
-        new = [m for m in current if m.uid > top]
-        if new:
-            self.view += new
-            self.write(untagged(f"{len(self.view)} EXISTS"))
-            sent += 1
-        return sent
-
-    async def catch_up(self, cmd: Command) -> None:
-        """Mail that arrived since the last command becomes visible to SEARCH, FETCH and STORE
-        without a NOOP (pollers that stay selected and only UID SEARCH): a UID command may
-        carry every update, a sequence-number command only EXISTS, since EXPUNGE would shift
-        the numbers it names (RFC 9051 7.4.1, RFC 3501 7.4.1). A UID command always compares
-        the flags too: the store announces new mail and expunges, not flag changes."""
-        if self.state != SELECTED:
-            return
-        if cmd.uid:
-            await self.refresh()
-            return
-        if not self.changed.is_set():
-            return
-        top = self.view[-1].uid if self.view else 0
-        new = [m for m in self.mailbox.messages() if m.uid > top]
-        if new:
-            self.view += new
-            self.write(untagged(f"{len(self.view)} EXISTS"))
-
-    # --- selected ------------------------------------------------------------------------
-
-    def _targets(self, cmd: Command, spec: proto.Arg) -> list[tuple[int, Any]]:
-        """(seq, MessageInfo) of the messages a sequence set (or UID set) names."""
-        seqset = proto.parse_sequence_set(proto.atom(spec))
-        if cmd.uid:
-            if not self.view:
-                return []
-            star = self.view[-1].uid
-            return [(i + 1, m) for i, m in enumerate(self.view) if seqset.contains(m.uid, star)]
-        n = len(self.view)
-        for a, b in seqset.ranges:
-            for x in (a, b):
-                if x is not None and x > n:
-                    raise ImapSyntaxError("Invalid message sequence number")
-        if not n:
-            raise ImapSyntaxError("No messages")
-        return [(i + 1, m) for i, m in enumerate(self.view) if seqset.contains(i + 1, n)]
-
-    def _deleted_now(self, uids: set[int] | None = None) -> list[int]:
-        """UIDs of the view (or of `uids`) that carry \\Deleted now, not as last viewed:
-        another session may have set or cleared it since."""
-        mine = {m.uid for m in self.view} if uids is None else uids
-        return [mi.uid for mi in self.mailbox.messages() if "T" in mi.flags and mi.uid in mine]
-
-    async def cmd_close(self, cmd: Command) -> None:
-        if not self.readonly:
-            deleted = self._deleted_now()
-            if deleted:
-                self.relay.reserve.before_deletion()
-                self.mailbox.expunge(deleted)
-        self._deselect()
-        self.state = AUTH
-        self.write(tagged(cmd.tag, "OK", "CLOSE completed"))
-
-    async def cmd_unselect(self, cmd: Command) -> None:
-        self._deselect()
-        self.state = AUTH
-        self.write(tagged(cmd.tag, "OK", "UNSELECT completed"))
-
-    async def cmd_expunge(self, cmd: Command) -> None:
-        if self.readonly:
-            self.write(tagged(cmd.tag, "NO", "[READ-ONLY] Mailbox is read-only"))
-            return
-        if cmd.uid:
-            proto.want_args(cmd, 1, 1)
-            named = {m.uid for _, m in self._targets(cmd, cmd.args[0])}
-        else:
-            proto.want_args(cmd, 0, 0)
-            named = {m.uid for m in self.view}
-        deleted = self._deleted_now(named)
-        if deleted:
-            self.relay.reserve.before_deletion()
-        gone = set(self.mailbox.expunge(deleted)) if deleted else set()
-        for seq in range(len(self.view), 0, -1):
-            if self.view[seq - 1].uid in gone:
-                del self.view[seq - 1]
-                self.write(untagged(f"{seq} EXPUNGE"))
-        self.write(tagged(cmd.tag, "OK", "EXPUNGE completed"))
-
-    async def cmd_search(self, cmd: Command) -> None:
-        await self.catch_up(cmd)
-        args = list(cmd.args)
-        if args and isinstance(args[0], str) and args[0].upper() == "RETURN":
-            raise ImapSyntaxError("SEARCH RETURN (ESEARCH) is not supported")
-        key = proto.parse_search(args)
-        match = key.compile(len(self.view), self.view[-1].uid if self.view else 0)
-        hits = [m.uid if cmd.uid else i for i, m in enumerate(self.view, 1)
-                if match(i, m.uid, m.flags, m.internaldate, m.size)]
-        self.write(untagged("SEARCH" + "".join(f" {h}" for h in hits)))
-        self.write(tagged(cmd.tag, "OK", "SEARCH completed"))
-
-    async def cmd_store(self, cmd: Command) -> None:
-        seqset_arg = cmd.args[0] if cmd.args else ""
-        _, req = proto.parse_store(cmd.args)
-        if self.readonly:
-            self.write(tagged(cmd.tag, "NO", "[READ-ONLY] Mailbox is read-only"))
-            return
-        targets = self._targets(cmd, seqset_arg)
-        # +FLAGS/-FLAGS apply to the flags the message has now (another session or a Maildir
-        # reader may have changed them since the view was taken): no lost update
-        current = {mi.uid: mi for mi in self.mailbox.messages()} if targets else {}
-        for seq, m in targets:
-            now = current.get(m.uid)
-            if now is None:
-                continue                                    # expunged meanwhile
-            m = now
-            letters = req.apply(m.flags)
-            if letters != m.flags:
-                try:
-                    m = self.mailbox.set_flags(m.uid, letters)
-                except (StoreError, LookupError, FileNotFoundError):
-                    continue                                # expunged meanwhile
-            self.view[seq - 1] = m
-            if not req.silent:
-                uid = b" UID %d" % m.uid if cmd.uid else b""
-                self.write(untagged(b"%d FETCH (FLAGS %s%s)" % (seq, proto.render_flags(m.flags), uid)))
-                await self.flush()
-        self.write(tagged(cmd.tag, "OK", "STORE completed"))
-
-    async def cmd_fetch(self, cmd: Command) -> None:
-        await self.catch_up(cmd)
-        proto.want_args(cmd, 2, 2)
-        atts = proto.parse_fetch_atts(cmd.args[1])
-        if cmd.uid and not any(a.name == "UID" for a in atts):
-            atts.insert(0, proto.FetchAtt("UID"))
-        missing = 0
-        for seq, m in self._targets(cmd, cmd.args[0]):
-            if not await self._fetch_one(seq, m, atts):
-                missing += 1
-            await self.flush()                 # FETCH 1:* of 10,000 messages: bounded buffer
-        if missing:
-            self.write(tagged(cmd.tag, "NO", "[EXPUNGEISSUED] Some messages no longer exist"))
-        else:
-            self.write(tagged(cmd.tag, "OK", "FETCH completed"))
-
-    def _open(self, m: Any) -> int | None:
-        for _ in range(3):                           # a flag rename may race with the open
-            try:
-                return os.open(self.mailbox.path(m.uid), os.O_RDONLY)
-            except (FileNotFoundError, KeyError, LookupError):
-                continue
-        return None
-
-    async def _fetch_one(self, seq: int, m: Any, atts: list[proto.FetchAtt]) -> bool:
-        needs_file = any(a.name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE") for a in atts)
-        fd = self._open(m) if needs_file else None
-        if needs_file and fd is None:
-            return False
-        try:
-            if not self.readonly and "S" not in m.flags and any(a.sets_seen for a in atts):
-                with contextlib.suppress(KeyError, LookupError, FileNotFoundError):
-                    flags = self.mailbox.info(m.uid).flags          # now, not as viewed
-                    m = self.mailbox.set_flags(m.uid, "".join(sorted(set(flags + "S"))))
-                    self.view[seq - 1] = m
-                    if not any(a.name == "FLAGS" for a in atts):
-                        atts = [*atts, proto.FetchAtt("FLAGS")]
-            size = os.fstat(fd).st_size if fd is not None else m.size
-            root = None
-            # the MIME tree only for structure items and part sections: BODY[] and its
-            # partials are plain byte ranges (a partial of a 2 GB message reads only its range)
-            if any((a.section is None and a.name in _TREE_ITEMS)
-                   or (a.section is not None and a.section != proto.Section()) for a in atts):
-                assert fd is not None                  # a boundary scan may read the whole file:
-                if size <= INLINE_SCAN:                # not on the loop, unless the file is small
-                    root = self._tree(m.name, size, fd, atts)
-                else:
-                    root = await asyncio.to_thread(self._tree, m.name, size, fd, atts)
-            resp = proto.FetchResponse(seq)
-            whole = False
-            for a in atts:
-                whole |= self._render_att(resp, a, m, fd, size, root)
-            resp.finish()
-            t0 = time.monotonic()
-            self._in_response = True                   # cut inside: the client cannot recover
-            for piece in resp.parts:
-                if isinstance(piece, bytes):
-                    self.write(piece)
-                else:
-                    assert fd is not None
-                    _, off, count = piece
-                    await self.send_file(fd, off, count)
-            self._in_response = False
-            if whole:
-                self.stats.messages_fetched += 1
-                self.stats.fetch_duration.observe(time.monotonic() - t0)
-                with contextlib.suppress(Exception):
-                    self.mailbox.note_fetched(m.uid)
-            return True
-        finally:
-            if fd is not None:
-                os.close(fd)
-
-    @staticmethod
-    def _tree(name: str, size: int, fd: int, atts: list[proto.FetchAtt]) -> mimetree.Part:
-        root = mimetree.tree(name, size, fd)
-        if any(a.name == "BODYSTRUCTURE" or (a.name == "BODY" and a.section is None) for a in atts):
-            mimetree.fill_lines(root, fd)
-        return root
-
-    def _render_att(self, resp: proto.FetchResponse, a: proto.FetchAtt, m: Any, fd: int | None,
-                    size: int, root: mimetree.Part | None) -> bool:
-        """Add one item; True when it sends the whole message up to its last byte."""
-        name = a.name
-        if name == "UID":
-            resp.add("UID", str(m.uid).encode())
-        elif name == "FLAGS":
-            resp.add("FLAGS", proto.render_flags(m.flags))
-        elif name == "INTERNALDATE":
-            resp.add("INTERNALDATE", proto.quote(proto.imap_datetime(m.internaldate)))
-        elif name == "RFC822.SIZE":
-            resp.add("RFC822.SIZE", str(size).encode())
-        elif name == "RFC822":
-            assert fd is not None
-            resp.add_file_literal("RFC822", 0, size)
-            return True
-        else:
-            assert fd is not None
-            if a.section == proto.Section():              # BODY[]: no MIME parse needed
-                return self._render_section(resp, a, None, fd, size)
-            assert root is not None
-            if name == "RFC822.HEADER":
-                resp.add_file_literal(name, root.header_offset, root.header_size)
-            elif name == "RFC822.TEXT":
-                resp.add_file_literal(name, root.body_offset, root.body_size)
-            elif name == "ENVELOPE":
-                resp.add(name, proto.render(mimetree.envelope(root)))
-            elif name == "BODYSTRUCTURE" or (name == "BODY" and a.section is None):
-                resp.add(name, mimetree.bodystructure(root, extended=name == "BODYSTRUCTURE"))
-            else:
-                return self._render_section(resp, a, root, fd, size)
-        return False
-
-    def _render_section(self, resp: proto.FetchResponse, a: proto.FetchAtt, root: Any, fd: int,
-                        size: int) -> bool:
-        sec = a.section
-        assert sec is not None
-        rname = a.response_name()
-        data: bytes | None = None
-        rng: tuple[int, int] | None = None
-        if not sec.part and not sec.text:
-            rng = (0, size)
-        else:
-            part = mimetree.find_part(root, sec.part) if sec.part else root
-            if part is None:
-                resp.add(rname, b"NIL")
-                return False
-            target = part if not sec.part else part.message
-            if sec.text == "":
-                rng = (part.body_offset, part.body_size)
-            elif sec.text == "MIME":
-                rng = (part.header_offset, part.header_size)
-            elif target is None:                          # HEADER/TEXT of a non-message part
-                data = b""
-            elif sec.text == "HEADER":
-                rng = (target.header_offset, target.header_size)
-            elif sec.text == "TEXT":
-                rng = (target.body_offset, target.body_size)
-            else:
-                data = mimetree.header_fields(fd, target, sec.fields, sec.text.endswith(".NOT"))
-        if a.partial is not None:
-            off, length = a.partial
-            if data is not None:
-                data = data[off:off + length]
-            else:
-                assert rng is not None
-                start = min(off, rng[1])
-                rng = (rng[0] + start, max(0, min(length, rng[1] - start)))
-        if data is not None:
-            resp.add_literal_bytes(rname, data)
-            return False
-        assert rng is not None
-        resp.add_file_literal(rname, rng[0], rng[1])
-        return not sec.part and not sec.text and rng[0] + rng[1] >= size and rng[1] > 0
-
-    # --- streaming -----------------------------------------------------------------------
+    # --- streaming -------------------------------------------------------------------------
 
     async def send_file(self, fd: int, offset: int, count: int) -> None:
         """`count` bytes of the file from `offset` to the client, never holding more than one
         chunk: os.sendfile on plain TCP while the socket accepts data (the transport's buffer
         empty, so order is kept), else a pread chunk through the transport and drain()."""
-        sock = None if self.tls else self.writer.get_extra_info("socket")
+        sock = None if self.conn.tls_active else self.writer.get_extra_info("socket")
         sockfd = sock.fileno() if sock is not None else -1
         transport = self.writer.transport
         self.stats.fetched_bytes += count
@@ -998,7 +617,8 @@ class ImapSession:
             data = os.pread(fd, min(CHUNK if sockfd < 0 else WAKE_CHUNK, count), offset)
             if not data:
                 raise OSError(f"message file shorter than expected at {offset}")
-            self._check_open()
+            if transport.is_closing():
+                raise ConnectionResetError("connection closed")
             self.writer.write(data)
             offset += len(data)
             count -= len(data)
