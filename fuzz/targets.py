@@ -17,6 +17,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from relay import mimetree
 from relay.protocol import imap as I
@@ -106,27 +107,89 @@ def _imap_command(cmd: I.Command) -> None:
                 I.astring(a)
 
 
+class _ImapMsg(NamedTuple):
+    uid: int
+    size: int
+    internaldate: float
+    flags: str
+
+
+_IMAP_VIEW = [_ImapMsg(1, 120, 86400.0 * 19000, ""), _ImapMsg(2, 0, 86400.0 * 19001, "S"),
+              _ImapMsg(5, 4096, 86400.0 * 19002, "ST")]
+
+
+class _ImapContent:
+    """A message as the server's MIME adapter describes it: ranges, one header-fields block."""
+    size = 4096
+
+    def envelope(self) -> bytes:
+        return b"(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)"
+
+    def bodystructure(self, extended: bool) -> bytes:
+        return b'("TEXT" "PLAIN" NIL NIL NIL "7BIT" 4000 80)'
+
+    def locate(self, section: I.Section) -> tuple[int, int] | bytes | None:
+        if len(section.part) > 1:
+            return None
+        if section.fields:
+            return b"Subject: x\r\n\r\n"
+        return (0, 96) if section.text in ("HEADER", "MIME") else (96, 4000)
+
+
+def _imap_serve(conn: I.ImapConnection, ev: object, n: int) -> list[bytes]:
+    """The server's part of each event (every other login fails; every fifth I/O fails)."""
+    out: list[bytes] = []
+    if isinstance(ev, I.Respond):                   # lines only: no bare CR or LF anywhere
+        stripped = ev.data.replace(b"\r\n", b"")
+        assert b"\r" not in stripped and b"\n" not in stripped, ev.data
+        return [ev.data]
+    if n % 5 == 0 and not isinstance(ev, I.Idle):
+        return [conn.failed("temp" if n % 2 else "bug")]
+    if isinstance(ev, I.Authenticate):
+        out.append(conn.login_succeeded(ev.user) if n % 2 else conn.login_failed("auth"))
+    elif isinstance(ev, I.StartTls):
+        out.append(conn.starttls_accepted())
+        conn.tls_started()
+    elif isinstance(ev, I.OpenMailbox):
+        out.append(conn.mailbox_opened(_IMAP_VIEW, 7, 6))
+    elif isinstance(ev, I.MailboxStatus):
+        out.append(conn.status_result(_IMAP_VIEW, 7, 6))
+    elif isinstance(ev, I.QuotaRequest):
+        out.append(conn.quota_result(5000, 3, 1 << 30, 0))
+    elif isinstance(ev, I.Refresh):
+        out.append(conn.refreshed(_IMAP_VIEW[n % 2:]))
+    elif isinstance(ev, I.Expunge):
+        out.append(conn.expunged(I.deleted_now(_IMAP_VIEW, ev.uids)))
+    elif isinstance(ev, I.StoreFlags):
+        for seq, uid in ev.targets:
+            m = next((m for m in _IMAP_VIEW if m.uid == uid), None)
+            out.append(conn.flags_stored(seq, m and m._replace(flags=ev.request.apply(m.flags))))
+        out.append(conn.store_done())
+    elif isinstance(ev, I.Fetch):
+        for seq, _uid, _seen in ev.targets:
+            parts = conn.fetch_message(seq, _ImapContent() if ev.needs_body else None)
+            out.append(b"".join(p if isinstance(p, bytes) else b"x" * p.count for p in parts.parts))
+        out.append(conn.fetch_done())
+    elif isinstance(ev, I.Idle):
+        out.append(conn.update(_IMAP_VIEW))
+    return out
+
+
 def imap_one_input(data: bytes) -> None:
-    parser = I.ImapParser(max_line=64 * 1024, max_literal=4096)   # the server defaults/bounds
-    states = (I.NOT_AUTH, I.AUTH, I.SELECTED)
+    """Any client bytes through ImapConnection, the server's part played by _imap_serve: no
+    exception, and every answer ends a line."""
+    conn = I.ImapConnection("fuzz.test", max_line=64 * 1024, max_literal=4096,   # the server
+                            tls_available=True, plaintext_allowed=True)          # defaults/bounds
     n = 0
     for chunk in _reads(data):
-        parser.receive_data(chunk)
-        while True:
-            ev = parser.next_event()
+        conn.receive_data(chunk)
+        while conn.state is not I.LOGOUT:
+            ev = conn.next_event()
             if ev is I.NEED_DATA:
                 break
             n += 1
-            if isinstance(ev, I.Reject):
-                assert b"\r" not in ev.to_bytes()[:-2] and b"\n" not in ev.to_bytes()[:-2]
-            elif isinstance(ev, I.Command):
-                if n % 4 == 0:
-                    parser.expect_line()
-                I.check_state(ev, states[n % 3])
-                try:
-                    _imap_command(ev)
-                except I.ImapSyntaxError as e:
-                    I.tagged(ev.tag, "BAD", str(e))
+            for reply in _imap_serve(conn, ev, n):
+                assert not reply or reply.endswith(b"\r\n"), reply
 
 
 # --- POP3 ------------------------------------------------------------------------------------
