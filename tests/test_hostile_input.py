@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -435,3 +436,18 @@ def test_header_bytes_parsed_per_message_are_bounded(tmp_path: Path) -> None:
         last = root.children[-1]
         f.seek(last.body_offset)
         assert f.read(last.body_size) == b"DICM"
+
+
+@pytest.mark.parametrize("name", ["smtp", "imap", "pop3", "mime"])
+def test_atheris_bounded_run(name: str, tmp_path: Path) -> None:
+    """The coverage-guided fuzzer itself, a bounded run from the seeds (fixed seed and count);
+    the long runs are documented in fuzz/README.md."""
+    pytest.importorskip("atheris")      # the `fuzz` extra; .ci/run installs it
+    work = tmp_path / "work"
+    work.mkdir()
+    p = subprocess.run([sys.executable, str(ROOT / "fuzz" / "run.py"), name, "-runs=1500",
+                        "-seed=12", "-timeout=20", f"-artifact_prefix={tmp_path}/", str(work)],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"Done 1500 runs", p.stderr), p.stderr[-1000:]
+    assert not list(tmp_path.glob("crash-*"))
