@@ -100,6 +100,11 @@ def test_null_sender_and_plain_addresses_still_accepted() -> None:
     assert [g[:3] for g in got] == ["250", "250", "250", "250", "250"]
 
 
+def test_non_ascii_parameter_name_is_not_a_parameter() -> None:
+    got = smtp(b"EHLO c\r\n", "MAIL FROM:<a@b.test> \u017fIZE=10\r\n".encode())   # ſIZE
+    assert got[-1].startswith("555 5.5.4")
+
+
 def test_non_ascii_verb_is_not_a_command() -> None:
     # "quıt".upper() == "QUIT": a dotless i must not pass for an i
     assert smtp(b"EHLO c\r\n", "qu\u0131t\r\n".encode())[-1].startswith("500 5.5.2")
