@@ -214,6 +214,10 @@ def test_imap_numbers_are_ascii_with_bounded_digits(line: bytes, reply: str) -> 
     assert imap_reply(line) == reply
 
 
+def test_imap_search_key_names_are_ascii() -> None:
+    assert imap_reply('t SEARCH "\u017fEEN"\r\n'.encode()) == "BAD Syntax error: unsupported search key \u017fEEN"
+
+
 def test_imap_search_date_takes_ascii_digits_only() -> None:
     assert imap_reply("t SEARCH SINCE \u0661-Jan-2020\r\n".encode()) == "BAD Syntax error: invalid character in atom"
     assert imap_reply('t SEARCH SINCE "\u0661-Jan-2020"\r\n'.encode()).startswith("BAD Syntax error: invalid date")
