@@ -9,13 +9,13 @@ import os
 import poplib
 import smtplib
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from relay.policy.reserve import RESERVE_FILE
+from tests import opsutil
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -25,14 +25,8 @@ A = "a@example.test"
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Any:
     """A 16 MiB tmpfs. Request it before relay_factory (the relay stops before the unmount)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                       capture_output=True, check=False)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with opsutil.tmpfs(tmp_path / "small", "16m") as mnt:
+        yield mnt
 
 
 def fill(path: Path) -> Path:
