@@ -96,10 +96,14 @@ def test_smtp_bug_while_streaming_or_committing(relay: Any, caplog: pytest.LogCa
 
 def test_imap_command_bug_gets_no_serverbug(relay: Any, caplog: pytest.LogCaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    async def noop(self: Any, cmd: Any) -> None:
-        raise Boom("injected")
+    handle = imap_server.ImapSession._handle
 
-    monkeypatch.setattr(imap_server.ImapSession, "cmd_noop", noop)
+    async def noop(self: Any, ev: Any) -> None:
+        if self.conn.command == "NOOP":
+            raise Boom("injected")
+        await handle(self, ev)
+
+    monkeypatch.setattr(imap_server.ImapSession, "_handle", noop)
     m = imaplib.IMAP4("127.0.0.1", relay.imap_port)
     m.login(ALICE, "secret")
     typ, data = m.noop()

@@ -1109,6 +1109,7 @@ class ImapConnection:
         self.parser = ImapParser(max_line, max_literal)
         self._changed = False                # the store announced a change since the last refresh
         self._tag = "*"                      # of the command in progress
+        self._name = ""
         self._busy: str | None = None        # waiting for the server: an event's result
         self._resume: Command | None = None  # go on with this command after a Refresh
         self._sasl = False                   # AUTHENTICATE PLAIN sent "+ ", response line expected
@@ -1136,6 +1137,11 @@ class ImapConnection:
     def busy(self) -> str | None:
         """The result the connection waits for (None: call next_event())."""
         return self._busy
+
+    @property
+    def command(self) -> str:
+        """The name of the command in progress (or the last one), for the server's logs."""
+        return self._name
 
     def statistics(self) -> ConnectionStats:
         return ConnectionStats(self._commands)
@@ -1176,7 +1182,7 @@ class ImapConnection:
             bad = check_state(ev, self.state)
             if bad is not None:
                 return Respond(bad.to_bytes())
-            self._tag = ev.tag
+            self._tag, self._name = ev.tag, ev.name
             return self._run(ev, resumed=False)
         return NEED_DATA
 

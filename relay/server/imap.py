@@ -342,7 +342,11 @@ class ImapSession:
     async def _loop(self) -> str:
         conn = self.conn
         while True:
-            ev = conn.next_event()
+            try:
+                ev = conn.next_event()
+            except Exception as e:             # a bug in the connection: one command fails
+                self._failed(e, "bug")
+                continue
             n = conn.statistics().commands
             self.stats.commands += n - self._commands
             self._commands = n
@@ -364,25 +368,26 @@ class ImapSession:
                         raise
                     await self._handle(ev)
             except StoreError as e:            # I/O trouble, account removed meanwhile: temporary
-                log.error("store_error", sid=self.sid, command=type(ev).__name__, error=str(e))
-                self._after_failure()
-                self.write(conn.failed("temp"))
+                self._failed(e, "temp")
             except _SESSION_ENDS:
                 raise
             except Exception as e:             # a bug in one command: one line, NO, go on
-                log.error("command_failed", sid=self.sid, command=type(ev).__name__, error=type(e).__name__)
-                self._after_failure()
-                self.write(conn.failed("bug"))
+                self._failed(e, "bug")
             self._follow(conn.state is SELECTED)
             if isinstance(ev, proto.Respond) and ev.close is not None:
                 await self.flush()
                 return ev.close
 
-    def _after_failure(self) -> None:
-        """A command failed: when its response was cut inside a line or a literal, the
-        client cannot parse what follows; the session ends with BYE instead."""
+    def _failed(self, e: Exception, kind: str) -> None:
+        """A command failed: one log line, `NO` and the session goes on; but when its response
+        was cut inside a line or a literal, the client cannot parse what follows: BYE."""
+        if kind == "temp":
+            log.error("store_error", sid=self.sid, command=self.conn.command, error=str(e))
+        else:
+            log.error("command_failed", sid=self.sid, command=self.conn.command, error=type(e).__name__)
         if self._line_open or self._in_response:
             raise _Bye("Internal error, closing", "error")
+        self.write(self.conn.failed(kind))
 
     async def _handle(self, ev: object) -> None:
         if isinstance(ev, proto.Respond):
