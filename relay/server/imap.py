@@ -342,11 +342,7 @@ class ImapSession:
     async def _loop(self) -> str:
         conn = self.conn
         while True:
-            try:
-                ev = conn.next_event()
-            except Exception as e:             # a bug in the connection: one command fails
-                self._failed(e, "bug")
-                continue
+            ev = conn.next_event()             # raising: its state is lost, the session ends
             n = conn.statistics().commands
             self.stats.commands += n - self._commands
             self._commands = n
