@@ -45,6 +45,7 @@ VICTIM = "victim@example.test"
 IDLE = 1000
 ADDRESSES = 20
 GUESSERS = 48
+IMAP_IDLE = 400            # below imap.max_sessions (500), as the SMTP flood fills smtp's 1000
 KiB, MiB = 1024, 1024 * 1024
 
 
@@ -95,9 +96,9 @@ def deliver(port: int, source: str = "127.0.0.1", timeout: float = 60) -> float:
     return time.monotonic() - t0
 
 
-def open_idle(port: int) -> list[socket.socket]:
+def open_idle(port: int, n: int = IDLE, hello: bytes = b"EHLO flood.test\r\n") -> list[socket.socket]:
     conns = []
-    for i in range(IDLE):
+    for i in range(n):
         src = f"127.0.0.{11 + i % ADDRESSES}"
         try:
             s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(src, 0))
@@ -108,7 +109,7 @@ def open_idle(port: int) -> list[socket.socket]:
     for s in conns:
         try:
             s.recv(512)
-            s.sendall(b"EHLO flood.test\r\n")
+            s.sendall(hello)
         except OSError:
             pass
     time.sleep(1.0)
@@ -188,6 +189,12 @@ def main() -> int:
             print(f"    per idle connection: {per / KiB:.1f} KiB            (target <= 64 KiB)")
             print(f"    after close, above before: {(after - before) / MiB:.1f} MiB     (target <= 32 MiB)")
             print(f"    real sender from 127.0.0.99 delivered after: {real_s}   (target <= 30 s)")
+            base = rss(proc.pid)
+            imap = open_idle(ports["imap"], IMAP_IDLE, b"a CAPABILITY\r\n")
+            imap_per = (rss(proc.pid) - base) / max(1, len(imap))
+            for s in imap:
+                s.close()
+            print(f"    IMAP: {len(imap)} idle connections before login: {imap_per / KiB:.1f} KiB each")
             # (2) login flood
             quiet = latency(ports["smtp"])
             stop = threading.Event()

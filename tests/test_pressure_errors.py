@@ -170,3 +170,42 @@ def test_pop3_bug_inside_a_multiline_answer_closes(relay: Any, monkeypatch: pyte
         p.retr(1)
     st = relay.call(lambda r: r.sessions.statistics())
     assert st.total.get(("pop3", "error")) == 1
+
+
+def test_a_failing_protocol_object_ends_the_session_cleanly(relay: Any, caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the protocol object itself raises, its state cannot be trusted: SMTP says
+    421 4.3.0, IMAP * BYE, and closes; one log line, no traceback; other sessions go on."""
+    import socket
+
+    from relay.protocol import imap as imap_proto
+    from relay.protocol import smtp as smtp_proto
+
+    real_smtp, real_imap = smtp_proto.SmtpConnection.receive_data, imap_proto.ImapParser.receive_data
+
+    def smtp_receive(self: Any, data: Any, end: Any = None) -> None:
+        if b"KABOOM" in bytes(data[:end] if end is not None else data):
+            raise Boom("injected")
+        real_smtp(self, data, end)
+
+    def imap_receive(self: Any, data: Any) -> None:
+        if b"KABOOM" in bytes(data):
+            raise Boom("injected")
+        real_imap(self, data)
+
+    monkeypatch.setattr(smtp_proto.SmtpConnection, "receive_data", smtp_receive)
+    monkeypatch.setattr(imap_proto.ImapParser, "receive_data", imap_receive)
+    for port, hello, want in ((relay.smtp_port, b"", b"421 4.3.0"),
+                              (relay.imap_port, b"", b"* BYE Internal error")):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"KABOOM\r\n")
+        assert f.readline().startswith(want)
+        assert f.readline() == b""
+        s.close()
+    assert len(failure_lines(caplog, "session-failed")) == 1      # smtp
+    assert len(failure_lines(caplog, "session_failed")) == 1      # imap
+    assert all(r.exc_info is None for r in caplog.records)
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as c:
+        assert c.noop()[0] == 250
