@@ -7,13 +7,18 @@ on the header block only). Multipart boundaries are found with `bytes.find` over
 scan once; results are cached per message (LRU keyed by the Maildir base name and size, which
 survive flag renames). ENVELOPE and BODYSTRUCTURE values (nested lists, rendered by
 relay.protocol.imap.render) are built from the tree. Malformed MIME never raises: a missing
-boundary makes the part run to the end, an endless header ends at the header bound.
+boundary makes the part run to the end, an endless header ends at the header bound, nesting
+beyond MAX_DEPTH and parts beyond MAX_PARTS are not looked into (the part stays a leaf), a
+Content-Type that cannot be parsed is text/plain (RFC 2045 5.2), and an address field that is
+too long, too deeply nested or that the parser refuses is NIL in ENVELOPE. Whatever a stored
+message holds, BODY[] is a byte range of the file and never depends on this module.
 """
 
 from __future__ import annotations
 
 import email.utils
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,8 +32,20 @@ from relay.protocol.imap import render
 
 CHUNK = 1 << 20
 MAX_HEADER = 1 << 20            # a header block beyond this is cut (malformed or hostile)
-MAX_DEPTH = 16                  # nesting of multiparts / message/rfc822
+MAX_DEPTH = 16                  # nesting of multiparts / message/rfc822 (Dovecot: 100; we are
+                                # a transport for flat DICOM mails, 16 levels is ample)
 MAX_PARTS = 2000                # parts per message
+# Header bytes parsed per message, all parts together: the compat32 parser costs ~0.7 s per
+# MiB of short fields, so 200 parts of 120 KiB headers (a 24 MB message) held the GIL for 14 s
+# in one FETCH BODYSTRUCTURE. Real messages parse a few KiB (2000 parts x 200 B = 400 KiB).
+# Parts beyond the budget keep their offsets but an empty header (text/plain, NIL fields).
+MAX_HEADERS_TOTAL = 2 << 20
+# Structured fields (From, To, Cc, ..., Content-Type, Content-Disposition): the stdlib parsers
+# are pure Python, ~1 ms per KiB of hostile input, and the address parser recurses on comments
+# "(" and groups ":". An address field longer than 64 KiB (some 1500 addresses) or with
+# comments nested deeper than 32 is NIL in ENVELOPE; such a Content-Type is text/plain.
+MAX_STRUCTURED_FIELD = 64 * 1024
+MAX_COMMENT_DEPTH = 32          # RFC 5322 3.2.2 comments nest without limit; ours: 32
 CACHE_SIZE = 256
 
 _MIN_LINE_TEXT = ("text", "message")
@@ -47,6 +64,8 @@ class Part:
     children: list[Part] = field(default_factory=list)      # multipart
     message: Part | None = None                              # message/rfc822
     body_lines: int = -1          # -1: not counted yet (see fill_lines; only text/message need it)
+    envelope: object = None       # ENVELOPE value, computed once per cached tree (see envelope())
+    _fields: dict[str, list[str]] | None = None   # lower-case name -> raw values, built once
 
     @property
     def is_multipart(self) -> bool:
@@ -54,26 +73,25 @@ class Part:
 
     def header(self, name: str) -> bytes | None:
         """The first field `name` as it is in the file (8-bit bytes kept), unfolded."""
-        v = _raw_get(self.headers, name)
-        if v is None:
+        values = self.raw_all(name)
+        if not values:
             return None
-        return _raw(_unfold(v)).strip()
+        return _raw(_unfold(values[0])).strip()
+
+    def raw_all(self, name: str) -> list[str]:
+        """Field values as parsed (str with surrogate escapes for 8-bit bytes). `Message.get`
+        would turn an 8-bit value into a Header whose str() has U+FFFD in place of the bytes.
+        Indexed once per part: a header of 100,000 fields is not scanned per lookup."""
+        if self._fields is None:
+            index: dict[str, list[str]] = {}
+            for k, v in self.headers.raw_items():
+                index.setdefault(k.lower(), []).append(v)
+            self._fields = index
+        return self._fields.get(name.lower(), [])
 
 
 def _raw(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
-
-
-def _raw_all(headers: Message, name: str) -> list[str]:
-    """Field values as parsed (str with surrogate escapes for 8-bit bytes). `Message.get`
-    would turn an 8-bit value into a Header whose str() has U+FFFD in place of the bytes."""
-    key = name.lower()
-    return [v for k, v in headers.raw_items() if k.lower() == key]
-
-
-def _raw_get(headers: Message, name: str) -> str | None:
-    values = _raw_all(headers, name)
-    return values[0] if values else None
 
 
 def _unfold(v: str) -> str:
@@ -139,13 +157,17 @@ class _Builder:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.parts = 0
+        self.header_budget = MAX_HEADERS_TOTAL
 
     def entity(self, start: int, end: int, depth: int, default: tuple[str, str] = ("text", "plain")) -> Part:
         self.parts += 1
         hsize, body = _header_end(self.fd, start, end)
-        headers = _parse_headers(self.fd, start, hsize)
+        parsed = min(hsize, MAX_HEADER, self.header_budget)
+        self.header_budget -= parsed
+        headers = _parse_headers(self.fd, start, parsed)
         p = Part(start, hsize, body, max(0, end - body), headers)
-        ctype = _raw_get(headers, "Content-Type")
+        ctypes = p.raw_all("Content-Type")
+        ctype = ctypes[0] if ctypes else None
         if ctype is None:
             p.maintype, p.subtype = default
             p.params = [("charset", "us-ascii")] if default == ("text", "plain") else []
@@ -162,8 +184,11 @@ class _Builder:
                     if self.parts >= MAX_PARTS:
                         break
                     p.children.append(self.entity(s, e, depth + 1, child_default))
-        elif p.maintype == "message" and p.subtype in ("rfc822", "global") and depth < MAX_DEPTH:
-            p.message = self.entity(body, end, depth + 1)
+        elif p.maintype == "message" and p.subtype in ("rfc822", "global"):
+            if depth < MAX_DEPTH:
+                p.message = self.entity(body, end, depth + 1)
+            else:                               # BODYSTRUCTURE of MESSAGE/RFC822 needs the
+                p.maintype, p.subtype, p.params = "application", "octet-stream", []  # inner one
         return p
 
     def delimited(self, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
@@ -220,10 +245,22 @@ def _header_params(name: str, value: str) -> tuple[Message, list[tuple[str, str]
     return m, params
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+\Z")     # RFC 2045 5.1 token
+
+
 def _content_type(value: str) -> tuple[str, str, list[tuple[str, str]]]:
-    m, params = _header_params("Content-Type", value)
-    ctype = m.get_content_type()                # "text/plain" when malformed
+    """(maintype, subtype, params); text/plain without parameters (RFC 2045 5.2) when the
+    field is too long or the parser refuses it: the part is then a flat leaf."""
+    if len(value) > MAX_STRUCTURED_FIELD:
+        return "text", "plain", []
+    try:
+        m, params = _header_params("Content-Type", value)
+        ctype = m.get_content_type()            # "text/plain" when malformed
+    except Exception:  # noqa: BLE001 - the stdlib parser on hostile bytes: a flat part
+        return "text", "plain", []
     maintype, _, subtype = ctype.partition("/")
+    if not (_TOKEN.match(maintype) and _TOKEN.match(subtype)):
+        return "text", "plain", []              # RFC 2045 5.2: invalid syntax -> text/plain
     return maintype, subtype, params
 
 
@@ -320,12 +357,33 @@ def header_fields(fd: int, part: Part, names: tuple[str, ...], exclude: bool) ->
 Value = object
 
 
+def _comment_depth(v: str) -> int:
+    """The deepest nesting of "(" in `v` (a cheap count first: most fields have none)."""
+    if v.count("(") <= MAX_COMMENT_DEPTH:
+        return v.count("(")
+    depth = deepest = 0
+    for c in v:
+        if c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")" and depth:
+            depth -= 1
+    return deepest
+
+
 def _addresses(part: Part, name: str) -> Value:
-    values = _raw_all(part.headers, name)
+    values = [_unfold(v) for v in part.raw_all(name)]
     if not values:
         return None
+    if (sum(len(v) for v in values) > MAX_STRUCTURED_FIELD
+            or any(_comment_depth(v) > MAX_COMMENT_DEPTH for v in values)):
+        return None
+    try:
+        pairs = email.utils.getaddresses(values)
+    except Exception:  # noqa: BLE001 - the stdlib parser on hostile bytes: NIL, never a crash
+        return None
     out = []
-    for display, addr in email.utils.getaddresses([_unfold(v) for v in values]):
+    for display, addr in pairs:
         if not addr and not display:
             continue
         local, _, host = addr.rpartition("@") if "@" in addr else (addr, "", None)
@@ -335,11 +393,15 @@ def _addresses(part: Part, name: str) -> Value:
 
 
 def envelope(part: Part) -> Value:
-    frm = _addresses(part, "From")
-    return [part.header("Date"), part.header("Subject"), frm,
-            _addresses(part, "Sender") or frm, _addresses(part, "Reply-To") or frm,
-            _addresses(part, "To"), _addresses(part, "Cc"), _addresses(part, "Bcc"),
-            part.header("In-Reply-To"), part.header("Message-ID")]
+    """The ENVELOPE of `part` (RFC 9051 7.5.2), computed once per cached tree: a poison
+    message costs its address parsing once, not on every FETCH."""
+    if part.envelope is None:
+        frm = _addresses(part, "From")
+        part.envelope = [part.header("Date"), part.header("Subject"), frm,
+                         _addresses(part, "Sender") or frm, _addresses(part, "Reply-To") or frm,
+                         _addresses(part, "To"), _addresses(part, "Cc"), _addresses(part, "Bcc"),
+                         part.header("In-Reply-To"), part.header("Message-ID")]
+    return part.envelope
 
 
 def _params(params: list[tuple[str, str]]) -> Value:
@@ -350,11 +412,15 @@ def _params(params: list[tuple[str, str]]) -> Value:
 
 
 def _disposition(part: Part) -> Value:
-    v = _raw_get(part.headers, "Content-Disposition")
-    if v is None:
+    values = part.raw_all("Content-Disposition")
+    if not values:
         return None
-    m, params = _header_params("Content-Disposition", _unfold(v))
-    items = m.get_params(header="content-disposition") or []
+    v = values[0]
+    try:
+        m, params = _header_params("Content-Disposition", _unfold(v)[:MAX_STRUCTURED_FIELD])
+        items = m.get_params(header="content-disposition") or []
+    except Exception:  # noqa: BLE001 - the stdlib parser on hostile bytes: NIL
+        return None
     if not items:
         return None
     return [items[0][0], _params(params)]

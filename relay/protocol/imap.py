@@ -22,6 +22,10 @@ Bounds (every buffer is bounded):
   literal above it is refused before "+" (RFC 9051 section 4.3); a non-synchronizing one
   (LITERAL+, RFC 7888 section 3) is read and discarded without being kept, then BAD [TOOBIG]
   as RFC 7888 section 4 requires.
+- `MAX_LIST_DEPTH`, `MAX_SEARCH_DEPTH`, `MAX_SEARCH_KEYS`, `MAX_NUMBER_DIGITS`,
+  `MAX_NUMBER64_DIGITS`: the nesting of parenthesised lists, of SEARCH keys (NOT, OR, lists),
+  the number of keys in one SEARCH, and the digits of a number. Beyond them the command is
+  answered BAD [LIMIT] (RFC 9051 7.1) naming the bound; nothing recurses without a bound.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
+
+from relay.protocol.numbers import ascii_number
 
 Arg: TypeAlias = str | bytes | list["Arg"]
 
@@ -119,9 +125,27 @@ def check_state(cmd: Command, state: str) -> Reject | None:
 
 # --- the parser ----------------------------------------------------------------------------
 
-_LITERAL_RE = re.compile(rb"\{(\d{1,19})(\+?)\}$")
-_TAG_RE = re.compile(rb"^[\x21\x23\x24\x26\x27\x2c-\x5a\x5e-\x7a\x7c\x7e]+$")   # astring-char minus "+"
+_LITERAL_RE = re.compile(rb"\{(\d{1,19})(\+?)\}\Z")
+_TAG_RE = re.compile(rb"^[\x21\x23\x24\x26\x27\x2c-\x5a\x5e-\x7a\x7c\x7e]+\Z")   # astring-char minus "+"
 _NONSYNC_TAIL = 32                  # enough to see "{<19 digits>+}" at the end of a dropped line
+
+# --- bounds on arguments (RFC 9051 leaves them to the server; BAD [LIMIT] beyond them) ---------
+# Parenthesised lists nested in one command. The deepest any command needs is 3 (SEARCH lists
+# inside OR inside a list); 32 leaves room for generated searches, keeps recursion small.
+MAX_LIST_DEPTH: Final = 32
+# NOT / OR / (list) nesting in one SEARCH program: each level is a parser and a matcher frame.
+MAX_SEARCH_DEPTH: Final = 32
+# Search keys in one SEARCH: a match costs keys x messages; Dovecot-sized searches use tens.
+MAX_SEARCH_KEYS: Final = 1000
+# RFC 9051 9: number = 1*DIGIT with a 32-bit unsigned value, so at most 10 digits;
+# number64 (LARGER, SMALLER, partial offsets) is a 63-bit value: at most 19 digits.
+MAX_NUMBER_DIGITS: Final = 10
+MAX_NUMBER64_DIGITS: Final = 19
+
+
+def limit_error(what: str, bound: int) -> ImapSyntaxError:
+    """BAD [LIMIT] naming the bound that was hit."""
+    return ImapSyntaxError(f"[LIMIT] {what} (limit {bound})")
 
 
 class ImapParser:
@@ -297,6 +321,9 @@ class ImapParser:
         return Command(tag, name, tuple(rest), uid)
 
 
+_SECTION_CHARS = re.compile(rb"[\x20-\x7e]*\Z")     # inside "[...]": printable ASCII only
+
+
 def tokenize(text: bytes, lits: list[bytes] | None = None) -> list[Arg]:
     """Split command arguments: atoms (str), quoted strings and literals (bytes), lists.
     A literal's place in `text` is marked by NUL; its bytes come from `lits` in order.
@@ -310,6 +337,8 @@ def tokenize(text: bytes, lits: list[bytes] | None = None) -> list[Arg]:
             i += 1
             continue
         if c == 0x28:                          # (
+            if len(stack) > MAX_LIST_DEPTH:
+                raise limit_error("Parentheses nested too deeply", MAX_LIST_DEPTH)
             stack.append([])
             i += 1
         elif c == 0x29:                        # )
@@ -350,6 +379,8 @@ def tokenize(text: bytes, lits: list[bytes] | None = None) -> list[Arg]:
                     j = text.find(b"]", i)
                     if j < 0:
                         raise ImapSyntaxError("unterminated '['")
+                    if not _SECTION_CHARS.match(text, i, j):
+                        raise ImapSyntaxError("invalid character in section")
                     i = j + 1
                 else:
                     if text[i] < 0x20 or text[i] > 0x7E:
@@ -417,9 +448,10 @@ class SequenceSet:
 def _seq_number(s: str) -> int | None:
     if s == "*":
         return None
-    if not s.isdigit() or s[0] == "0" or int(s) > _NUM_MAX:
-        raise ImapSyntaxError(f"invalid sequence number {s!r}")
-    return int(s)
+    n = ascii_number(s, MAX_NUMBER_DIGITS)
+    if n is None or s[0] == "0" or n > _NUM_MAX:
+        raise ImapSyntaxError(f"invalid sequence number {s[:20]!r}")
+    return n
 
 
 def parse_sequence_set(s: str) -> SequenceSet:
@@ -529,18 +561,22 @@ _SIMPLE_ATTS: Final = {"UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "RFC822", 
 _MACROS: Final = {"ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
                   "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
                   "FULL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY")}
-_BODY_RE = re.compile(r"^(BODY|BODY\.PEEK)\[([^\]]*)\](?:<(\d{1,19})\.(\d{1,19})>)?$", re.IGNORECASE)
-_FIELD_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")       # RFC 5322 ftext
+_BODY_RE = re.compile(r"^(BODY|BODY\.PEEK)\[([^\]]*)\](?:<([0-9]{1,19})\.([0-9]{1,19})>)?$", re.IGNORECASE)
+# The largest MIME part number in a section ("BODY[10000]"): mimetree keeps at most 2000 parts.
+MAX_SECTION_PART: Final = 10000
+_FIELD_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+\Z")       # RFC 5322 ftext
 
 
 def parse_section(spec: str) -> Section:
     head, _, flist = spec.partition(" ")
     parts: list[int] = []
     words = head.split(".") if head else []
-    while words and words[0].isdigit():
-        if words[0].startswith("0") or int(words[0]) > 10000:
+    while words and words[0][:1].isdigit():
+        n = ascii_number(words[0], MAX_NUMBER_DIGITS)
+        if n is None or words[0].startswith("0") or n > MAX_SECTION_PART:
             raise ImapSyntaxError("invalid section part")
-        parts.append(int(words.pop(0)))
+        parts.append(n)
+        words.pop(0)
     text = ".".join(words).upper()
     if text not in ("", "HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT", "MIME"):
         raise ImapSyntaxError(f"invalid section {spec!r}")
@@ -618,11 +654,14 @@ class SearchKey:
         if op == "NONE":
             return lambda *_: False
         kids = [c.compile(max_seq, max_uid) for c in self.children]
-        if op in ("AND", "OR"):
-            f = kids[0]
-            for k in kids[1:]:
-                f = _both(f, k) if op == "AND" else _either(f, k)
-            return f
+        if op in ("AND", "OR"):                 # flat: 1000 keys are one frame, not 1000
+            if len(kids) == 1:
+                return kids[0]
+            if len(kids) == 2:
+                return _both(*kids) if op == "AND" else _either(*kids)
+            if op == "AND":
+                return lambda *a: all(k(*a) for k in kids)
+            return lambda *a: any(k(*a) for k in kids)
         if op == "NOT":
             kid = kids[0]
             return lambda *a: not kid(*a)
@@ -677,7 +716,7 @@ _MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
 
 def parse_date(s: str) -> int:
     """RFC 9051 date "1-Feb-1994" -> days since the epoch (UTC)."""
-    m = re.fullmatch(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})", s)
+    m = re.fullmatch(r"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})", s)
     if not m or m.group(2).capitalize() not in _MONTHS:
         raise ImapSyntaxError(f"invalid date {s!r}")
     month = _MONTHS.index(m.group(2).capitalize()) + 1
@@ -692,6 +731,13 @@ def parse_date(s: str) -> int:
 
 
 def parse_search(args: tuple[Arg, ...] | list[Arg]) -> SearchKey:
+    """A SEARCH program -> SearchKey. Nesting (NOT, OR, lists) is bounded by MAX_SEARCH_DEPTH
+    and the number of keys by MAX_SEARCH_KEYS: beyond them ImapSyntaxError("[LIMIT] ...")."""
+    count = [0]
+    return _parse_search(args, 0, count)
+
+
+def _parse_search(args: tuple[Arg, ...] | list[Arg], depth: int, count: list[int]) -> SearchKey:
     items = list(args)
     if len(items) >= 2 and isinstance(items[0], str) and items[0].upper() == "CHARSET":
         cs = astring(items[1]).upper()
@@ -702,16 +748,21 @@ def parse_search(args: tuple[Arg, ...] | list[Arg]) -> SearchKey:
         raise ImapSyntaxError("SEARCH needs a search key")
     pos = 0
 
-    def one() -> SearchKey:
+    def one(level: int) -> SearchKey:
         nonlocal pos
         if pos >= len(items):
             raise ImapSyntaxError("search key expected")
+        if level > MAX_SEARCH_DEPTH:
+            raise limit_error("Search keys nested too deeply", MAX_SEARCH_DEPTH)
+        count[0] += 1
+        if count[0] > MAX_SEARCH_KEYS:
+            raise limit_error("Too many search keys", MAX_SEARCH_KEYS)
         it = items[pos]
         pos += 1
         if isinstance(it, list):
             if not it:
                 raise ImapSyntaxError("empty search list")
-            return parse_search(it)
+            return _parse_search(it, level + 1, count)
         word = astring(it)
         up = word.upper()
 
@@ -740,36 +791,38 @@ def parse_search(args: tuple[Arg, ...] | list[Arg]) -> SearchKey:
         if up in ("SINCE", "BEFORE", "ON"):
             return SearchKey(up, parse_date(arg()))
         if up in ("LARGER", "SMALLER"):
-            a = arg()
-            if not a.isdigit():
-                raise ImapSyntaxError(f"{up} needs a number")
-            return SearchKey(up, int(a))
+            n = ascii_number(arg(), MAX_NUMBER64_DIGITS)
+            if n is None:
+                raise ImapSyntaxError(f"{up} needs a number of 1 to {MAX_NUMBER64_DIGITS} digits")
+            return SearchKey(up, n)
         if up == "UID":
             return SearchKey("UID", parse_sequence_set(arg()))
         if up == "NOT":
-            return SearchKey("NOT", None, (one(),))
+            return SearchKey("NOT", None, (one(level + 1),))
         if up == "OR":
-            left = one()
-            return SearchKey("OR", None, (left, one()))
+            left = one(level + 1)
+            return SearchKey("OR", None, (left, one(level + 1)))
         if up[:1].isdigit() or up[:1] == "*":
             return SearchKey("SEQ", parse_sequence_set(word))
         raise ImapSyntaxError(f"unsupported search key {word}")
 
     keys = []
     while pos < len(items):
-        keys.append(one())
+        keys.append(one(depth))
     return keys[0] if len(keys) == 1 else SearchKey("AND", None, tuple(keys))
 
 
 # --- response formatting -------------------------------------------------------------------
 
-_QUOTABLE = re.compile(rb"^[\x01-\x09\x0b\x0c\x0e-\x7f]*$")
+_QUOTABLE = re.compile(rb"^[\x01-\x09\x0b\x0c\x0e-\x7f]*\Z")
 
 
 def quote(s: str | bytes) -> bytes:
     """A string as IMAP quoted string, or as literal when it holds CR, LF, NUL or 8-bit.
     A str may carry surrogate escapes (8-bit header bytes as parsed): they become those bytes."""
     b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s
+    if b"\0" in b:                              # RFC 9051 4.3: no NUL even in a literal;
+        b = b.replace(b"\0", b"\x80")           # Dovecot sends 0x80 in its place
     if len(b) < 1024 and _QUOTABLE.match(b):
         return b'"' + b.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return literal_header(len(b)) + b

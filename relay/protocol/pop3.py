@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from relay.auth import AuthError, decode_plain
+from relay.protocol.numbers import ascii_number
 
 # RFC 2449 4: "The maximum length of a command line is 255 octets, including the terminating
 # CRLF." Longer lines are answered -ERR and discarded up to the next line end.
@@ -39,6 +40,9 @@ MAX_LINE: Final = 255
 # SASL client responses after "+ " are base64 lines the RFC does not bound. Ours: 4096 octets,
 # room for a PLAIN response with ~3000 octets of credentials.
 MAX_AUTH_LINE: Final = 4096
+# RFC 1939 5: msg and n (TOP) are decimal numbers. A maildrop never holds 10^9 messages, and a
+# TOP line count of 10^9 is "all of them": 9 ASCII digits; more, or "²", gets -ERR.
+MAX_NUMBER_DIGITS: Final = 9
 
 TERMINATOR: Final = b".\r\n"
 CRLF: Final = b"\r\n"
@@ -149,6 +153,13 @@ class Message:
     """One maildrop entry, fixed at login."""
     uid: int
     size: int
+
+
+def _digits_hint(arg: str) -> str:
+    """Names the bound when a number failed only by its length."""
+    if arg.isascii() and arg.isdigit():
+        return f" (at most {MAX_NUMBER_DIGITS} digits)"
+    return ""
 
 
 def ok(text: str) -> bytes:
@@ -310,7 +321,7 @@ class Pop3Connection:
         except UnicodeDecodeError:
             return Respond(err("Command is not valid UTF-8"))
         keyword, _, rest = text.partition(" ")
-        keyword = keyword.upper()
+        keyword = keyword.upper() if keyword.isascii() else "?"   # "ſtat".upper() == "STAT"
         states = COMMANDS.get(keyword)
         if states is None:
             return Respond(err(f"Unknown command: {keyword[:8]!r}" if keyword else "Empty command"))
@@ -409,9 +420,9 @@ class Pop3Connection:
 
     def _msgno(self, arg: str) -> int | Respond:
         """A live message number, or the -ERR to send."""
-        if not arg.isdigit() or len(arg) > 9:
-            return Respond(err(f"Invalid message number {arg[:12]!r}"))
-        n = int(arg)
+        n = ascii_number(arg, MAX_NUMBER_DIGITS)
+        if n is None:
+            return Respond(err(f"Invalid message number {arg[:12]!r}{_digits_hint(arg)}"))
         if not 1 <= n <= len(self._messages):
             return Respond(err(f"No such message: {n}"))
         if n in self._deleted:
@@ -460,10 +471,11 @@ class Pop3Connection:
         n = self._msgno(args[0])
         if isinstance(n, Respond):
             return n
-        if not args[1].isdigit() or len(args[1]) > 9:
-            return Respond(err(f"Invalid line count {args[1][:12]!r}"))
+        lines = ascii_number(args[1], MAX_NUMBER_DIGITS)
+        if lines is None:
+            return Respond(err(f"Invalid line count {args[1][:12]!r}{_digits_hint(args[1])}"))
         m = self._messages[n - 1]
-        return Retrieve(n, m.uid, m.size, int(args[1]), ok("Top of message follows"))
+        return Retrieve(n, m.uid, m.size, lines, ok("Top of message follows"))
 
     def _cmd_dele(self, args: list[str]) -> Event:
         if len(args) != 1:

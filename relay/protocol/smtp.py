@@ -31,6 +31,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from relay.protocol.numbers import ascii_number
+
 # --- bounds ------------------------------------------------------------------------------
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets including the CRLF.
 MAX_COMMAND_LINE = 512
@@ -42,6 +44,11 @@ MAX_PARAM_LINE = 1024
 # also the most we ever buffer for one line; a longer "line" gets 500 5.5.2 at once and its
 # rest is discarded as it arrives.
 MAX_AUTH_LINE = 12288
+# RFC 1870 5: size-value ::= 1*20DIGIT. More digits, or a non-ASCII digit ("SIZE=²"), is a
+# syntax error (501 5.5.4), never int() of it.
+MAX_SIZE_DIGITS = 20
+# RFC 3030 2: chunk-size ::= 1*DIGIT; 19 digits hold any 63-bit size (the BDAT regex).
+MAX_BDAT_DIGITS = 19
 
 CR, LF, DOT = 13, 10, 46
 
@@ -257,15 +264,22 @@ _LINE_STATES = {State.START, State.GREETED, State.MAIL, State.RCPT, State.BDAT_T
                 State.AUTH_PLAIN, State.AUTH_LOGIN_USER, State.AUTH_LOGIN_PASS}
 
 _PATH_RE = re.compile(r"^(FROM|TO):\s*<([^<>]*)>(.*)$", re.IGNORECASE | re.DOTALL)
-_BDAT_RE = re.compile(r"^(\d{1,19})(?:\s+(LAST))?\s*$", re.IGNORECASE)
-_B64_RE = re.compile(rb"^[A-Za-z0-9+/]*={0,2}$")
+_BDAT_RE = re.compile(rf"^([0-9]{{1,{MAX_BDAT_DIGITS}}})(?:[ \t]+(LAST))?[ \t]*$", re.IGNORECASE)
+_B64_RE = re.compile(rb"^[A-Za-z0-9+/]*={0,2}\Z")
 _CR_VIEW = memoryview(b"\r")
 
 
+# RFC 5321 4.1.2: a Mailbox holds no control characters (atext, qtextSMTP and quoted-pairSMTP
+# are %d32-126, and UTF-8 beyond them with SMTPUTF8, RFC 6531 3.3); NUL, CR, LF, TAB, DEL or
+# any other C0/C1 control in an address is refused with 501 (5.1.7 sender, 5.1.3 recipient).
+_CONTROL_RE = re.compile("[\x00-\x20\x7f-\x9f]")
+
+
 def _check_address(addr: str) -> bool:
-    """A mailbox local@domain (RFC 5321 4.1.2, checked loosely: the store decides the rest)."""
+    """A mailbox local@domain (RFC 5321 4.1.2, checked loosely: the store decides the rest);
+    no space or control character anywhere."""
     local, at, domain = addr.rpartition("@")
-    return bool(at and local and domain) and not any(c in addr for c in " \t\r\n")
+    return bool(at and local and domain) and _CONTROL_RE.search(addr) is None
 
 
 class SmtpConnection:
@@ -433,7 +447,7 @@ class SmtpConnection:
         except UnicodeDecodeError:
             return self._error(R_BAD_UTF8)
         verb, _, arg = line.partition(" ")
-        verb = verb.upper()
+        verb = verb.upper() if verb.isascii() else "?"      # "quıt".upper() == "QUIT"
         arg = arg.strip()
         limit = (MAX_AUTH_LINE if verb == "AUTH" else MAX_PARAM_LINE if verb in ("MAIL", "RCPT")
                  else MAX_COMMAND_LINE)
@@ -527,15 +541,15 @@ class SmtpConnection:
         m = _PATH_RE.match(arg)
         if not m or m.group(1).upper() != "FROM":
             return self._error(R_SYNTAX)
-        address, params = m.group(2).strip(), m.group(3).split()
+        address, params = m.group(2).strip(" "), m.group(3).split()
         size: int | None = None
         body: str | None = None
         smtputf8 = False
         for p in params:
             key, eq, value = p.partition("=")
             key = key.upper()
-            if key == "SIZE" and eq and value.isdigit() and len(value) <= 20:
-                size = int(value)
+            if key == "SIZE" and eq and (n := ascii_number(value, MAX_SIZE_DIGITS)) is not None:
+                size = n
             elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME", "BINARYMIME"):
                 body = value.upper()
             elif key == "SMTPUTF8" and not eq:
@@ -558,7 +572,7 @@ class SmtpConnection:
         m = _PATH_RE.match(arg)
         if not m or m.group(1).upper() != "TO":
             return self._error(R_SYNTAX)
-        address, params = m.group(2).strip(), m.group(3).split()
+        address, params = m.group(2).strip(" "), m.group(3).split()
         if params:
             return self._error(R_BAD_PARAM)
         if address.lower() != "postmaster" and not _check_address(address):
