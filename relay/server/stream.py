@@ -9,9 +9,9 @@ chunks per session whatever the message size.
   goes on once the transport's buffer is empty again (bytes never overtake each other).
 - Otherwise (TLS, a body without a descriptor, or POP3's dot-stuffing): CHUNK-sized reads,
   one chunk read ahead of the one being written. With a descriptor the read is an os.pread in
-  the streamer's own small thread pool (file reads never queue behind argon2), and the
-  dot-stuffing of that chunk is done in the same job, so it overlaps the loop's socket writes;
-  without one, `body.read()` (the store's async read), then the stuffing in the pool.
+  the streamer's own small thread pool (file reads never queue behind argon2); without one,
+  `body.read()` (the store's async read). Dot-stuffing runs on the loop as each chunk
+  arrives (in a thread it would hold the GIL all the same).
 - Writes go through the connection's FlowControl: `wait_writable()` after each chunk (the
   transport's high-water mark bounds what is queued; a peer that reads nothing for `timeout`
   seconds gets TimeoutError).
@@ -194,21 +194,17 @@ async def _copy(body: BodySource, flow: FlowControl, offset: int, count: int, do
     transform, stuffer, top = _transform(dot_stuff, top_lines)
     end = offset + count
 
-    def job(at: int, n: int) -> tuple[int, bytes]:
-        assert fd is not None
-        data = os.pread(fd, n, at)
-        return len(data), (transform(data) if transform is not None and data else data)
-
     async def produce(at: int) -> tuple[int, bytes]:
         n = min(chunk, end - at)
         if n <= 0:
             return 0, b""
         if fd is not None:
-            return await loop.run_in_executor(pool, job, at, n)
-        data = await body.read(at, n)
-        if transform is not None and data:
-            return len(data), await loop.run_in_executor(pool, transform, data)
-        return len(data), data
+            data = await loop.run_in_executor(pool, os.pread, fd, n, at)
+        else:
+            data = await body.read(at, n)
+        # stuffed here, on the loop: in the pool it would hold the GIL just the same, and the
+        # hand-offs cost more CPU than they save (docs/decisions.md)
+        return len(data), (transform(data) if transform is not None and data else data)
 
     pending: asyncio.Future[tuple[int, bytes]] | None = asyncio.ensure_future(produce(offset))
     wire = fed = 0
