@@ -6,7 +6,8 @@ waits `failure_delay x 2^(failures - 1)` seconds, at most `failure_delay_max`, *
 password is checked. Attempts waiting at the same time take turns: each one reserves the next
 slot, so 48 parallel connections from one address guess at the penalty rate, not 48 times
 it, and argon2 (on its own small pool, relay/store/accounts.py) is never flooded. An attempt
-whose turn is more than MAX_WAIT away is answered "try again later" at once, unchecked. A
+whose turn is more than MAX_WAIT away is answered "try again later" unchecked, after
+`failure_delay_max` (hammering gains nothing). A
 successful login clears the address and the account. A session is closed after
 MAX_FAILURES_PER_SESSION failures (SMTP 421 4.7.0, IMAP BYE, POP3 -ERR).
 
@@ -122,14 +123,16 @@ class LoginPenalty:
         """Wait this client's and account's turn, check the password, count the outcome."""
         keys = self._keys(peer, user)
         wait = self._turn(keys)
-        if wait is None:
+        if wait is None:                      # answered no sooner than a full penalty: a
+            await self.sleep(self.maximum)    # guesser gains nothing from hammering
             return self._refuse(protocol, peer, user, sid, "penalty")
         if wait > 0:
             self._delayed += wait
             await self.sleep(wait)
         try:
             ok = await self._verify(user, password)
-        except KdfBusy:
+        except KdfBusy:                       # as above: not answered sooner than a penalty
+            await self.sleep(self.maximum)
             return self._refuse(protocol, peer, user, sid, "kdf-busy")
         except StoreError as e:      # malformed address, account removed meanwhile: a failure
             log.info("login-error", protocol=protocol, sid=sid, error=type(e).__name__)

@@ -45,9 +45,11 @@ _weak_hasher = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, 
 # 4.2 s and took RSS to 450 MiB with argon2 on the default pool). Two threads: argon2 already
 # computes its 4 lanes in parallel, and each hash holds 64 MiB while it runs.
 KDF_THREADS = 2
-# Checks waiting for a thread at most (~0.06 s each on two threads): beyond, a login is
-# answered "try again later" unchecked (KdfBusy) rather than queueing without bound.
-KDF_QUEUE = 32
+# Checks waiting for a thread at most (~0.06 s each on two threads: half a second of hashing
+# that competes with deliveries for the CPU): beyond, a login is answered "try again later"
+# unchecked (KdfBusy) rather than queueing without bound. Receivers that poll hit the
+# credential cache and never queue here.
+KDF_QUEUE = 8
 _kdf_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _kdf_pending = 0
 
