@@ -4,9 +4,10 @@
   -ERR [IN-USE]. The maildrop is the snapshot `mailbox.messages()` taken at login.
 - DELE only marks; QUIT in TRANSACTION enters UPDATE and removes the marked messages through
   `mailbox.expunge` (which frees quota). A dropped connection or an idle timeout removes nothing.
-- RETR streams the file: 1 MiB preads (the next one read in a thread while the current one is
-  being sent), dot-stuffed by `DotStuffer`, written with flow control (`drain()` after each
-  chunk, a bounded write buffer). Server memory is a few MiB per session whatever the size.
+- RETR and TOP stream the file through relay/server/stream.py `send_body(dot_stuff=True)`:
+  1 MiB preads, each dot-stuffed in the streamer's pool while the previous one is being sent,
+  written with the session's FlowControl (relay/server/flow.py: a bounded write buffer,
+  `wait_writable()`). Server memory is a few MiB per session whatever the size.
 - STLS (RFC 2595) via StreamWriter.start_tls; implicit TLS listeners get the TLS context at bind.
 - Counters: `relay.pop3.statistics()` -> Pop3Stats (messages/bytes fetched, fetch
   durations, logins), read by relay/metrics.py.
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import ssl
@@ -28,16 +28,16 @@ from relay.log import get_logger
 from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.protocol import pop3 as proto
 from relay.policy.penalty import MAX_FAILURES_PER_SESSION, Verdict
+from relay.server.flow import FlowControl
 from relay.server.listener import Session, create_stream_servers
 from relay.server.pressure import RECHECK_SECONDS
+from relay.server.stream import CHUNK, FileBody, send_body
 from relay.store import StoreError
 
 log = get_logger("pop3")
 
-RETR_CHUNK = 1024 * 1024          # pread size for RETR (FACTS: big chunks, few syscalls)
-TOP_CHUNK = 64 * 1024             # TOP reads only as far as the header and n lines reach
 READ_SIZE = 4096                  # commands are short (255 octets, RFC 2449 4)
-WRITE_HIGH_WATER = 2 * RETR_CHUNK  # transport buffer bound before drain() waits
+WRITE_HIGH_WATER = 2 * CHUNK      # transport buffer bound before wait_writable() waits
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class Pop3Session:
         self.relay = relay
         self.store = relay.store
         self.reader, self.writer = reader, writer
+        self.flow = FlowControl(writer.transport, drain=writer.drain)
         self.ssl_ctx = ssl_ctx
         self.stats = service(relay)
         peer = writer.get_extra_info("peername")
@@ -193,17 +194,13 @@ class Pop3Session:
 
     def _out(self, data: bytes) -> None:
         """Write; a transport closed by the peer (RST) or by shutdown is a lost connection
-        (uvloop refuses the write with RuntimeError, which would read as a server error)."""
-        if self.writer.transport.is_closing():
-            raise ConnectionResetError("connection closed")
-        self.writer.write(data)
+        (flow.write raises ConnectionResetError)."""
+        self.flow.write(data)
 
     async def _drain(self) -> None:
         """Wait until the transport is below its high-water mark; a client that reads nothing
         for the idle timeout is dropped."""
-        if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER // 2:
-            async with asyncio.timeout(self.relay.config.pop3.idle_timeout):
-                await self.writer.drain()
+        await self.flow.wait_writable(self.relay.config.pop3.idle_timeout)
 
     async def _loop(self) -> str:
         conn = self.conn
@@ -269,6 +266,8 @@ class Pop3Session:
             assert self.ssl_ctx is not None
             self.writer.write(ev.reply)
             await self.writer.start_tls(self.ssl_ctx)
+            self.flow.set_transport(self.writer.transport)
+            self.writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
             conn.tls_started()
         elif isinstance(ev, proto.Quit):
             await self._write(await self._update(ev))
@@ -342,35 +341,25 @@ class Pop3Session:
             self._out(proto.err(f"Message {ev.msgno} is no longer available", "SYS/PERM"))
             return
         started = time.monotonic()
-        stuffer = proto.DotStuffer()
-        top = proto.TopFilter(ev.top_lines) if ev.top_lines is not None else None
-        reader = _Prefetcher(fd, RETR_CHUNK if top is None else TOP_CHUNK)
         try:
             self._out(ev.head)
             self._in_response = True
-            while True:
-                data = await reader.next()
-                if not data:
-                    break
-                if top is not None:
-                    data = top.feed(data)
-                self.sent += len(data)
-                self.stats.fetched_bytes += len(data)
-                self._out(stuffer.feed(data))
-                await self._drain()
-                if top is not None and top.done:
-                    break
-            self._out(stuffer.finish())
+            await send_body(FileBody(fd), self.flow, dot_stuff=True, top_lines=ev.top_lines,
+                            timeout=self.relay.config.pop3.idle_timeout, progress=self._count)
             self._in_response = False
         finally:
-            reader.close()
-        if top is None:
+            os.close(fd)
+        if ev.top_lines is None:
             self.stats.messages_fetched += 1
             self.stats.fetch_duration.observe(time.monotonic() - started)
             try:
                 self.mailbox.note_fetched(ev.uid)
             except Exception as e:  # bookkeeping must not break the session
                 log.error("note_fetched_failed", sid=self.sid, uid=ev.uid, exc_info=e)
+
+    def _count(self, n: int) -> None:
+        self.sent += n
+        self.stats.fetched_bytes += n
 
     # --- UPDATE ------------------------------------------------------------------------
     async def _update(self, ev: proto.Quit) -> bytes:
@@ -396,47 +385,3 @@ class Pop3Session:
 _SESSION_ENDS = (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError)
 _VERBS = {proto.Authenticate: "AUTH", proto.Retrieve: "RETR", proto.Quit: "QUIT",
           proto.StartTls: "STLS", proto.Respond: "-"}
-
-
-class _Prefetcher:
-    """Reads a file chunk by chunk in a small pool of its own, one chunk ahead of the sender, so
-    that disk reads overlap the socket writes and never block the loop. The fd is closed when
-    the last read in flight has finished (never under a running pread)."""
-
-    def __init__(self, fd: int, chunk: int) -> None:
-        self._fd, self._chunk, self._offset = fd, chunk, 0
-        self._loop = asyncio.get_running_loop()
-        self._inflight: concurrent.futures.Future[bytes] | None = None
-        self._submit()
-
-    def _submit(self) -> None:
-        executor = _executor()
-        self._inflight = executor.submit(os.pread, self._fd, self._chunk, self._offset)
-
-    async def next(self) -> bytes:
-        assert self._inflight is not None
-        data = await asyncio.wrap_future(self._inflight, loop=self._loop)
-        self._offset += len(data)
-        if data:
-            self._submit()
-        else:
-            self._inflight = None
-        return data
-
-    def close(self) -> None:
-        fd, inflight, self._inflight = self._fd, self._inflight, None
-        if inflight is None:
-            os.close(fd)
-        else:
-            inflight.add_done_callback(lambda _f: os.close(fd))
-
-
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    """A small pool of our own: file reads must not queue behind argon2 hashing."""
-    global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pop3-read")
-    return _pool

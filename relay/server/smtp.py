@@ -25,6 +25,7 @@ from relay.policy.backpressure import R_DISK_LOW
 from relay.policy.penalty import MAX_FAILURES_PER_SESSION, Verdict
 from relay.protocol import smtp as P
 from relay.protocol.smtp import NEED_DATA, PAUSED, Reply
+from relay.server.flow import PACE, TASK, WRITE, FlowControl
 from relay.server.listener import Session, create_servers
 from relay.server.pressure import RECHECK_SECONDS, Deadline
 from relay.store import (
@@ -150,7 +151,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.peer = ""
         self.msg: _Message | None = None
         self._lent: tuple[bytearray, memoryview] | None = None   # the read buffer, during a read
-        self._paused: set[str] = set()        # reasons reading is paused: "task", "pace", "write"
+        self.flow = FlowControl(None)         # reading paused by reason: TASK, PACE, WRITE
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = Deadline(self.loop.time)
@@ -164,6 +165,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     # --- connection ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.flow.set_transport(transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         c = self.config.smtp
@@ -189,6 +191,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._request_started()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.flow.connection_lost()
         if self._timer is not None:
             self._timer.cancel()
         self._return_buffer()
@@ -244,25 +247,21 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     # --- flow control ----------------------------------------------------------------------
     def _pause(self, reason: str) -> None:
-        if not self._paused and self.transport is not None:
-            self.transport.pause_reading()
-        self._paused.add(reason)
+        self.flow.pause_reading(reason)
 
     def _resume(self, reason: str) -> None:
-        if reason not in self._paused:
-            return
-        self._paused.discard(reason)
-        if not self._paused and self.transport is not None and not self.transport.is_closing():
+        if self.flow.resume_reading(reason):
             self._request_started()           # our pause is not the client's time
-            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         """Replies waiting in the transport passed its high-water mark (a client that
         pipelines commands but reads no replies): stop reading until they drain."""
-        self._pause("write")
+        self.flow.pause_writing()
+        self._pause(WRITE)
 
     def resume_writing(self) -> None:
-        self._resume("write")
+        self.flow.resume_writing()
+        self._resume(WRITE)
 
     def _request_started(self) -> None:
         """The client's turn begins (a command was answered, reading resumed): the deadline of
@@ -301,7 +300,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._timer = None
         if self.conn is None or self.conn.closed:
             return
-        if self._paused - {"write"} or self._task is not None:   # our turn (commit, pacing)
+        if self.flow.paused_reasons - {WRITE} or self._task is not None:   # our turn (commit, pacing)
             self._request_started()
             return
         if not self.conn.in_message:
@@ -310,7 +309,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._arm_timer()
             return
         self._outcome = "timeout"
-        if "write" in self._paused and self.transport is not None:
+        if WRITE in self.flow.paused_reasons and self.transport is not None:
             self.transport.abort()            # it reads nothing: a 421 would never leave
             return
         self.conn.close_with(Reply(421, "4.4.2", f"{self.config.hostname} Timeout, closing"))
@@ -416,8 +415,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if written and self.msg is not None and self.msg.pacer is not None:
             delay = self.msg.pacer.on_data(written)
             if delay > 0:
-                self._pause("pace")
-                self.loop.call_later(delay, self._resume, "pace")
+                self._pause(PACE)
+                self.loop.call_later(delay, self._resume, PACE)
         if self._task is None and not conn.closed:
             if commands:
                 self._request_started()
@@ -428,7 +427,7 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _spawn(self, coro: Any, verb: str) -> None:
         """Run an awaitable step with reading paused; then go on with buffered input. The
         step is never cancelled: a commit that started completes (nothing half-stored)."""
-        self._pause("task")
+        self._pause(TASK)
         if self.session is not None:
             self.session.idle_since = None
         self._task = self.loop.create_task(self._run(coro, verb))
@@ -448,7 +447,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self._untrusted(e)
             return
         if self._task is None:
-            self._resume("task")
+            self._resume(TASK)
         self._close_if_idle()
 
     # --- events ----------------------------------------------------------------------------
@@ -710,7 +709,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             self.transport.close()
             return
         self.conn.tls_started()
-        self.transport.pause_reading()        # the new transport reads at once; "task" holds
+        self.flow.set_transport(self.transport)   # it reads at once; TASK holds (paused again)
 
     @property
     def _sid(self) -> str:
