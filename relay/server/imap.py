@@ -7,10 +7,10 @@ mailbox, set flags, expunge, open a message and send byte ranges of it, wait in 
 - One INBOX per account (`store.mailbox(address)`). The store's listing is given to the
   connection on SELECT, NOOP, CHECK, UID commands and during IDLE; its flags are the
   connection's (FLAG_LETTERS) as they are.
-- Literal message bytes go from the file to the socket without being held: on a plain TCP
-  connection with os.sendfile while the socket takes them (zero copy), otherwise (TLS, or the
-  socket is full) 1 MiB preads written with flow control (write buffer bound + drain). Server
-  memory does not depend on message size; a partial FETCH reads only its range.
+- Literal message bytes go from the file to the socket without being held, through the body
+  streamer (relay/server/stream.py: os.sendfile on plain TCP, 1 MiB preads otherwise) and the
+  session's FlowControl (relay/server/flow.py: a bounded write buffer). Server memory does not
+  depend on message size; a partial FETCH reads only its range.
 - IDLE (RFC 2177): store.subscribe pushes "new"/"expunge" at once; the connection sends
   EXISTS/EXPUNGE. Autologout after imap.idle_timeout (RFC 9051 5.4: at least 30 min).
 - STARTTLS via StreamWriter.start_tls; bytes pipelined after STARTTLS are refused (RFC 9051
@@ -36,18 +36,17 @@ from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.policy.penalty import MAX_FAILURES_PER_SESSION, Verdict
 from relay.protocol import imap as proto
 from relay.protocol.imap import NEED_DATA, SELECTED, untagged
+from relay.server.flow import FlowControl
 from relay.server.listener import Session, create_stream_servers
 from relay.server.pressure import RECHECK_SECONDS
+from relay.server.stream import FileBody, send_body
 from relay.store import StoreError, normalize_address
 
 log = get_logger("imap")
 
-CHUNK = 1024 * 1024               # pread size when sendfile cannot be used
-SENDFILE_MAX = 16 * 1024 * 1024   # one os.sendfile call at most
 INLINE_SCAN = 1024 * 1024         # MIME structure of files up to this size is parsed on the loop
-WAKE_CHUNK = 64 * 1024            # sent through the transport when sendfile finds the socket full
 READ_SIZE = 64 * 1024
-WRITE_HIGH_WATER = 2 * CHUNK      # transport buffer bound before drain() waits
+WRITE_HIGH_WATER = 2 * 1024 * 1024   # transport buffer bound: two streamer chunks, then we wait
 IDLE_POLL = 30.0                  # IDLE also re-reads the index this often (changes by other processes)
 _ADD_SEEN = proto.StoreRequest("+", True, proto.FLAG_LETTERS["\\Seen"])
 
@@ -164,6 +163,7 @@ class ImapSession:
                  ssl_ctx: ssl.SSLContext | None, implicit_tls: bool) -> None:
         self.relay, self.store, self.config = relay, relay.store, relay.config
         self.reader, self.writer = reader, writer
+        self.flow = FlowControl(writer.transport, drain=writer.drain)
         self.ssl_ctx = ssl_ctx
         self.stats = counters(relay)
         peer = writer.get_extra_info("peername")
@@ -196,24 +196,17 @@ class ImapSession:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        if self.writer.transport.is_closing():
-            # a transport closed by the peer (RST) or by shutdown refuses writes with
-            # RuntimeError under uvloop; that is a lost connection, not a server error
-            raise ConnectionResetError("connection closed")
+        self.flow.write(data)                 # ConnectionResetError when the transport closed
         self.sent += len(data)
-        self.writer.write(data)
         self._line_open = not data.endswith(b"\r\n")
 
     def write_buffer_size(self) -> int:
         return self.writer.transport.get_write_buffer_size()
 
     async def flush(self) -> None:
-        """drain(), but a client that stops reading for idle_timeout is dropped (bounded
-        memory either way: nothing more is produced while the buffer is full)."""
-        if self.writer.transport.get_write_buffer_size():
-            await asyncio.wait_for(self.writer.drain(), self.config.imap.idle_timeout)
-        else:
-            await self.writer.drain()
+        """Wait while the write buffer is above its bound; a client that stops reading for
+        idle_timeout is dropped (nothing more is produced while the buffer is full)."""
+        await self.flow.wait_writable(self.config.imap.idle_timeout)
 
     def _start_read(self) -> asyncio.Task[bytes]:
         if self._pending_read is None:
@@ -464,6 +457,7 @@ class ImapSession:
         self.write(self.conn.starttls_accepted())
         await self.flush()
         await self.writer.start_tls(self.ssl_ctx)
+        self.flow.set_transport(self.writer.transport)
         self.conn.tls_started()
 
     async def _open_mailbox(self) -> None:
@@ -590,51 +584,7 @@ class ImapSession:
     # --- streaming -------------------------------------------------------------------------
 
     async def send_file(self, fd: int, offset: int, count: int) -> None:
-        """`count` bytes of the file from `offset` to the client, never holding more than one
-        chunk: os.sendfile on plain TCP while the socket accepts data (the transport's buffer
-        empty, so order is kept), else a pread chunk through the transport and drain()."""
-        sock = None if self.conn.tls_active else self.writer.get_extra_info("socket")
-        sockfd = sock.fileno() if sock is not None else -1
-        transport = self.writer.transport
+        """`count` bytes of the open message from `offset`, by the body streamer."""
         self.stats.fetched_bytes += count
         self.sent += count
-        while count > 0:
-            if sockfd >= 0 and transport.get_write_buffer_size() == 0:
-                try:
-                    n = os.sendfile(sockfd, fd, offset, min(count, SENDFILE_MAX))
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                except (BrokenPipeError, ConnectionResetError):
-                    raise                           # the client went away
-                except OSError:
-                    sockfd = -1                     # not a socket sendfile can use: pread from now
-                    n = 0
-                if n > 0:
-                    offset += n
-                    count -= n
-                    continue
-            # TLS: the whole chunk; plain TCP with a full socket: a small piece through the
-            # transport, which waits for the socket to drain, then sendfile again
-            data = os.pread(fd, min(CHUNK if sockfd < 0 else WAKE_CHUNK, count), offset)
-            if not data:
-                raise OSError(f"message file shorter than expected at {offset}")
-            if transport.is_closing():
-                raise ConnectionResetError("connection closed")
-            self.writer.write(data)
-            offset += len(data)
-            count -= len(data)
-            if sockfd >= 0:
-                await asyncio.wait_for(self._wait_flushed(), self.config.imap.idle_timeout)
-            else:
-                await self.flush()
-
-    async def _wait_flushed(self) -> None:
-        """Wait until the transport has sent everything (then os.sendfile may go on): with a
-        high-water mark of 0, drain() returns only once the buffer is empty."""
-        transport = self.writer.transport
-        transport.set_write_buffer_limits(high=0, low=0)
-        try:
-            await self.writer.drain()
-        finally:
-            if not transport.is_closing():
-                transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        await send_body(FileBody(fd), self.flow, offset, count, timeout=self.config.imap.idle_timeout)
