@@ -189,3 +189,19 @@ def test_shutdown_says_bye_to_idle_sessions(relay_factory: Any) -> None:
     assert c.line() == b"* BYE Server shutting down"
     with pytest.raises(ConnectionError):
         c.line()
+
+
+def test_starttls_refuses_plaintext_waiting_behind_a_full_read(tls_relay: tuple[Any, ssl.SSLContext]) -> None:
+    """STARTTLS as the last line of the server's 64 KiB read: the bytes behind it are still in
+    the server's reader, not in the protocol's buffer, and are refused all the same."""
+    from relay.server.imap import READ_SIZE
+
+    r, _ = tls_relay
+    c = Raw(r.imap_port)
+    first = b"a NOOP " + b"x" * (READ_SIZE - len(b"a NOOP \r\nb STARTTLS\r\n")) + b"\r\n"
+    c.send(first + b"b STARTTLS\r\n" + b"c LOGIN alice@example.test secret\r\n")
+    assert c.line() == b"a OK NOOP completed"
+    assert c.line() == b"b BAD Nothing may follow STARTTLS before the handshake"
+    assert c.line() == b"* BYE Command injection refused"
+    with pytest.raises(ConnectionError):
+        c.line()

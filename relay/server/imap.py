@@ -104,9 +104,10 @@ class _Closed(Exception):
 
 
 class _Bye(Exception):
-    """End the session with "* BYE <text>"; `outcome` is the session log's/registry's word."""
+    """End the session with "* BYE <text>" (None: said already); `outcome` is the session
+    log's/registry's word."""
 
-    def __init__(self, text: str, outcome: str = "timeout") -> None:
+    def __init__(self, text: str | None, outcome: str = "timeout") -> None:
         super().__init__(text)
         self.text = text
         self.outcome = outcome
@@ -289,7 +290,8 @@ class ImapSession:
         except _Bye as e:
             outcome = e.outcome
             with contextlib.suppress(Exception):
-                self.write(untagged(f"BYE {e.text}"))
+                if e.text is not None:
+                    self.write(untagged(f"BYE {e.text}"))
                 await asyncio.wait_for(self.flush(), 5)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as e:
             log.info("connection_lost", sid=self.sid, error=type(e).__name__)
@@ -451,8 +453,8 @@ class ImapSession:
 
     async def _starttls(self) -> None:
         if await self._more_was_sent():
-            self.write(self.conn.starttls_refused())
-            raise _Bye("Command injection refused", "protocol_error") from None
+            self.write(self.conn.starttls_refused())          # BAD, then BYE
+            raise _Bye(None, "protocol_error")
         assert self.ssl_ctx is not None
         self.write(self.conn.starttls_accepted())
         await self.flush()
