@@ -223,13 +223,14 @@ class Keyring:
         return None
 
 
-def generate_key(home: Path, uid: str) -> tuple[str, str]:
-    """Test/bench helper: a fresh ed25519/cv25519 key without passphrase in `home`.
+def generate_key(home: Path, uid: str, expire: str = "never") -> tuple[str, str]:
+    """Test/bench helper: a fresh ed25519/cv25519 key without passphrase in `home`, expiring
+    per gpg's `expire` syntax ("never", "1d", "seconds=30").
     Returns (armored secret key, armored public key)."""
     ring = Keyring(home)
     try:
         subprocess.run(["gpg", "--homedir", str(ring.home), "--batch", "--passphrase", "",
-                        "--quick-gen-key", uid, "ed25519", "sign", "never"],
+                        "--quick-gen-key", uid, "ed25519", "sign", expire],
                        check=True, capture_output=True, timeout=60)
         fpr = ring.gpg.list_keys(secret=True)[0]["fingerprint"]
         subprocess.run(["gpg", "--homedir", str(ring.home), "--batch", "--passphrase", "",
