@@ -28,11 +28,19 @@ def _hint(e: BaseException) -> str:
     from relay.gateway.pgp import PgpError
     from relay.gateway.transport import TransportError
 
-    if isinstance(e, (CliError, GatewayError, NotDicom, DirectoryError)):
+    if isinstance(e, NotDicom):
+        return (str(e).replace(" Use force=True to force reading.", "")
+                + " (nothing was sent: name only DICOM files or folders)")
+    if isinstance(e, (CliError, GatewayError, DirectoryError)):
         return str(e)
     if isinstance(e, TransportError):
-        return (f"{e} (is the relay up, are smtp/imap/pop3 right, does it offer STARTTLS when "
-                "`starttls = true`, and is the password right?)")
+        text = str(e)
+        if "STARTTLS" in text:
+            return (f"{text} (the relay offers no STARTTLS: ask its operator to set [tls] cert/key, "
+                    "or set starttls = false for a relay on this machine)")
+        if "uthenticat" in text or " 535" in text:
+            return f"{text} (check password / password_file; the relay operator sets it with relay user passwd)"
+        return f"{text} (is the relay up, and are smtp / imap / pop3 in the configuration right?)"
     if isinstance(e, PgpError):
         return f"{e} (check secret_key and passphrase_file; `gpg --list-packets` shows what a key file holds)"
     if isinstance(e, MimeError):
@@ -92,7 +100,7 @@ def _send(args: argparse.Namespace) -> int:
         try:
             reports = send.send_paths(gw, args.to, args.paths)
         except (GatewayError, NotDicom, PgpError, TransportError, FileNotFoundError) as e:
-            print(f"relay gateway send: {e}", file=sys.stderr)
+            print(f"relay gateway send: {_hint(e)}", file=sys.stderr)
             return 1
         for r in reports:
             print(f"sent study {r.study_uid} to {args.to}: {r.files} files, {r.dicom_bytes} bytes, "
@@ -150,7 +158,7 @@ def _receive(args: argparse.Namespace) -> int:
         try:
             rc = _receiver(gw)
         except TransportError as e:
-            print(f"relay gateway receive: {e}", file=sys.stderr)
+            print(f"relay gateway receive: {_hint(e)}", file=sys.stderr)
             return 1
         try:
             if args.once:
@@ -158,7 +166,7 @@ def _receive(args: argparse.Namespace) -> int:
                     s = rc.run_once()
                 except (TransportError, OSError) as e:      # the relay went away mid-round
                     _print_summary(rc.summary)
-                    print(f"relay gateway receive: {e}", file=sys.stderr)
+                    print(f"relay gateway receive: {_hint(e)}", file=sys.stderr)
                     return 1
                 _print_summary(s)
                 return 1 if s.quarantined or s.failed else 0
@@ -242,9 +250,10 @@ def _directory(args: argparse.Namespace) -> int:
                     smtp.send(gw.cfg.address, gw.cfg.directory_mailbox, [raw], size=len(raw))
             except transport.TransportError as e:
                 rc.source.close()
+                if "RCPT" not in str(e):
+                    raise
                 raise CliError(f"{e} (is `{gw.cfg.directory_mailbox}` the directory's address on this "
-                               "relay? set directory_address; does the relay offer STARTTLS when "
-                               "`starttls = true`?)") from None
+                               "relay? ask the relay operator and set directory_address)") from None
             try:
                 deadline = time.monotonic() + args.wait
                 while rc.summary.directory_replies == 0 and time.monotonic() < deadline:
@@ -296,6 +305,10 @@ def _pacs_push(args: argparse.Namespace) -> int:
     from relay.gateway.pacs import push_study
 
     with _gateway(args) as gw:
+        if not Path(args.folder).is_dir():
+            raise CliError(f"{args.folder}: no such study folder (they are {gw.cfg.inbox}/<StudyInstanceUID>)")
+        if not gw.cfg.pacs:
+            raise CliError("no PACS configured: set pacs = \"HOST:PORT\" and pacs_ae in the configuration")
         try:
             n = push_study(gw.cfg, Path(args.folder))
         except GatewayError as e:
