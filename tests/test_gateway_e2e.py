@@ -477,6 +477,10 @@ def test_pacs_down_keeps_the_imported_study_in_the_inbox(net: Net) -> None:
     assert len(list((rad.parent / "received" / uid).iterdir())) == 2      # kept for pacs-push
     r = gw("pacs-push", rad, str(rad.parent / "received" / uid), check=False)
     assert r.returncode == 1 and "association refused or not reachable" in r.stderr
+    # the receipt says so: imported, but not in the PACS (RFC 8098 `processed/error`)
+    assert "MDNs 1" in gw("receive", ct, "--once").stdout
+    r = gw("status", ct, "--all")
+    assert "confirmed" in r.stdout and "processed/error" in r.stdout and "PACS did not take it" in r.stdout
 
 
 def test_receive_loop_reconnects_after_the_connection_drops(net: Net) -> None:

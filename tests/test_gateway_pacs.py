@@ -169,3 +169,67 @@ def test_scp_answers_c_echo_from_dcmtk(tmp_path: Path) -> None:
     finally:
         scp.stop()
     assert r.returncode == 0, r.stderr
+
+
+# objects in compressed transfer syntaxes, as pydicom ships them: RLE, JPEG-LS lossless,
+# JPEG 2000, JPEG extended (lossy)
+COMPRESSED = ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm", "JPGExtended.dcm"]
+
+
+@pytest.mark.parametrize("only", ["", "+xi"], ids=["uncompressed", "implicit-only"])
+def test_push_falls_back_to_uncompressed_for_a_pacs_that_takes_nothing_else(tmp_path: Path, only: str) -> None:
+    """dcmtk's storescp accepts only uncompressed transfer syntaxes by default (`+xi`: only
+    implicit VR little endian): the compressed objects arrive decompressed, pixel for pixel."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ImplicitVRLittleEndian, UncompressedTransferSyntaxes, generate_uid
+
+    study = tmp_path / "study"
+    study.mkdir()
+    expected = {}
+    for name in COMPRESSED:
+        src = get_testdata_file(name)
+        assert src is not None, name
+        ds = pydicom.dcmread(src)
+        assert ds.file_meta.TransferSyntaxUID.is_compressed
+        # two of them are the same image: each gets its own SOP Instance UID (pixels untouched)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(study / f"{ds.SOPInstanceUID}.dcm")
+        expected[str(ds.SOPInstanceUID)] = ds.pixel_array
+    port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    scp = subprocess.Popen([STORESCP, "-aet", "PACS", *([only] if only else []), "-od", str(out), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: _listening(port))
+        cfg = gw_config(tmp_path, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
+        assert push_study(cfg, study) == len(COMPRESSED)  # type: ignore[arg-type]
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    got = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, out.iterdir())}
+    assert set(got) == set(expected)
+    for uid, ds in got.items():
+        ts = ds.file_meta.TransferSyntaxUID
+        assert ts in UncompressedTransferSyntaxes and (ts == ImplicitVRLittleEndian or not only)
+        assert (ds.pixel_array == expected[uid]).all(), uid
+
+
+def test_push_keeps_the_stored_syntax_where_the_pacs_accepts_it(tmp_path: Path) -> None:
+    """`+xa`: the PACS takes JPEG 2000 as it is; nothing is decompressed."""
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file("JPEG2000.dcm")
+    assert src is not None
+    (tmp_path / "study").mkdir()
+    shutil.copy(src, tmp_path / "study" / "x.dcm")
+    port = free_port()
+    scp = start_storescp(tmp_path / "pacs", port)
+    try:
+        cfg = gw_config(tmp_path, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
+        assert push_study(cfg, tmp_path / "study") == 1  # type: ignore[arg-type]
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    [got] = list((tmp_path / "pacs").iterdir())
+    assert read_dataset_bytes(got) == read_dataset_bytes(Path(src))
