@@ -44,12 +44,25 @@ def wait_for(cond: object, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def start_storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
+def start_storescp(out: Path, port: int, accept: tuple[str, ...] = ("+xa",)) -> subprocess.Popen[bytes]:
+    """dcmtk's storescp; `accept`: its transfer syntax options (+xa all; () uncompressed only)."""
     out.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen([STORESCP, "-aet", "PACS", "+xa", "+B", "-od", str(out), str(port)],
+    p = subprocess.Popen([STORESCP, "-aet", "PACS", *accept, "+B", "-od", str(out), str(port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(lambda: _listening(port))
     return p
+
+
+def push_to_storescp(tmp: Path, study: Path, accept: tuple[str, ...] = ("+xa",)) -> tuple[int, Path]:
+    """push_study() of `study` to a storescp started for it: (files pushed, its output folder)."""
+    port = free_port()
+    scp = start_storescp(tmp / "pacs", port, accept)
+    try:
+        cfg = gw_config(tmp, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
+        return push_study(cfg, study), tmp / "pacs"  # type: ignore[arg-type]
+    finally:
+        scp.terminate()
+        scp.wait(10)
 
 
 def _listening(port: int) -> bool:
@@ -109,14 +122,7 @@ def test_scp_keeps_a_study_whose_forwarding_failed(tmp_path: Path) -> None:
 
 def test_push_study_to_storescp_is_bit_preserving(tmp_path: Path) -> None:
     files = synthetic_study(tmp_path / "study", n=3)
-    port = free_port()
-    scp = start_storescp(tmp_path / "pacs", port)
-    try:
-        cfg = gw_config(tmp_path, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
-        assert push_study(cfg, tmp_path / "study") == 3  # type: ignore[arg-type]
-    finally:
-        scp.terminate()
-        scp.wait(10)
+    assert push_to_storescp(tmp_path, tmp_path / "study")[0] == 3
     received = sorted(read_dataset_bytes(p) for p in (tmp_path / "pacs").iterdir())
     assert received == sorted(read_dataset_bytes(f) for f in files)
 
@@ -195,18 +201,8 @@ def test_push_falls_back_to_uncompressed_for_a_pacs_that_takes_nothing_else(tmp_
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.save_as(study / f"{ds.SOPInstanceUID}.dcm")
         expected[str(ds.SOPInstanceUID)] = ds.pixel_array
-    port = free_port()
-    out = tmp_path / "pacs"
-    out.mkdir()
-    scp = subprocess.Popen([STORESCP, "-aet", "PACS", *([only] if only else []), "-od", str(out), str(port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: _listening(port))
-        cfg = gw_config(tmp_path, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
-        assert push_study(cfg, study) == len(COMPRESSED)  # type: ignore[arg-type]
-    finally:
-        scp.terminate()
-        scp.wait(10)
+    n, out = push_to_storescp(tmp_path, study, (only,) if only else ())
+    assert n == len(COMPRESSED)
     got = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, out.iterdir())}
     assert set(got) == set(expected)
     for uid, ds in got.items():
@@ -223,13 +219,7 @@ def test_push_keeps_the_stored_syntax_where_the_pacs_accepts_it(tmp_path: Path) 
     assert src is not None
     (tmp_path / "study").mkdir()
     shutil.copy(src, tmp_path / "study" / "x.dcm")
-    port = free_port()
-    scp = start_storescp(tmp_path / "pacs", port)
-    try:
-        cfg = gw_config(tmp_path, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
-        assert push_study(cfg, tmp_path / "study") == 1  # type: ignore[arg-type]
-    finally:
-        scp.terminate()
-        scp.wait(10)
-    [got] = list((tmp_path / "pacs").iterdir())
+    n, out = push_to_storescp(tmp_path, tmp_path / "study")
+    [got] = list(out.iterdir())
+    assert n == 1
     assert read_dataset_bytes(got) == read_dataset_bytes(Path(src))
