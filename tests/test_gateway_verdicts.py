@@ -256,3 +256,41 @@ def test_unconfirmed_study_is_overdue_and_logged_once(net: Net) -> None:  # noqa
     gw("receive", rad, "--once")
     gw("receive", ct, "--once")
     assert gw("status", ct).returncode == 0
+
+
+def _cd_export(src: list[Path], cd: Path) -> list[Path]:
+    """A CD export as a PACS burns it: DICOMDIR at the root, files under IHE-style IDs
+    (PT000000/ST000000/SE000000/IM000000), a viewer and autorun.inf beside them."""
+    from pydicom.fileset import FileSet
+
+    fs = FileSet()
+    for f in src:
+        ds = pydicom.dcmread(f)
+        # what PS3.3 F.5 wants in the directory records (a real CT has them)
+        ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.SeriesNumber = "120000", "1", "A1", 1
+        fs.add(ds)
+    fs.write(cd)
+    (cd / "AUTORUN.INF").write_text("[autorun]\nopen=viewer.exe\n")
+    (cd / "VIEWER").mkdir()
+    (cd / "VIEWER" / "viewer.exe").write_bytes(b"MZ not DICOM")
+    files = [p for p in cd.rglob("*") if p.is_file() and p.parent.name.startswith("SE")]
+    assert len(files) == len(src)
+    return files
+
+
+def test_cd_export_with_dicomdir_is_sent_without_its_dicomdir(net: Net) -> None:  # noqa: F811
+    ct, rad = net.gateway(CT), net.gateway(RAD)
+    src = synthetic_study(net.tmp / "src", n=3)
+    on_cd = _cd_export(src, net.tmp / "cd")
+    out = gw("send", ct, "--to", RAD, str(net.tmp / "cd")).stdout
+    assert out.count("sent study") == 1 and ": 3 files" in out
+    assert "imported 1 study, quarantined 0" in gw("receive", rad, "--once").stdout
+    uid = str(pydicom.dcmread(src[0]).StudyInstanceUID)
+    got = {p.name: p.read_bytes() for p in (rad.parent / "received" / uid).iterdir()}
+    assert got == {f"{pydicom.dcmread(f).SOPInstanceUID}.dcm": f.read_bytes() for f in on_cd}
+    # the DICOMDIR named alone means its file set; a DICOMDIR naming a missing file: one line
+    out = gw("send", ct, "--to", RAD, str(net.tmp / "cd" / "DICOMDIR")).stdout
+    assert ": 3 files" in out
+    on_cd[0].unlink()
+    r = gw("send", ct, "--to", RAD, str(net.tmp / "cd"), check=False)
+    assert r.returncode == 1 and "which is not there" in r.stderr
