@@ -5,7 +5,7 @@
   encryption are combined in one OpenPGP message (RFC 3156 6.2).
 - message/partial (RFC 2046 5.2.2): split above a size at line boundaries; reassembly with the
   header merge of 5.2.2.1.
-- MDN (RFC 3798): multipart/report; report-type=disposition-notification.
+- MDN (RFC 8098): multipart/report; report-type=disposition-notification.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def reassemble(parts: list[Path], out: Path) -> None:
                     o.write(data)
 
 
-# --- MDN (RFC 3798) --------------------------------------------------------------------------
+# --- MDN (RFC 8098) --------------------------------------------------------------------------
 
 MAX_MDN = 1024 * 1024        # an MDN is a few KiB; we read no more than this of one
 
