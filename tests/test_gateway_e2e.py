@@ -153,7 +153,9 @@ def test_send_receive_mdn_status_over_imap(net: Net) -> None:
     from relay.gateway.message import build_mdn
     first_id = out.split("message-id ")[1].split()[0]
     net.inject(CT, build_mdn(RAD, CT, first_id, "forged"))
-    assert "MDNs 0" in gw("receive", ct, "--once").stdout
+    r = gw("receive", ct, "--once", check=False)
+    assert r.returncode == 1 and "MDNs 0" in r.stdout and "quarantined 1" in r.stdout
+    assert list(_quarantine(ct).values()) == ["mdn-unverified"]
     assert gw("status", ct).stdout.count("UNCONFIRMED") == 2
 
     r = gw("receive", rad, "--once")

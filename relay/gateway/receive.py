@@ -44,10 +44,11 @@ MALFORMED = "malformed"
 EXPIRED_KEY = "expired-key"
 REPLAY = "replay"
 DIRECTORY_REFUSED = "directory-refused"
+MDN_UNVERIFIED = "mdn-unverified"
 
 # No negative MDN for these: a replay's original was answered already (and the replayer chose
 # the new Message-ID); the others never get one as the message asked for none we can trust
-NO_NEGATIVE_MDN = {REPLAY, DIRECTORY_REFUSED}
+NO_NEGATIVE_MDN = {REPLAY, DIRECTORY_REFUSED, MDN_UNVERIFIED}
 
 MDN_GIVE_UP = 7 * 24 * 3600.0   # a receipt the relay refused for a week is dropped (logged)
 MAX_DIRECTORY_MESSAGE = 64 * 1024**2   # a directory document is far smaller (take_directory's bound)
@@ -220,6 +221,8 @@ class Receiver:
             # stopped on it would stop on it again at every start)
             if not path.exists():
                 raise
+            if self.directory_only:
+                return          # `receive` quarantines it; `directory` only looks for answers
             self.quarantine([path], [key], MALFORMED, f"{type(e).__name__}: {e}")
 
     def _handle(self, key: str, path: Path) -> None:
@@ -245,7 +248,11 @@ class Receiver:
             self.quarantine([path], [key], MALFORMED, str(e))
             return
         if mdn is not None:
-            self.take_mdn(mdn, sender)
+            refused = self.take_mdn(mdn, sender)
+            if refused:
+                self.quarantine([path], [key], MDN_UNVERIFIED, refused, sender=sender,
+                                message_id=(head.get("Message-ID") or "").strip())
+                return
             self.finish([key], [path])
             return
         if from_directory:
@@ -292,23 +299,28 @@ class Receiver:
 
     # --- MDNs and directory documents ------------------------------------------------------
 
-    def take_mdn(self, mdn: message.Mdn, sender: str) -> None:
+    def take_mdn(self, mdn: message.Mdn, sender: str) -> str:
+        """Confirm the sent study an MDN names. Returns why it is refused ("" if taken): a
+        receipt not signed by its sender's directory key confirms nothing (forgeable)."""
         peer = self.gw.directory.peer(sender)
         signed_ok = peer is not None and mdn.signer == peer.fingerprint
         if not signed_ok and not self.cfg.accept_unsigned_mdn:
             log.warning("mdn_unverified", original_id=mdn.original_id, sender=sender,
                         signer=mdn.signer or "none")
-            return
+            return (f"a receipt for {mdn.original_id} that is not signed by {sender}'s key in the "
+                    f"directory (signer: {mdn.signer or 'none'}); it confirmed nothing")
         disposition = mdn.disposition + (f" (Error: {mdn.error})" if mdn.error else "")
         if not self.gw.state.confirm(mdn.original_id, sender, disposition):
+            # a second receipt, or one for a study this gateway did not send: nothing to do
             log.warning("mdn_unmatched", original_id=mdn.original_id, sender=sender)
-            return
+            return ""
         self.summary.mdns += 1
         if is_negative(mdn.disposition):
             log.warning("study_refused_by_receiver", original_id=mdn.original_id, sender=sender,
                         disposition=mdn.disposition, error=mdn.error)
         else:
             log.info("mdn_received", original_id=mdn.original_id, sender=sender, disposition=mdn.disposition)
+        return ""
 
     def take_directory(self, path: Path) -> bool:
         """A signed directory document from the directory address (a GET reply or a push):
