@@ -294,3 +294,22 @@ def test_cd_export_with_dicomdir_is_sent_without_its_dicomdir(net: Net) -> None:
     on_cd[0].unlink()
     r = gw("send", ct, "--to", RAD, str(net.tmp / "cd"), check=False)
     assert r.returncode == 1 and "which is not there" in r.stderr
+
+
+def test_a_tampered_directory_document_by_mail_is_quarantined(net: Net) -> None:  # noqa: F811
+    from email.message import EmailMessage
+
+    rad = net.gateway(RAD)
+    gw("receive", rad, "--once")
+    doc = (net.tmp / "dir" / "directory.json").read_bytes().replace(b"rad@example.test", b"rad@example.tesu")
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "directory@example.test", RAD, "directory update"
+    msg["Message-ID"] = "<push-forged@x.test>"
+    msg.set_content("the signed directory\n")
+    msg.add_attachment(doc, maintype="application", subtype="json", filename="directory.json")
+    msg.add_attachment((net.tmp / "dir" / "directory.json.asc").read_bytes(), maintype="application",
+                       subtype="pgp-signature", filename="directory.json.asc")
+    net.inject(RAD, msg.as_bytes().replace(b"\n", b"\r\n"))
+    r = gw("receive", rad, "--once", check=False)
+    assert r.returncode == 1 and list(_quarantine(rad).values()) == ["directory-refused"]
+    assert b"rad@example.tesu" not in (rad.parent / "state" / "directory.json").read_bytes()

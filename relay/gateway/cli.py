@@ -222,6 +222,7 @@ def _status(args: argparse.Namespace) -> int:
 def _directory(args: argparse.Namespace) -> int:
     from relay.gateway import transport
     from relay.gateway.peers import DirectoryError
+    from relay.gateway.receive import DIRECTORY_REFUSED
 
     with _gateway(args) as gw:
         before = gw.directory.serial
@@ -266,6 +267,10 @@ def _directory(args: argparse.Namespace) -> int:
                 print(f"relay gateway directory: no answer from {gw.cfg.directory_mailbox} within "
                       f"{args.wait:g} s (is this gateway an active participant?)", file=sys.stderr)
                 return 1
+            refused = [folder for folder, reason in rc.summary.quarantined if reason == DIRECTORY_REFUSED]
+            if refused and gw.directory.serial <= before:
+                raise CliError(f"the answer was refused and quarantined ({refused[-1]}: reason.txt says "
+                               "why); compare directory_key with the operator's fingerprint")
         print(f"directory serial {gw.directory.serial} (was {before}), "
               f"{len(gw.directory.peers)} participants")
         for peer, left in gw.directory.expiring():
