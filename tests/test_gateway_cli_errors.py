@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from relay.gateway.pgp import generate_key
+from relay.gateway.pgp import generate_key, generate_key_expiring
 from relay.gateway.synthetic import synthetic_study
 from tests.test_gateway_e2e import CT, RAD, Net, keys, make_net  # noqa: F401
 
@@ -50,7 +50,7 @@ def test_gateway_failures_are_one_line(net: Net, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not DICOM\n")
 
     # the gateway's own key has expired (python-gnupg used to die with BrokenPipeError)
-    sec, _ = generate_key(tmp_path / "expiring", f"gateway <{CT}>", "seconds=1")
+    sec, _ = generate_key_expiring(tmp_path / "expiring", f"gateway <{CT}>", "seconds=1")
     (tmp_path / "expired.sec.asc").write_text(sec)
     time.sleep(1.5)
     old = net.gateway(CT, secret_key=str(tmp_path / "expired.sec.asc"), state_dir="state-old")

@@ -24,6 +24,7 @@ from relay.gateway.pgp import (
     Keyring,
     SigStatus,
     generate_key,
+    generate_key_expiring,
     parse_status,
     signature_still_good,
 )
@@ -90,7 +91,7 @@ def test_revocation_reason_decides_old_signatures(tmp_path: Path, code: int, kep
         signer.close()
         receiver.close()
     assert "REVKEYSIG" in v.status and v.decrypted
-    assert v.good is kept and v.key_expired is not kept
+    assert v.key_expired and v.good is kept             # revoked since; good if superseded/retired
     assert (tmp_path / "out").exists() is kept          # refused output is deleted
 
 
@@ -104,7 +105,7 @@ def short_lived(tmp_path_factory: pytest.TempPathFactory,
                 keys: dict[str, tuple[str, str]]) -> tuple[dict[str, tuple[str, str]], float]:  # noqa: F811
     """ct's key expires LIFETIME seconds from now; the others never."""
     made = time.time()
-    ct = generate_key(tmp_path_factory.mktemp("shortkey"), f"gateway <{CT}>", f"seconds={LIFETIME}")
+    ct = generate_key_expiring(tmp_path_factory.mktemp("shortkey"), f"gateway <{CT}>", f"seconds={LIFETIME}")
     return {**keys, CT: ct}, made + LIFETIME
 
 

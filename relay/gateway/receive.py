@@ -24,7 +24,7 @@ from relay.gateway import dicommime, message, transport
 from relay.gateway.core import Gateway, remove_tree
 from relay.gateway.mime import MimeError, read_headers
 from relay.gateway.peers import DirectoryError
-from relay.gateway.pgp import Verdict
+from relay.gateway.pgp import status_of
 from relay.gateway.state import is_negative
 from relay.log import get_logger
 
@@ -433,7 +433,7 @@ class Receiver:
         asked = bool(head.get("Disposition-Notification-To"))
         work = self.gw.workdir("incoming")
         try:
-            study_uid, count, v, pacs_error = self.verify_and_import(path, head, sender, work)
+            study_uid, count, sig_id, signer, pacs_error = self.verify_and_import(path, head, sender, work)
         except Quarantined as q:
             self.quarantine(files, keys, q.reason, q.detail, sender=sender, message_id=mid, mdn_asked=asked)
             return
@@ -443,7 +443,7 @@ class Receiver:
             return
         finally:
             remove_tree(work)
-        self.gw.state.add_received(mid, study_uid, sender, count, v.sig_id, v.signer)
+        self.gw.state.add_received(mid, study_uid, sender, count, sig_id, signer)
         if asked and mid:
             # owed from now on; the disposition says whether the PACS has it too
             self.gw.state.add_pending_mdn(mid, sender, count, "processed/error" if pacs_error else None,
@@ -484,9 +484,9 @@ class Receiver:
             log.error("mdn_send_failed", owed=len(owed), error=str(e))
 
     def verify_and_import(self, path: Path, head: object, sender: str,
-                          work: Path) -> tuple[str, int, Verdict, str | None]:
-        """Check, then import into the inbox and push to the PACS: (study, files, verdict,
-        why the PACS did not take it or None)."""
+                          work: Path) -> tuple[str, int, str, str, str | None]:
+        """Check, then import into the inbox and push to the PACS: (study, files, signature id,
+        signer, why the PACS did not take it or None)."""
         peer = self.gw.directory.peer(sender)
         t = time.monotonic()
         try:
@@ -504,7 +504,8 @@ class Receiver:
             raise Quarantined(UNSIGNED, "encrypted but not signed\n" + v.status)
         if not v.good:
             if v.key_expired:
-                raise Quarantined(EXPIRED_KEY, f"{v.note} (the sender needs a new key in the "
+                why = self.gw.ring.judge(status_of(v))[1]
+                raise Quarantined(EXPIRED_KEY, f"{why} (the sender needs a new key in the "
                                                "directory)\n" + v.status)
             if v.key_id and "BADSIG" not in v.status:
                 raise Quarantined(UNKNOWN_KEY, f"signed by key {v.key_id}, not in the directory\n" + v.status)
@@ -518,12 +519,12 @@ class Receiver:
             raise Quarantined(WRONG_KEY, f"From: {sender} but signed by {v.signer}"
                                          f" ({signer.address if signer else 'not in the directory'});"
                                          f" {sender}'s key is {peer.fingerprint}")
-        if v.note:
-            log.info("signature_predates_key_end", sender=sender, note=v.note)
-        seen = self.gw.state.signature_seen(v.sig_id, v.signer) if v.sig_id else None
+        st = status_of(v)
+        if v.key_expired:
+            log.info("signature_predates_key_end", sender=sender, note=self.gw.ring.judge(st)[1])
+        seen = self.gw.state.signature_seen(st.sig_id, v.signer) if st.sig_id else None
         if seen is not None:
-            (work / "plain.mime").unlink(missing_ok=True)
-            raise Quarantined(REPLAY, f"the same signed content (signature {v.sig_id}) was imported "
+            raise Quarantined(REPLAY, f"the same signed content (signature {st.sig_id}) was imported "
                                       f"already as {seen[0]} (study {seen[1]})")
         t = time.monotonic()
         try:
@@ -543,7 +544,7 @@ class Receiver:
         _fsync_dir(dest)
         self.summary.add_time("import", t)
         pacs_error = self.pacs_push(dest) if self.pacs_push is not None else None
-        return study_uid, len(files), v, pacs_error
+        return study_uid, len(files), st.sig_id, v.signer, pacs_error
 
     # --- quarantine --------------------------------------------------------------------------
 
