@@ -224,6 +224,7 @@ MAX_MDN = 1024 * 1024        # an MDN is a few KiB; we read no more than this of
 
 
 MDN_MODE = "automatic-action/MDN-sent-automatically"     # RFC 8098 3.2.6.1: no human involved
+MAX_ERROR_FIELD = 900        # the Error: text, so that its line stays within RFC 5322 2.1.1's 998
 
 
 def build_mdn(reporter: str, to: str, original_id: str, text: str, ring: Keyring | None = None,
@@ -249,7 +250,7 @@ def build_mdn(reporter: str, to: str, original_id: str, text: str, ring: Keyring
               + _hdr("Final-Recipient", f"rfc822;{reporter}")
               + _hdr("Original-Message-ID", original_id)
               + _hdr("Disposition", disposition)
-              + (_hdr("Error", " ".join(error.split())[:900]) if error else b"")
+              + (_hdr("Error", " ".join(error.split())[:MAX_ERROR_FIELD]) if error else b"")
               + f"\r\n--{boundary}--\r\n".encode())
     head = (envelope_headers(reporter, to, new_message_id(domain), "Disposition notification")
             + _hdr("In-Reply-To", original_id) + _hdr("References", original_id)
