@@ -44,19 +44,31 @@ def wait_for(cond: object, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+class StorescpExited(RuntimeError):
+    """storescp ended before it listened (its port was taken meanwhile: free_port() races)."""
+
+
 def start_storescp(out: Path, port: int, accept: tuple[str, ...] = ("+xa",)) -> subprocess.Popen[bytes]:
     """dcmtk's storescp; `accept`: its transfer syntax options (+xa all; () uncompressed only)."""
     out.mkdir(parents=True, exist_ok=True)
     p = subprocess.Popen([STORESCP, "-aet", "PACS", *accept, "+B", "-od", str(out), str(port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for(lambda: _listening(port))
+    wait_for(lambda: p.poll() is not None or _listening(port))
+    if p.poll() is not None:
+        raise StorescpExited(p.communicate()[1].decode(errors="replace"))
     return p
 
 
 def push_to_storescp(tmp: Path, study: Path, accept: tuple[str, ...] = ("+xa",)) -> tuple[int, Path]:
     """push_study() of `study` to a storescp started for it: (files pushed, its output folder)."""
-    port = free_port()
-    scp = start_storescp(tmp / "pacs", port, accept)
+    for attempt in range(3):
+        port = free_port()
+        try:
+            scp = start_storescp(tmp / "pacs", port, accept)
+            break
+        except StorescpExited:
+            if attempt == 2:
+                raise
     try:
         cfg = gw_config(tmp, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
         return push_study(cfg, study), tmp / "pacs"  # type: ignore[arg-type]
