@@ -97,7 +97,8 @@ def test_revocation_reason_decides_old_signatures(tmp_path: Path, code: int, kep
 
 # --- end to end --------------------------------------------------------------------------------
 
-LIFETIME = 25           # seconds: the sender's key expires this long after it was made
+LIFETIME = 40           # seconds: the sender's key expires this long after it was made (room for a
+                        # loaded machine to register it and send before then)
 
 
 @pytest.fixture
