@@ -263,6 +263,8 @@ class ImapSession:
         await asyncio.sleep(0)
         if not pending.done():
             return False                       # stays pending: after the handshake it reads TLS
+        if pending.exception() is None and not pending.result():
+            raise _Closed                      # the client went away instead
         return True
 
     # --- session -------------------------------------------------------------------------
