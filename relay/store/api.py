@@ -109,6 +109,16 @@ class Usage:
     reserved_bytes: int = 0        # held for deliveries in flight (every node of the store)
     reserved_messages: int = 0
 
+    def refusal(self, nbytes: int, nmessages: int = 1) -> Refusal | None:
+        """Whether nbytes and nmessages more fit next to what is stored and reserved: the
+        quota arithmetic, for every backend's ledger."""
+        if self.quota_bytes and self.bytes + self.reserved_bytes + nbytes > self.quota_bytes:
+            return Refusal.OVER_QUOTA_BYTES
+        if (nmessages and self.quota_messages
+                and self.messages + self.reserved_messages + nmessages > self.quota_messages):
+            return Refusal.OVER_QUOTA_MESSAGES
+        return None
+
 
 @dataclass(frozen=True)
 class Envelope:
