@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TypeVar
 from concurrent.futures import ThreadPoolExecutor
 
 import argon2
@@ -24,6 +25,7 @@ from relay.store.errors import StoreError
 # file I/O shares): two, the cores of this machine; more logins at once queue (docs/store.md).
 HASH_THREADS = 2
 _executor: ThreadPoolExecutor | None = None
+_T = TypeVar("_T")
 
 # argon2-cffi defaults = RFC 9106 "second recommended" (low memory) profile: argon2id,
 # t=3, m=64 MiB, p=4; ~0.11 s per hash on this machine (docs/decisions.md).
@@ -112,6 +114,7 @@ async def check_hash_async(stored: str, password: str) -> bool:
     return await asyncio.get_running_loop().run_in_executor(_hash_executor(), check_hash, stored, password)
 
 
-async def hash_password_async(password: str) -> str:
-    """hash_password on the argon2 threads."""
-    return await asyncio.get_running_loop().run_in_executor(_hash_executor(), hash_password, password)
+async def run_hashing(fn: Callable[..., _T], *args: object) -> _T:
+    """fn(*args) on the argon2 threads: a call that hashes a new password (and then writes
+    it) without holding the loop for the ~0.1 s of argon2."""
+    return await asyncio.get_running_loop().run_in_executor(_hash_executor(), fn, *args)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from relay.log import get_logger
 from relay.store.address import normalize_address
-from relay.store.api import ChangeKind, DeliveryReceipt, Envelope, Refusal
+from relay.store.api import EXTEND_STEP, ChangeKind, DeliveryReceipt, Envelope, Refusal
 from relay.store.errors import QuotaExceeded, StoreError, os_error
 from relay.store.maildir import names
 from relay.store.trace import trace_headers
@@ -31,10 +31,8 @@ log = get_logger("store")
 LIVE_TMP: set[str] = set()
 
 # A message that grows past its reservation (no SIZE=, or more than declared) extends the
-# reservation of every recipient as it streams, checked once per this many bytes: a message
-# that crosses a quota stops being written at once (452 4.2.2 after the rest is drained)
-# rather than filling the disk first, and other senders see the bytes in flight.
-RESERVE_STEP = 4 * 1024 * 1024
+# reservation of every recipient as it streams, once per EXTEND_STEP (relay.store.api).
+RESERVE_STEP = EXTEND_STEP
 
 
 class Delivery:
