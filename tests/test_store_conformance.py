@@ -406,8 +406,10 @@ def test_change_feed(backend: StoreBackend, tmp_path: Path) -> None:
     async def scenario(store: MessageStore, config: Config) -> None:
         events: list[Change] = []
         others: list[Change] = []
+        everything: list[Change] = []
         unsubscribe = store.changes.subscribe(A, events.append)
         store.changes.subscribe(B, others.append)
+        store.changes.subscribe(None, everything.append)
         r1 = await deliver(store, [A])
         await until(lambda: len(events) == 1)
         assert events == [Change(A, ChangeKind.NEW, r1.size, 1)]
@@ -421,6 +423,9 @@ def test_change_feed(backend: StoreBackend, tmp_path: Path) -> None:
             sorted(events[2:], key=lambda c: c.nbytes) == sorted(
                 [Change(A, ChangeKind.EXPUNGE, r1.size, 1), Change(A, ChangeKind.EXPUNGE, r2.size, 1)],
                 key=lambda c: c.nbytes)
+        await until(lambda: sum(c.nmessages for c in everything) == 5)
+        assert {(c.address, c.kind) for c in everything} == {
+            (A, ChangeKind.NEW), (B, ChangeKind.NEW), (A, ChangeKind.EXPUNGE)}
         unsubscribe()
         seen = len(events)
         await deliver(store, [A, B])

@@ -424,10 +424,11 @@ ChangeCallback = Callable[[Change], None]
 
 @runtime_checkable
 class ChangeFeed(Protocol):
-    def subscribe(self, address: str, callback: ChangeCallback) -> Callable[[], None]:
+    def subscribe(self, address: str | None, callback: ChangeCallback) -> Callable[[], None]:
         """callback(change) on the event loop after each durable change of the mailbox (by
-        any process or node of the store, as soon as the backend learns of it). Returns the
-        function that unsubscribes. A callback must not raise (errors are logged)."""
+        any process or node of the store, as soon as the backend learns of it); address None:
+        of every mailbox (the policy's drain rates). Returns the function that unsubscribes.
+        A callback must not raise (errors are logged)."""
         ...
 
 

@@ -248,7 +248,11 @@ class MaildirChanges:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def subscribe(self, address: str, callback: ChangeCallback) -> Callable[[], None]:
+    def subscribe(self, address: str | None, callback: ChangeCallback) -> Callable[[], None]:
+        if address is None:
+            def on_any(addr: str, kind: str, nbytes: int, nmessages: int) -> None:
+                callback(Change(addr, ChangeKind(kind), nbytes, nmessages))
+            return self._store.subscribe(None, on_any)
         addr = normalize_address(address)
 
         def on_change(kind: str, nbytes: int, nmessages: int) -> None:

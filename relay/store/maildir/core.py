@@ -24,7 +24,7 @@ log = get_logger("store")
 
 STALE_TMP_SECONDS = 36 * 3600     # Maildir convention: tmp/ files older than 36 h are garbage
 
-Subscriber = Callable[[str, int, int], None]
+Subscriber = Callable[..., None]    # (kind, nbytes, nmessages), or (address, ...) for all
 
 
 class Store:
@@ -35,7 +35,7 @@ class Store:
         self.db = db
         self.accounts = Accounts(db, self.mail_root, on_delete=self._forget)
         self.ledger = MaildirLedger(self)
-        self._subscribers: dict[str, list[Subscriber]] = {}
+        self._subscribers: dict[str | None, list[Subscriber]] = {}
         self._pending: set[str] = set()      # names being committed (not yet in the index)
         # address -> (version, messages): Mailbox.messages() between changes
         self._messages_cache: dict[str, tuple[tuple[int, int, tuple[int, int]], list[MessageInfo]]] = {}
@@ -131,23 +131,27 @@ class Store:
 
     # --- notifications -------------------------------------------------------------------
 
-    def subscribe(self, address: str, callback: Subscriber) -> Callable[[], None]:
+    def subscribe(self, address: str | None, callback: Subscriber) -> Callable[[], None]:
         """callback(kind, nbytes, nmessages) after each durable "new"/"expunge" change of this
-        process. Returns the function that unsubscribes."""
-        addr = normalize_address(address)
-        self._subscribers.setdefault(addr, []).append(callback)
+        process to that mailbox; with address None, callback(address, kind, nbytes, nmessages)
+        for every mailbox. Returns the function that unsubscribes."""
+        addr = None if address is None else normalize_address(address)
+        subs = self._subscribers.setdefault(addr, [])
+        subs.append(callback)
 
         def unsubscribe() -> None:
-            subs = self._subscribers.get(addr, [])
             if callback in subs:
                 subs.remove(callback)
         return unsubscribe
 
     def _notify(self, address: str, kind: ChangeKind, nbytes: int, nmessages: int) -> None:
         self.ledger.on_change(address, kind)
-        for cb in list(self._subscribers.get(address, [])):
+        calls: list[tuple[Subscriber, tuple[object, ...]]] = [
+            (cb, (kind.value, nbytes, nmessages)) for cb in self._subscribers.get(address, ())]
+        calls += [(cb, (address, kind.value, nbytes, nmessages)) for cb in self._subscribers.get(None, ())]
+        for cb, args in calls:
             try:
-                cb(kind.value, nbytes, nmessages)
+                cb(*args)
             except Exception as e:  # noqa: BLE001  (a subscriber must not break delivery)
                 log.error("subscriber-failed", address=address, kind=kind, error=repr(e))
 
