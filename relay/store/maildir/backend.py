@@ -29,6 +29,7 @@ from relay.store.api import (
     Usage,
 )
 from relay.store.errors import NoSuchMessage, StoreError
+from relay.store.maildir import admin
 from relay.store.maildir.core import Store
 from relay.store.maildir.delivery import Delivery
 from relay.store.maildir.ledger import Held, MaildirLedger
@@ -283,7 +284,7 @@ class MaildirStore:
         return self._changes
 
     async def open(self) -> None:
-        self.engine.recover()
+        admin.recover(self.engine)
 
     async def close(self) -> None:
         self.engine.close()
