@@ -17,22 +17,22 @@ from relay.server.listener import (
     bound_addresses,
     make_server_ssl_context,
 )
-from relay.store import passwords as accounts
+from relay.store import passwords
+from relay.store.api import MessageStore
+from relay.store.backends import open_store
 
 log = get_logger("app")
 
 
 class Relay:
     def __init__(self, config: Config) -> None:
-        from relay.store import Store
-
         self.config = config
-        self.store = Store.open(config)
+        self.store: MessageStore = open_store(config)   # relay.store.api only; open() in start()
         self.sessions = SessionRegistry()
         self.ssl_ctx = make_server_ssl_context(config)
         from relay.policy.backpressure import Backpressure
 
-        self.policy: Any = Backpressure(config, self.store)   # quotas, disk, pacing (issue 4)
+        self.policy: Any = Backpressure(config, self.store)   # disk, pacing (quotas: the ledger)
         self.directory: Any = None        # relay.directory service (issue 7)
         # Read-only HTTP routes served on the metrics listener: path prefix ->
         # handler(path) -> (status, content_type, body). "/metrics" is the metrics module's.
@@ -45,9 +45,7 @@ class Relay:
     async def start(self) -> None:
         from relay.server import imap, pop3, smtp
 
-        from relay.store.maildir import admin
-
-        admin.recover(self.store)
+        await self.store.open()                    # the backend's crash recovery
         from relay.directory import (
             DirectoryService,  # answers directory@, pushes changes, HTTP
         )
@@ -104,7 +102,7 @@ class Relay:
             s.close()
         if self.directory is not None:
             await self.directory.stop()
-        self.store.close()
+        await self.store.close()
         log.info("stopped")
 
     def write_runfiles(self) -> None:
@@ -115,8 +113,8 @@ class Relay:
 
 
 async def serve(config: Config) -> int:
-    if accounts.weak_kdf():
-        log.warning("weak-kdf", detail=f"{accounts.WEAK_KDF_ENV} is set: new password hashes use "
+    if passwords.weak_kdf():
+        log.warning("weak-kdf", detail=f"{passwords.WEAK_KDF_ENV} is set: new password hashes use "
                     "argon2 test parameters; unset it outside test suites")
     relay = Relay(config)
     await relay.start()

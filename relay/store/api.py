@@ -88,8 +88,9 @@ NO_FLAGS = Flag(0)
 class MessageInfo(NamedTuple):
     """One message as listed. A NamedTuple: built 10,000 at a time per SELECT."""
     uid: int                  # IMAP UID, ascending in delivery order, never reused (per UIDVALIDITY)
-    id: str                   # opaque, stable, unique in the mailbox; printable ASCII without
-                              # spaces, at most 70 chars (RFC 1939 UIDL)
+    id: str                   # opaque and stable; equal ids mean the same bytes (copies of one
+                              # delivery may share it), else unique in the store; printable
+                              # ASCII without spaces, at most 70 chars (RFC 1939 UIDL)
     size: int                 # bytes of the stored message (trace headers included)
     internaldate: float       # Unix time of delivery
     flags: Flag
