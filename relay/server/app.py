@@ -70,8 +70,10 @@ class Relay:
             self.bound[key] = bound_addresses(servers)
         if c.metrics.listen:
             from relay import metrics
+            from relay.server import http
 
-            servers = await metrics.start(self, c.metrics.listen)
+            metrics.install(self)
+            servers = await http.start(self.http_routes, [c.metrics.listen])
             self._servers["metrics"] = servers
             self.bound["metrics"] = bound_addresses(servers)
         log.info("listening", **{k: " ".join(f"{h}:{p}" for h, p in v) for k, v in self.bound.items()})

@@ -30,7 +30,7 @@ from typing import Any
 from relay import __version__, mimetree
 from relay.auth import AuthError, decode_plain, plaintext_allowed
 from relay.log import get_logger
-from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.stats import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.protocol import imap as proto
 from relay.protocol.imap import (
     AUTH,

@@ -24,7 +24,7 @@ from typing import Any
 
 from relay.auth import plaintext_allowed
 from relay.log import get_logger
-from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.stats import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.protocol import pop3 as proto
 from relay.server.listener import Session, create_stream_servers
 from relay.store.api import Body, StoreError

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from relay import auth as authmod
 from relay.log import get_logger
-from relay.metrics import SIZE_BYTES, TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.stats import SIZE_BYTES, TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.policy.backpressure import R_DISK_LOW, R_OVER_QUOTA
 from relay.protocol import smtp as P
 from relay.protocol.smtp import NEED_DATA, PAUSED, Reply

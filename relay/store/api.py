@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from relay.metrics import HistogramSnapshot
+from relay.stats import HistogramSnapshot
 from relay.store.address import normalize_address, normalize_domain
 from relay.store.errors import (
     AccountExists,
@@ -209,7 +209,7 @@ class StoreStats:
     backlog_bytes: int             # all mailboxes
     backlog_messages: int
     mailboxes: dict[str, MailboxStats]
-    delivery_to_fetch_seconds: HistogramSnapshot    # relay.metrics.WAIT_SECONDS buckets
+    delivery_to_fetch_seconds: HistogramSnapshot    # relay.stats.WAIT_SECONDS buckets
     delivery_to_delete_seconds: HistogramSnapshot
 
 
