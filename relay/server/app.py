@@ -1,4 +1,7 @@
-"""The running relay: owns the config, the store, the policy and every listener."""
+"""The running relay: owns the config, the store, the policy and every listener.
+
+Every service the relay has is a typed attribute set here, in __init__ (relay/metrics.py
+reads their statistics() by these names; tests/test_metrics.py checks that they exist)."""
 
 from __future__ import annotations
 
@@ -8,18 +11,27 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
 from relay.log import get_logger
+from relay.policy.backpressure import Backpressure
+from relay.server.imap import ImapCounters
 from relay.server.listener import (
     SessionRegistry,
     bound_addresses,
     make_server_ssl_context,
 )
+from relay.server.pop3 import Pop3Service
+from relay.server.smtp import SmtpCounters
 from relay.store import passwords
 from relay.store.api import MessageStore
 from relay.store.backends import open_store
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from relay.directory import DirectoryService
 
 log = get_logger("app")
 
@@ -30,10 +42,12 @@ class Relay:
         self.store: MessageStore = open_store(config)   # relay.store.api only; open() in start()
         self.sessions = SessionRegistry()
         self.ssl_ctx = make_server_ssl_context(config)
-        from relay.policy.backpressure import Backpressure
-
         self.policy: Any = Backpressure(config, self.store)   # disk, pacing (quotas: the ledger)
-        self.directory: Any = None        # relay.directory service (issue 7)
+        self.smtp_stats = SmtpCounters()                     # the SMTP listeners' figures
+        self.imap_stats = ImapCounters()
+        self.pop3 = Pop3Service()                            # POP3 figures and maildrop locks
+        self.directory: DirectoryService | None = None       # made in start() (issue 7)
+        self.metrics_registry: CollectorRegistry | None = None   # relay.metrics.install()
         # Read-only HTTP routes served on the metrics listener: path prefix ->
         # handler(path) -> (status, content_type, body). "/metrics" is the metrics module's.
         self.http_routes: dict[str, Any] = {}

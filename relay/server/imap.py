@@ -106,9 +106,7 @@ class ImapCounters:
 
 
 def counters(relay: Any) -> ImapCounters:
-    c = getattr(relay, "imap_stats", None)
-    if c is None:
-        c = relay.imap_stats = ImapCounters()
+    c: ImapCounters = relay.imap_stats           # set in Relay.__init__
     return c
 
 

@@ -71,10 +71,8 @@ class Pop3Service:
 
 
 def service(relay: Any) -> Pop3Service:
-    """relay.pop3, created on first use."""
-    svc = getattr(relay, "pop3", None)
-    if svc is None:
-        svc = relay.pop3 = Pop3Service()
+    """relay.pop3 (set in Relay.__init__)."""
+    svc: Pop3Service = relay.pop3
     return svc
 
 

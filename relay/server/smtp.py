@@ -608,14 +608,10 @@ _HANDLERS: dict[type, Any] = {
 async def start(relay: Relay, addrs: tuple[str, ...] | list[str], ssl_ctx: ssl.SSLContext | None = None,
                 implicit_tls: bool = False) -> list[asyncio.Server]:
     """Listen on `addrs`; with implicit_tls the TLS handshake comes first (smtps style)."""
-    counters = getattr(relay, "smtp_stats", None)
-    if counters is None:
-        counters = SmtpCounters()
-        relay.smtp_stats = counters  # type: ignore[attr-defined]
+    counters = relay.smtp_stats
     return await create_servers(lambda: SmtpSession(relay, ssl_ctx, implicit_tls, counters),
                                 addrs, "smtp.listen", ssl_ctx if implicit_tls else None)
 
 
-def statistics(relay: Relay) -> SmtpStats | None:
-    counters = getattr(relay, "smtp_stats", None)
-    return counters.statistics() if counters is not None else None
+def statistics(relay: Relay) -> SmtpStats:
+    return relay.smtp_stats.statistics()
