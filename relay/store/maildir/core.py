@@ -164,11 +164,6 @@ class Store:
     def usage(self, address: str) -> Usage:
         return self.ledger.usage(address)
 
-    @property
-    def quota(self) -> MaildirLedger:
-        """The ledger under its old name (callers are being switched to `ledger`)."""
-        return self.ledger
-
     # --- statistics ----------------------------------------------------------------------
 
     def statistics(self) -> StoreStats:
