@@ -17,7 +17,7 @@ import pytest
 
 from relay.config import Config, from_dict
 from relay.policy.penalty import FORGET_AFTER, MAX_WAIT, LoginPenalty, Verdict
-from relay.store import accounts as accounts_mod
+from relay.store import passwords as accounts_mod
 
 
 class Clock:
@@ -134,13 +134,13 @@ def test_password_hashing_runs_on_its_own_pool(relay_factory: Any, monkeypatch: 
     r = relay_factory()
     r.add_user("a@example.test", "secret")
     threads: list[str] = []
-    real = accounts_mod._check_hash
+    real = accounts_mod.check_hash
 
     def spy(stored: str, password: str) -> bool:
         threads.append(threading.current_thread().name)
         return real(stored, password)
 
-    monkeypatch.setattr(accounts_mod, "_check_hash", spy)
+    monkeypatch.setattr(accounts_mod, "check_hash", spy)
     m = imaplib.IMAP4("127.0.0.1", r.imap_port)
     m.login("a@example.test", "secret")
     m.logout()

@@ -16,7 +16,7 @@ import pytest
 
 from relay.server import imap as imap_server
 from relay.server import pop3 as pop3_server
-from relay.store import delivery as delivery_mod
+from relay.store.maildir import delivery as delivery_mod
 
 ALICE = "alice@example.test"
 
@@ -37,26 +37,23 @@ def one_line(caplog: pytest.LogCaptureFixture, event: str, command: str) -> None
     assert lines[0].exc_info is None                      # no traceback
 
 
-def test_smtp_rcpt_bug_gets_451_and_the_session_goes_on(relay: Any, caplog: pytest.LogCaptureFixture) -> None:
-    accounts = relay.relay.store.accounts
-    real_get = accounts.get
+def test_smtp_rcpt_bug_gets_451_and_the_session_goes_on(relay: Any, caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_add = delivery_mod.Delivery.add_recipient
 
-    def get(address: str) -> Any:
+    async def add_recipient(self: Any, address: str, declared_size: int) -> Any:
         if address.startswith("boom"):
             raise Boom("injected")
-        return real_get(address)
+        return await real_add(self, address, declared_size)
 
-    accounts.get = get
-    try:
-        with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as s:
-            s.ehlo("bug.test")
-            assert s.mail("x@bug.test")[0] == 250
-            code, msg = s.rcpt("boom@example.test")
-            assert (code, msg.split()[0]) == (451, b"4.3.0")
-            assert s.rcpt(ALICE)[0] == 250
-            assert s.data(b"Subject: after\r\n\r\nstill here\r\n")[0] == 250
-    finally:
-        accounts.get = real_get
+    monkeypatch.setattr(delivery_mod.Delivery, "add_recipient", add_recipient)
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as s:
+        s.ehlo("bug.test")
+        assert s.mail("x@bug.test")[0] == 250
+        code, msg = s.rcpt("boom@example.test")
+        assert (code, msg.split()[0]) == (451, b"4.3.0")
+        assert s.rcpt(ALICE)[0] == 250
+        assert s.data(b"Subject: after\r\n\r\nstill here\r\n")[0] == 250
     one_line(caplog, "command-failed", "RCPT")
     assert relay.call(lambda r: r.store.mailbox(ALICE).messages())
 
@@ -159,10 +156,11 @@ def test_pop3_bug_inside_a_multiline_answer_closes(relay: Any, monkeypatch: pyte
     with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=10) as s:
         s.sendmail("x@bug.test", [ALICE], b"Subject: p\r\n\r\n" + b"p" * 5000 + b"\r\n")
 
-    async def next_chunk(self: Any) -> bytes:
+    async def send_body(body: Any, flow: Any, *args: Any, **kw: Any) -> None:
+        flow.write(b"p" * 100)                        # a part of the answer, then the bug
         raise Boom("injected")
 
-    monkeypatch.setattr(pop3_server._Prefetcher, "next", next_chunk)
+    monkeypatch.setattr(pop3_server, "send_body", send_body)
     p = poplib.POP3("127.0.0.1", relay.pop3_port, timeout=10)
     p.user(ALICE)
     p.pass_("secret")

@@ -21,7 +21,8 @@ from relay.store import (
     StoreError,
     normalize_address,
 )
-from relay.store.delivery import trace_headers
+from relay.store.maildir import admin
+from relay.store.trace import trace_headers
 
 
 def cfg(tmp_path: Path, **kw: object) -> Config:
@@ -168,7 +169,7 @@ def test_credential_cache_hits_and_follows_changes_from_another_process(tmp_path
 
 
 def test_credential_cache_bounded_and_expires() -> None:
-    from relay.store.accounts import CredentialCache
+    from relay.store.passwords import CredentialCache
 
     now = [0.0]
     c = CredentialCache(size=2, ttl=10, clock=lambda: now[0])
@@ -208,7 +209,9 @@ def _deliver(store: Store, rcpts: list[str], body: bytes = BODY, **kw: str) -> s
     mv = memoryview(body)
     for i in range(0, len(body), 1000):
         d.write(mv[i:i + 1000] if i % 2000 else bytes(mv[i:i + 1000]))
-    return run(d.commit())
+    receipt = run(d.commit())
+    assert d.name is not None and receipt.id == d.name.split(",")[0]
+    return d.name
 
 
 def test_delivery_links_once_into_every_new(store: Store) -> None:
@@ -316,7 +319,7 @@ def test_recover_removes_crash_leftovers_only(store: Store) -> None:
     (tmp / "garbage").write_bytes(b"?")
     live = store.begin_delivery("s@x.test", ["alice@example.test"])
     live.write(b"in progress")
-    store.recover()
+    admin.recover(store)
     assert os.listdir(tmp) == [live.tmp_path.name]
     run(live.commit())
     assert os.listdir(tmp) == []
@@ -335,7 +338,7 @@ def test_crash_mid_delivery_leaves_nothing_visible(tmp_path: Path) -> None:
     assert rc == 9
     md = s.data_dir / "mail" / "example.test" / "alice"
     assert len(os.listdir(md / "tmp")) == 1 and os.listdir(md / "new") == []
-    s.recover()
+    admin.recover(s)
     assert os.listdir(md / "tmp") == [] and s.mailbox("alice@example.test").messages() == []
     assert s.usage("alice@example.test").bytes == 0
     s.close()
@@ -347,7 +350,7 @@ def test_begin_delivery_fails_cleanly_when_tmp_is_unusable(store: Store) -> None
     tmp.rmdir()
     with pytest.raises(StoreError, match="cannot create"):
         store.begin_delivery("s@x.test", ["alice@example.test"])
-    store.recover()                                   # start-up re-creates the Maildir parts
+    admin.recover(store)                                   # start-up re-creates the Maildir parts
     d = store.begin_delivery("s@x.test", ["alice@example.test"])
     d.abort()
     assert os.listdir(tmp) == []
@@ -368,7 +371,7 @@ def test_server_start_cleans_tmp_and_rebuilds_the_ledger(relay_factory, tmp_path
     s.close()
     r = relay_factory(data_dir=data, quota={"default_bytes": 1000})
     assert os.listdir(md / "tmp") == []
-    u = r.call(lambda relay: relay.store.usage("alice@example.test"))
+    u = r.call(lambda relay: relay.store.ledger.usage("alice@example.test"))
     assert (u.bytes, u.messages) == (0, 0)
     import smtplib
     with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as c:

@@ -248,7 +248,7 @@ def test_retr_top_and_imap_literal_of_a_dotted_message(relay: RunningRelay) -> N
     bdat(relay, DOTTED)
 
     def path(r: Any) -> Path:
-        mb = r.store.mailbox(ALICE)
+        mb = r.store.engine.mailbox(ALICE)          # the Maildir file, to compare with
         [m] = mb.messages()
         return Path(mb.path(m.uid))
     msg = relay.call(path).read_bytes()             # with the trace headers the relay adds

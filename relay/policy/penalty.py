@@ -5,7 +5,7 @@ and against the account it named; the next attempt from that address or for that
 waits `failure_delay x 2^(failures - 1)` seconds, at most `failure_delay_max`, *before* the
 password is checked. Attempts waiting at the same time take turns: each one reserves the next
 slot, so 48 parallel connections from one address guess at the penalty rate, not 48 times
-it, and argon2 (on its own small pool, relay/store/accounts.py) is never flooded. An attempt
+it, and argon2 (on its own small pool, relay/store/passwords.py) is never flooded. An attempt
 whose turn is more than MAX_WAIT away is answered "try again later" unchecked, after
 `failure_delay_max` (hammering gains nothing). A
 successful login clears the address and the account. A session is closed after
@@ -28,7 +28,7 @@ from typing import Any
 
 from relay.config import Config
 from relay.log import get_logger
-from relay.store.accounts import KdfBusy
+from relay.store.api import KdfBusy
 from relay.store.errors import StoreError
 
 log = get_logger("auth")

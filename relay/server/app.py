@@ -1,4 +1,7 @@
-"""The running relay: owns the config, the store, the policy and every listener."""
+"""The running relay: owns the config, the store, the policy and every listener.
+
+Every service the relay has is a typed attribute set here, in __init__ (relay/metrics.py
+reads their statistics() by these names; tests/test_metrics.py checks that they exist)."""
 
 from __future__ import annotations
 
@@ -8,44 +11,52 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
 from relay.log import get_logger
+from relay.policy.backpressure import Backpressure, statvfs_free
+from relay.policy.penalty import LoginPenalty
+from relay.policy.reserve import DiskReserve
+from relay.server.imap import ImapCounters
 from relay.server.listener import (
     SessionRegistry,
     bound_addresses,
     make_server_ssl_context,
 )
-from relay.store import accounts
+from relay.server.pop3 import Pop3Service
+from relay.server.pressure import ReadBuffers
+from relay.server.smtp import SmtpCounters
+from relay.store import passwords
+from relay.store.api import MessageStore
+from relay.store.backends import open_store
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from relay.directory import DirectoryService
 
 log = get_logger("app")
 
 
 class Relay:
     def __init__(self, config: Config) -> None:
-        from relay.store import Store
-
         self.config = config
-        self.store = Store.open(config)
+        self.store: MessageStore = open_store(config)   # relay.store.api only; open() in start()
         self.sessions = SessionRegistry()
         self.ssl_ctx = make_server_ssl_context(config)
-        from relay.policy.backpressure import Backpressure
-
-        self.policy: Any = Backpressure(config, self.store)   # quotas, disk, pacing (issue 4)
-        from relay.policy.penalty import LoginPenalty
-        from relay.server.pressure import ReadBuffers
-
+        self.policy: Any = Backpressure(config, self.store)   # disk, pacing (quotas: the ledger)
         # the one login throttle of SMTP AUTH, IMAP and POP3; argon2 on its own pool (issue 12)
-        self.logins = LoginPenalty(config, self.store.accounts.verify_async)
+        self.logins = LoginPenalty(config, self.store.accounts.verify)
         self.read_buffers = ReadBuffers()         # SMTP receive buffers, lent per read
-        from relay.policy.backpressure import statvfs_free
-        from relay.policy.reserve import DiskReserve
-
         # room for deletions on a full disk (receivers must be able to drain it)
         self.reserve = DiskReserve(config.data_dir, config.backpressure.disk_reserve,
                                    config.min_free_disk, statvfs_free(config.data_dir))
-        self.directory: Any = None        # relay.directory service (issue 7)
+        self.smtp_stats = SmtpCounters()                     # the SMTP listeners' figures
+        self.imap_stats = ImapCounters()
+        self.pop3 = Pop3Service()                            # POP3 figures and maildrop locks
+        self.directory: DirectoryService | None = None       # made in start() (issue 7)
+        self.metrics_registry: CollectorRegistry | None = None   # relay.metrics.install()
         # Read-only HTTP routes served on the metrics listener: path prefix ->
         # handler(path) -> (status, content_type, body). "/metrics" is the metrics module's.
         self.http_routes: dict[str, Any] = {}
@@ -57,7 +68,7 @@ class Relay:
     async def start(self) -> None:
         from relay.server import imap, pop3, smtp
 
-        self.store.recover()
+        await self.store.open()                    # the backend's crash recovery
         self.reserve.start()
         from relay.directory import (
             DirectoryService,  # answers directory@, pushes changes, HTTP
@@ -83,8 +94,10 @@ class Relay:
             self.bound[key] = bound_addresses(servers)
         if c.metrics.listen:
             from relay import metrics
+            from relay.server import http
 
-            servers = await metrics.start(self, c.metrics.listen)
+            metrics.install(self)
+            servers = await http.start(self.http_routes, [c.metrics.listen])
             self._servers["metrics"] = servers
             self.bound["metrics"] = bound_addresses(servers)
         log.info("listening", **{k: " ".join(f"{h}:{p}" for h, p in v) for k, v in self.bound.items()})
@@ -115,7 +128,7 @@ class Relay:
             s.close()
         if self.directory is not None:
             await self.directory.stop()
-        self.store.close()
+        await self.store.close()
         log.info("stopped")
 
     def write_runfiles(self) -> None:
@@ -126,8 +139,8 @@ class Relay:
 
 
 async def serve(config: Config) -> int:
-    if accounts.weak_kdf():
-        log.warning("weak-kdf", detail=f"{accounts.WEAK_KDF_ENV} is set: new password hashes use "
+    if passwords.weak_kdf():
+        log.warning("weak-kdf", detail=f"{passwords.WEAK_KDF_ENV} is set: new password hashes use "
                     "argon2 test parameters; unset it outside test suites")
     relay = Relay(config)
     await relay.start()

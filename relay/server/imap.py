@@ -4,14 +4,14 @@ The connection decides everything IMAP (states, capabilities, arguments, the vie
 sets, SEARCH, the FETCH response); this module does what its events ask: log in, read the
 mailbox, set flags, expunge, open a message and send byte ranges of it, wait in IDLE.
 
-- One INBOX per account (`store.mailbox(address)`). The store's listing is given to the
-  connection on SELECT, NOOP, CHECK, UID commands and during IDLE; its flags are the
-  connection's (FLAG_LETTERS) as they are.
+- One INBOX per account (`store.mailbox(address)`, relay.store.api). The store's listing is
+  given to the connection on SELECT, NOOP, CHECK, UID commands and during IDLE, its flags
+  (api.Flag) translated to the connection's letters (FLAG_LETTERS) once per listing.
 - Literal message bytes go from the file to the socket without being held, through the body
   streamer (relay/server/stream.py: os.sendfile on plain TCP, 1 MiB preads otherwise) and the
   session's FlowControl (relay/server/flow.py: a bounded write buffer). Server memory does not
   depend on message size; a partial FETCH reads only its range.
-- IDLE (RFC 2177): store.subscribe pushes "new"/"expunge" at once; the connection sends
+- IDLE (RFC 2177): store.changes pushes new mail and expunges at once; the connection sends
   EXISTS/EXPUNGE. Autologout after imap.idle_timeout (RFC 9051 5.4: at least 30 min).
 - STARTTLS via StreamWriter.start_tls; bytes pipelined after STARTTLS are refused (RFC 9051
   6.2.1, command injection). LOGINDISABLED when relay.auth.plaintext_allowed says no.
@@ -24,23 +24,24 @@ import asyncio
 import contextlib
 import os
 import ssl
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from relay import __version__, mimetree
 from relay.auth import plaintext_allowed
 from relay.log import get_logger
-from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.stats import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.policy.penalty import MAX_FAILURES_PER_SESSION, Verdict
 from relay.protocol import imap as proto
 from relay.protocol.imap import NEED_DATA, SELECTED, untagged
 from relay.server.flow import FlowControl
 from relay.server.listener import Session, create_stream_servers
 from relay.server.pressure import RECHECK_SECONDS
-from relay.server.stream import FileBody, send_body
-from relay.store import StoreError, normalize_address
+from relay.server.stream import send_body
+from relay.store.api import Body, Change, Flag, MessageInfo, StoreError, normalize_address
 
 log = get_logger("imap")
 
@@ -48,7 +49,27 @@ INLINE_SCAN = 1024 * 1024         # MIME structure of files up to this size is p
 READ_SIZE = 64 * 1024
 WRITE_HIGH_WATER = 2 * 1024 * 1024   # transport buffer bound: two streamer chunks, then we wait
 IDLE_POLL = 30.0                  # IDLE also re-reads the index this often (changes by other processes)
-_ADD_SEEN = proto.StoreRequest("+", True, proto.FLAG_LETTERS["\\Seen"])
+SPOOL_CHUNK = 1024 * 1024         # read size when a body without a file is spooled for the MIME scan
+# The store's flags as the connection's letters (relay.protocol.imap FLAG_LETTERS) and back,
+# for every combination of the five: one dict lookup per message.
+_IMAP_NAMES = {Flag.SEEN: "\\Seen", Flag.ANSWERED: "\\Answered", Flag.FLAGGED: "\\Flagged",
+               Flag.DELETED: "\\Deleted", Flag.DRAFT: "\\Draft"}
+_LETTERS = {f: proto.letters_from_flags([n for g, n in _IMAP_NAMES.items() if g in f])
+            for f in (Flag(v) for v in range(1 << len(_IMAP_NAMES)))}
+_FLAGS = {v: k for k, v in _LETTERS.items()}
+
+
+class _View(NamedTuple):
+    """A message as the connection keeps it (proto.MessageView), with the store's id."""
+    uid: int
+    size: int
+    internaldate: float
+    flags: str
+    id: str                        # opaque and stable: the MIME tree cache key
+
+
+def _view(m: MessageInfo) -> _View:
+    return _View(m.uid, m.size, m.internaldate, _LETTERS[m.flags], m.id)
 
 
 @dataclass(frozen=True)
@@ -121,7 +142,7 @@ class _Content:
     """One opened message for the connection's FETCH rendering (proto.MessageContent): its
     MIME tree from relay.mimetree, byte ranges of the file."""
 
-    def __init__(self, fd: int, size: int, root: mimetree.Part | None) -> None:
+    def __init__(self, fd: int | None, size: int, root: mimetree.Part | None) -> None:
         self.fd, self.size, self.root = fd, size, root
 
     def envelope(self) -> bytes:
@@ -149,6 +170,7 @@ class _Content:
             return target.header_offset, target.header_size
         if sec.text == "TEXT":
             return target.body_offset, target.body_size
+        assert self.fd is not None                     # a part section: the tree's file
         return mimetree.header_fields(self.fd, target, sec.fields, sec.text.endswith(".NOT"))
 
 
@@ -399,9 +421,10 @@ class ImapSession:
             await self._open_mailbox()
         elif isinstance(ev, proto.MailboxStatus):
             mb = self.store.mailbox(self.address)
-            self.write(self.conn.status_result(mb.messages(), mb.uidvalidity, mb.uidnext))
+            messages = [_view(m) for m in await mb.messages()]
+            self.write(self.conn.status_result(messages, await mb.uidvalidity(), await mb.uidnext()))
         elif isinstance(ev, proto.QuotaRequest):
-            u = self.store.usage(self.address)
+            u = await self.store.ledger.usage(self.address)
             self.write(self.conn.quota_result(u.bytes, u.messages, u.quota_bytes, u.quota_messages))
         elif isinstance(ev, proto.Idle):
             await self._idle()
@@ -412,20 +435,20 @@ class ImapSession:
 
     # --- the store -------------------------------------------------------------------------
 
-    async def _messages(self) -> list[Any]:
-        return self.mailbox.messages()          # type: ignore[no-any-return]
+    async def _messages(self) -> list[_View]:
+        return [_view(m) for m in await self.mailbox.messages()]
 
     def _follow(self, selected: bool) -> None:
         """Follow the selected mailbox's changes while the connection is in SELECTED."""
         if selected and self.unsubscribe is None:
             self.changed.clear()
-            self.unsubscribe = self.store.subscribe(self.address, self._on_store_change)
+            self.unsubscribe = self.store.changes.subscribe(self.address, self._on_store_change)
         elif not selected and self.unsubscribe is not None:
             self.unsubscribe()
             self.unsubscribe = None
             self.mailbox = None
 
-    def _on_store_change(self, kind: str, nbytes: int, nmessages: int) -> None:
+    def _on_store_change(self, change: Change) -> None:
         self.conn.mailbox_changed()
         self.changed.set()
 
@@ -445,12 +468,10 @@ class ImapSession:
         if self.session is not None:
             self.session.idle_since = None
         self.stats.logins += 1
-        note = getattr(self.store, "note_poll", None)
-        if note is not None:
-            try:                               # bookkeeping: best effort (a full disk must
-                note(self.address)             # not keep a receiver from draining)
-            except Exception as e:  # noqa: BLE001
-                log.warning("note_poll_failed", sid=self.sid, error=type(e).__name__)
+        try:                                   # bookkeeping: best effort (a full disk must
+            await self.store.mailbox(self.address).note_poll()   # not keep a receiver from draining)
+        except Exception as e:  # noqa: BLE001
+            log.warning("note_poll_failed", sid=self.sid, error=type(e).__name__)
         self.write(self.conn.login_succeeded(self.address))
 
     async def _starttls(self) -> None:
@@ -468,14 +489,15 @@ class ImapSession:
         self._follow(False)
         self.mailbox = self.store.mailbox(self.address)
         messages = await self._messages()
-        self.write(self.conn.mailbox_opened(messages, self.mailbox.uidvalidity, self.mailbox.uidnext))
+        self.write(self.conn.mailbox_opened(messages, await self.mailbox.uidvalidity(),
+                                            await self.mailbox.uidnext()))
 
     async def _expunge(self, ev: proto.Expunge) -> None:
         deleted = proto.deleted_now(await self._messages(), ev.uids)
         gone: list[int] = []
         if deleted:
             self.relay.reserve.before_deletion()
-            gone = self.mailbox.expunge(deleted)
+            gone = await self.mailbox.expunge(deleted)
         self.write(self.conn.expunged(gone))
 
     async def _store_flags(self, ev: proto.StoreFlags) -> None:
@@ -485,11 +507,11 @@ class ImapSession:
         for seq, uid in ev.targets:
             m = current.get(uid)
             if m is not None:
-                flags = ev.request.apply(m.flags)
-                if flags != m.flags:
+                letters = ev.request.apply(m.flags)
+                if letters != m.flags:
                     try:
-                        m = self.mailbox.set_flags(uid, flags)
-                    except (StoreError, LookupError, FileNotFoundError):
+                        m = _view(await self.mailbox.set_flags(uid, _FLAGS[letters]))
+                    except (StoreError, LookupError):
                         m = None                                # expunged meanwhile
             data = self.conn.flags_stored(seq, m)
             if data:
@@ -497,63 +519,87 @@ class ImapSession:
                 await self.flush()
         self.write(self.conn.store_done())
 
-    async def _set_seen(self, uid: int) -> Any:
+    async def _set_seen(self, uid: int) -> _View | None:
         """\\Seen added to the flags the message has now; None when it is gone."""
-        with contextlib.suppress(KeyError, LookupError, FileNotFoundError):
-            flags = self.mailbox.info(uid).flags
-            return self.mailbox.set_flags(uid, _ADD_SEEN.apply(flags))
+        with contextlib.suppress(LookupError):
+            flags = (await self.mailbox.info(uid)).flags
+            return _view(await self.mailbox.set_flags(uid, flags | Flag.SEEN))
         return None
 
-    def _open(self, uid: int) -> int | None:
-        for _ in range(3):                           # a flag rename may race with the open
-            try:
-                return os.open(self.mailbox.path(uid), os.O_RDONLY)
-            except (FileNotFoundError, KeyError, LookupError):
-                continue
-        return None
+    async def _open(self, uid: int) -> Body | None:
+        try:
+            body: Body = await self.mailbox.body(uid)
+        except LookupError:                          # expunged meanwhile (NoSuchMessage)
+            return None
+        return body
+
+    async def _spool(self, body: Body) -> int:
+        """A body the store cannot hand over as a file (no fileno()), copied into an unlinked
+        temporary file chunk by chunk, for the MIME parser, which reads by offset."""
+        fd, path = tempfile.mkstemp(prefix="imap-spool-", dir=self.config.data_dir)
+        os.unlink(path)
+        try:
+            offset = 0
+            while offset < body.size:
+                data = await body.read(offset, SPOOL_CHUNK)
+                if not data:
+                    raise StoreError(f"message body ended at {offset} of {body.size}")
+                os.write(fd, data)
+                offset += len(data)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     async def _fetch(self, ev: proto.Fetch) -> None:
         for seq, uid, set_seen in ev.targets:
-            fd = self._open(uid) if ev.needs_body else None
-            if ev.needs_body and fd is None:
+            body = await self._open(uid) if ev.needs_body else None
+            if ev.needs_body and body is None:
                 self.conn.fetch_missing()
             else:
                 try:
-                    await self._fetch_one(ev, seq, uid, set_seen, fd)
+                    await self._fetch_one(ev, seq, uid, set_seen, body)
                 finally:
-                    if fd is not None:
-                        os.close(fd)
+                    if body is not None:
+                        body.close()
             await self.flush()                 # FETCH 1:* of 10,000 messages: bounded buffer
         self.write(self.conn.fetch_done())
 
-    async def _fetch_one(self, ev: proto.Fetch, seq: int, uid: int, set_seen: bool, fd: int | None) -> None:
+    async def _fetch_one(self, ev: proto.Fetch, seq: int, uid: int, set_seen: bool, body: Body | None) -> None:
         seen = await self._set_seen(uid) if set_seen else None
         content = None
-        if fd is not None:
-            size = os.fstat(fd).st_size
-            root = None
-            if ev.needs_tree:                  # a boundary scan may read the whole file:
-                name = self.mailbox.info(uid).name if seen is None else seen.name
-                if size <= INLINE_SCAN:        # not on the loop, unless the file is small
-                    root = _tree(name, size, fd, ev.needs_lines)
+        spooled = -1
+        try:
+            if body is not None:
+                fd = body.fileno()
+                root = None
+                if ev.needs_tree:
+                    if fd is None:
+                        fd = spooled = await self._spool(body)
+                    name = (seen or cast(_View, self.conn.view[seq - 1])).id
+                    if body.size <= INLINE_SCAN:   # a boundary scan may read the whole file:
+                        root = _tree(name, body.size, fd, ev.needs_lines)   # not on the loop
+                    else:                          # unless the file is small
+                        root = await asyncio.to_thread(_tree, name, body.size, fd, ev.needs_lines)
+                content = _Content(fd, body.size, root)
+            out = self.conn.fetch_message(seq, content, seen)
+            t0 = time.monotonic()
+            self._in_response = True           # cut inside: the client cannot recover
+            for piece in out.parts:
+                if isinstance(piece, bytes):
+                    self.write(piece)
                 else:
-                    root = await asyncio.to_thread(_tree, name, size, fd, ev.needs_lines)
-            content = _Content(fd, size, root)
-        out = self.conn.fetch_message(seq, content, seen)
-        t0 = time.monotonic()
-        self._in_response = True               # cut inside: the client cannot recover
-        for piece in out.parts:
-            if isinstance(piece, bytes):
-                self.write(piece)
-            else:
-                assert fd is not None
-                await self.send_file(fd, piece.offset, piece.count)
-        self._in_response = False
+                    assert body is not None
+                    await self.send_file(body, piece.offset, piece.count)
+            self._in_response = False
+        finally:
+            if spooled >= 0:
+                os.close(spooled)
         if out.whole:
             self.stats.messages_fetched += 1
             self.stats.fetch_duration.observe(time.monotonic() - t0)
             with contextlib.suppress(Exception):
-                self.mailbox.note_fetched(uid)
+                await self.mailbox.note_fetched(uid)
 
     # --- IDLE ------------------------------------------------------------------------------
 
@@ -587,8 +633,9 @@ class ImapSession:
 
     # --- streaming -------------------------------------------------------------------------
 
-    async def send_file(self, fd: int, offset: int, count: int) -> None:
-        """`count` bytes of the open message from `offset`, by the body streamer."""
+    async def send_file(self, body: Body, offset: int, count: int) -> None:
+        """`count` bytes of the open message from `offset`, by the body streamer (sendfile
+        when the store gives a file, its read(offset, n) otherwise)."""
         self.stats.fetched_bytes += count
         self.sent += count
-        await send_body(FileBody(fd), self.flow, offset, count, timeout=self.config.imap.idle_timeout)
+        await send_body(body, self.flow, offset, count, timeout=self.config.imap.idle_timeout)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -25,14 +24,14 @@ from typing import Any
 
 from relay.auth import plaintext_allowed
 from relay.log import get_logger
-from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.stats import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.protocol import pop3 as proto
 from relay.policy.penalty import MAX_FAILURES_PER_SESSION, Verdict
 from relay.server.flow import FlowControl
 from relay.server.listener import Session, create_stream_servers
 from relay.server.pressure import RECHECK_SECONDS
-from relay.server.stream import CHUNK, FileBody, send_body
-from relay.store import StoreError
+from relay.server.stream import CHUNK, send_body
+from relay.store.api import StoreError
 
 log = get_logger("pop3")
 
@@ -72,10 +71,8 @@ class Pop3Service:
 
 
 def service(relay: Any) -> Pop3Service:
-    """relay.pop3, created on first use."""
-    svc = getattr(relay, "pop3", None)
-    if svc is None:
-        svc = relay.pop3 = Pop3Service()
+    """relay.pop3 (set in Relay.__init__)."""
+    svc: Pop3Service = relay.pop3
     return svc
 
 
@@ -162,11 +159,11 @@ class Pop3Session:
         now = time.monotonic()
         idle_left = t0 + c.idle_timeout - now
         if self.address is not None:
-            return idle_left
+            return float(idle_left)
         limit = c.login_timeout
         if self.relay.sessions.stressed("pop3"):
             limit = min(limit, c.stress_login_timeout)
-        return min(idle_left, self._started + limit - now, RECHECK_SECONDS)
+        return float(min(idle_left, self._started + limit - now, RECHECK_SECONDS))
 
     async def _read(self) -> bytes | None:
         """The next bytes from the client, or None on a timeout."""
@@ -272,6 +269,7 @@ class Pop3Session:
         elif isinstance(ev, proto.Quit):
             await self._write(await self._update(ev))
             return "ok"
+        return None
 
     # --- AUTHORIZATION -> TRANSACTION ---------------------------------------------------
     async def _authenticate(self, ev: proto.Authenticate) -> bytes:
@@ -281,7 +279,7 @@ class Pop3Session:
             self.auth_failures += 1
             return self.conn.auth_failed("temp")
         try:
-            account = store.accounts.get(ev.user) if verdict is Verdict.OK else None
+            account = await store.accounts.get(ev.user) if verdict is Verdict.OK else None
         except StoreError as e:  # store failure: temporary
             log.error("auth_store_error", sid=self.sid, error=str(e))
             return self.conn.auth_failed("temp")
@@ -299,23 +297,21 @@ class Pop3Session:
         try:
             try:
                 mb = store.mailbox(address)
-                snapshot = [proto.Message(m.uid, m.size) for m in mb.messages()]
+                snapshot = [proto.Message(m.uid, m.size) for m in await mb.messages()]
             except StoreError as e:           # a full disk: the reserve makes room, once
                 if not self.relay.reserve.release_for(e):
                     raise
-                snapshot = [proto.Message(m.uid, m.size) for m in mb.messages()]
-            uidvalidity = mb.uidvalidity
+                snapshot = [proto.Message(m.uid, m.size) for m in await mb.messages()]
+            uidvalidity = await mb.uidvalidity()
         except Exception as e:
             log.error("maildrop_error", sid=self.sid, error=f"{type(e).__name__}: {e}")
             self._unlock()
             self.address = None
             return self.conn.auth_failed("temp")
-        note_poll = getattr(store, "note_poll", None)
-        if note_poll is not None:
-            try:                               # bookkeeping: best effort (a full disk must
-                note_poll(address)             # not keep a receiver from draining)
-            except Exception as e:  # noqa: BLE001
-                log.warning("note_poll_failed", sid=self.sid, error=type(e).__name__)
+        try:                                   # bookkeeping: best effort (a full disk must
+            await mb.note_poll()               # not keep a receiver from draining)
+        except Exception as e:  # noqa: BLE001
+            log.warning("note_poll_failed", sid=self.sid, error=type(e).__name__)
         if self.session is not None:
             self.session.idle_since = None
         self.mailbox = mb
@@ -336,24 +332,24 @@ class Pop3Session:
     # --- TRANSACTION -------------------------------------------------------------------
     async def _retrieve(self, ev: proto.Retrieve) -> None:
         try:
-            fd = os.open(self.mailbox.path(ev.uid), os.O_RDONLY)
-        except (OSError, StoreError):  # expunged meanwhile (IMAP) or unreadable
+            body = await self.mailbox.body(ev.uid)
+        except StoreError:  # expunged meanwhile (IMAP) or unreadable
             self._out(proto.err(f"Message {ev.msgno} is no longer available", "SYS/PERM"))
             return
         started = time.monotonic()
         try:
             self._out(ev.head)
             self._in_response = True
-            await send_body(FileBody(fd), self.flow, dot_stuff=True, top_lines=ev.top_lines,
+            await send_body(body, self.flow, dot_stuff=True, top_lines=ev.top_lines,
                             timeout=self.relay.config.pop3.idle_timeout, progress=self._count)
             self._in_response = False
         finally:
-            os.close(fd)
+            body.close()
         if ev.top_lines is None:
             self.stats.messages_fetched += 1
             self.stats.fetch_duration.observe(time.monotonic() - started)
             try:
-                self.mailbox.note_fetched(ev.uid)
+                await self.mailbox.note_fetched(ev.uid)
             except Exception as e:  # bookkeeping must not break the session
                 log.error("note_fetched_failed", sid=self.sid, uid=ev.uid, exc_info=e)
 
@@ -369,11 +365,11 @@ class Pop3Session:
             try:
                 # only what was removed here (an IMAP session may have expunged some already)
                 try:
-                    removed = self.mailbox.expunge(list(ev.expunge))
+                    removed = await self.mailbox.expunge(list(ev.expunge))
                 except StoreError as e:       # a full disk: the reserve makes room, once
                     if not self.relay.reserve.release_for(e):
                         raise
-                    removed = self.mailbox.expunge(list(ev.expunge))
+                    removed = await self.mailbox.expunge(list(ev.expunge))
                 self.stats.messages_deleted += len(removed)
             except Exception as e:  # report, keep the messages
                 log.error("expunge_failed", sid=self.sid, uids=len(ev.expunge), exc_info=e)
