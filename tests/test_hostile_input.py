@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -97,6 +98,11 @@ def test_null_sender_and_plain_addresses_still_accepted() -> None:
     got = smtp(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<b@y.test>\r\nRSET\r\n",
                b"MAIL FROM:< a@b.test >\r\n")
     assert [g[:3] for g in got] == ["250", "250", "250", "250", "250"]
+
+
+def test_non_ascii_parameter_name_is_not_a_parameter() -> None:
+    got = smtp(b"EHLO c\r\n", "MAIL FROM:<a@b.test> \u017fIZE=10\r\n".encode())   # ſIZE
+    assert got[-1].startswith("555 5.5.4")
 
 
 def test_non_ascii_verb_is_not_a_command() -> None:
@@ -206,6 +212,10 @@ def test_imap_search_of_many_keys_evaluates_flat() -> None:
 ])
 def test_imap_numbers_are_ascii_with_bounded_digits(line: bytes, reply: str) -> None:
     assert imap_reply(line) == reply
+
+
+def test_imap_search_key_names_are_ascii() -> None:
+    assert imap_reply('t SEARCH "\u017fEEN"\r\n'.encode()) == "BAD Syntax error: unsupported search key \u017fEEN"
 
 
 def test_imap_search_date_takes_ascii_digits_only() -> None:
@@ -435,3 +445,18 @@ def test_header_bytes_parsed_per_message_are_bounded(tmp_path: Path) -> None:
         last = root.children[-1]
         f.seek(last.body_offset)
         assert f.read(last.body_size) == b"DICM"
+
+
+@pytest.mark.parametrize("name", ["smtp", "imap", "pop3", "mime"])
+def test_atheris_bounded_run(name: str, tmp_path: Path) -> None:
+    """The coverage-guided fuzzer itself, a bounded run from the seeds (fixed seed and count);
+    the long runs are documented in fuzz/README.md."""
+    pytest.importorskip("atheris")      # the `fuzz` extra; .ci/run installs it
+    work = tmp_path / "work"
+    work.mkdir()
+    p = subprocess.run([sys.executable, str(ROOT / "fuzz" / "run.py"), name, "-runs=1500",
+                        "-seed=12", "-timeout=20", f"-artifact_prefix={tmp_path}/", str(work)],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"Done 1500 runs", p.stderr), p.stderr[-1000:]
+    assert not list(tmp_path.glob("crash-*"))

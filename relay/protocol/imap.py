@@ -764,7 +764,7 @@ def _parse_search(args: tuple[Arg, ...] | list[Arg], depth: int, count: list[int
                 raise ImapSyntaxError("empty search list")
             return _parse_search(it, level + 1, count)
         word = astring(it)
-        up = word.upper()
+        up = word.upper() if word.isascii() else word     # '"ſeen"'.upper() is not SEEN
 
         def arg() -> str:
             nonlocal pos

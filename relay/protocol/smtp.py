@@ -547,7 +547,7 @@ class SmtpConnection:
         smtputf8 = False
         for p in params:
             key, eq, value = p.partition("=")
-            key = key.upper()
+            key = key.upper() if key.isascii() else "?"    # "ſize".upper() == "SIZE"
             if key == "SIZE" and eq and (n := ascii_number(value, MAX_SIZE_DIGITS)) is not None:
                 size = n
             elif key == "BODY" and value.upper() in ("7BIT", "8BITMIME", "BINARYMIME"):
