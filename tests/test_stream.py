@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -158,9 +159,13 @@ def test_progress_counts_message_bytes_and_a_short_body_is_an_error() -> None:
 
 # --- real sockets -----------------------------------------------------------------------------
 
-def loopback(body: bytes, ssl_server: ssl.SSLContext | None, ssl_client: ssl.SSLContext | None,
-             **kw: Any) -> tuple[bytes, Sent]:
-    """Serve `body` from a file with send_body to one client on 127.0.0.1; what it received."""
+LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+
+
+def loopback(run: Any, body: bytes, ssl_server: ssl.SSLContext | None,
+             ssl_client: ssl.SSLContext | None, **kw: Any) -> tuple[bytes, Sent]:
+    """Serve `body` from a file with send_body to one client on 127.0.0.1 (in a loop made by
+    `run`: the relay runs uvloop); what the client received."""
     async def go() -> tuple[bytes, Sent]:
         done: asyncio.Future[Sent] = asyncio.Future()
 
@@ -190,32 +195,36 @@ def loopback(body: bytes, ssl_server: ssl.SSLContext | None, ssl_client: ssl.SSL
         server.close()
         await server.wait_closed()
         return bytes(got), await done
-    return asyncio.run(go())
+    result: tuple[bytes, Sent] = run(go())
+    return result
 
 
 BIG = (b".dot\r\n" + os.urandom(3000).hex().encode() + b"\r\n") * 700     # ~4 MiB
 
 
-def test_plain_tcp_uses_sendfile_and_keeps_every_byte() -> None:
-    got, sent = loopback(BIG, None, None)
+@LOOPS
+def test_plain_tcp_uses_sendfile_and_keeps_every_byte(run: Any) -> None:
+    got, sent = loopback(run, BIG, None, None)
     assert got == BIG
     assert sent.sendfile_bytes > len(BIG) // 2 and sent.wire_bytes == len(BIG)
-    got, sent = loopback(BIG, None, None, offset=12345, count=2_000_000)
+    got, sent = loopback(run, BIG, None, None, offset=12345, count=2_000_000)
     assert got == BIG[12345:12345 + 2_000_000]
 
 
-def test_plain_tcp_dot_stuffing_copies(tmp_path: Path) -> None:
-    got, sent = loopback(BIG, None, None, dot_stuff=True)
+@LOOPS
+def test_plain_tcp_dot_stuffing_copies(run: Any) -> None:
+    got, sent = loopback(run, BIG, None, None, dot_stuff=True)
     assert got == stuffed(BIG) and sent.sendfile_bytes == 0
 
 
-def test_tls_copies_and_keeps_every_byte(tmp_path: Path) -> None:
+@LOOPS
+def test_tls_copies_and_keeps_every_byte(run: Any, tmp_path: Path) -> None:
     cert, key = make_cert(tmp_path)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
-    got, sent = loopback(BIG, server_ctx, client_context(cert))
+    got, sent = loopback(run, BIG, server_ctx, client_context(cert))
     assert got == BIG and sent.sendfile_bytes == 0
-    got, sent = loopback(BIG, server_ctx, client_context(cert), dot_stuff=True)
+    got, sent = loopback(run, BIG, server_ctx, client_context(cert), dot_stuff=True)
     assert got == stuffed(BIG)
 
 

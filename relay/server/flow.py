@@ -25,12 +25,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-# The reasons the servers use (any string works; these are the ones metrics and logs know).
+# The reasons (any string works; these are the ones the servers use and logs show).
 TASK = "task"            # an awaited step (commit, AUTH, STARTTLS) owns the session
 PACE = "pace"            # the sender is ahead of the rate its recipients drain (policy/)
 WRITE = "write"          # replies pass the write buffer's high-water mark (a client that
                          # pipelines commands and reads nothing)
-BUFFERS = "buffers"      # the read-buffer pool has nothing to lend (server/pressure.py)
+BUFFERS = "buffers"      # a read-buffer pool with nothing to lend (unused today:
+                         # server/pressure.py's ReadBuffers allocates rather than refuse)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@
 - DELE only marks; QUIT in TRANSACTION enters UPDATE and removes the marked messages through
   `mailbox.expunge` (which frees quota). A dropped connection or an idle timeout removes nothing.
 - RETR and TOP stream the file through relay/server/stream.py `send_body(dot_stuff=True)`:
-  1 MiB preads, each dot-stuffed in the streamer's pool while the previous one is being sent,
-  written with the session's FlowControl (relay/server/flow.py: a bounded write buffer,
+  1 MiB preads in the streamer's pool, one ahead of the chunk being sent, dot-stuffed as they
+  arrive, written with the session's FlowControl (relay/server/flow.py: a bounded write buffer,
   `wait_writable()`). Server memory is a few MiB per session whatever the size.
 - STLS (RFC 2595) via StreamWriter.start_tls; implicit TLS listeners get the TLS context at bind.
 - Counters: `relay.pop3.statistics()` -> Pop3Stats (messages/bytes fetched, fetch
