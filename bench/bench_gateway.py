@@ -201,6 +201,7 @@ def main() -> int:
     ap.add_argument("--table-size", default="48MB", help="DICOM bytes for the compression table (0: none)")
     ap.add_argument("--inner-encoding", default="base64", choices=dicommime.INNER_ENCODINGS,
                     help="the gateways' inner_encoding (default base64)")
+    ap.add_argument("--compress-level", type=int, default=0, help="the gateways' compress_level (default 0)")
     ap.add_argument("--dir", default=None, help="work directory (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
@@ -242,7 +243,8 @@ def main() -> int:
                 f'address = "{addr}"\npassword = "{PASSWORD}"\nsecret_key = "gateway.sec.asc"\n'
                 f'smtp = "127.0.0.1:{smtp}"\nimap = "127.0.0.1:{imap}"\n'
                 f'directory = "{base / "dir" / "directory.json"}"\ndirectory_key = "{base / "directory.asc"}"\n'
-                f'split_size = "{a.split_size}"\ninner_encoding = "{a.inner_encoding}"\n')
+                f'split_size = "{a.split_size}"\ninner_encoding = "{a.inner_encoding}"\n'
+                f"compress_level = {a.compress_level}\n")
             cfgs[addr] = d / "gw.toml"
         # the directory pushes at setup are drained first, so that receive measures the study
         relay_cmd("gateway", "receive", "--once", "--config", str(cfgs[RAD]))
@@ -286,6 +288,8 @@ def main() -> int:
             for k in ("wall", "cpu", "rss_mib"):
                 add(f"send_cmd_{k}", t_send[k])
             parts = re.search(r"(\d+) message\(s\)", out)
+            wire = re.search(r"message_bytes=(\d+)", out)
+            add("wire", int(wire.group(1)) / dicom_bytes if wire else float("nan"))
             g = gpg_cmd(homes[RAD], "-o", str(base / "raw.out"), "-d", str(base / "raw.asc"))
             for k in ("wall", "cpu", "rss_mib"):
                 add(f"gpg_dec_{k}", g[k])
@@ -316,7 +320,8 @@ def main() -> int:
         def mbs(sec: float) -> float:
             return dicom_bytes / MB / sec if sec else float("nan")
         print(f"\nmedians of {a.runs} run(s), {dicom_bytes / MB:.0f} MB of DICOM, inner encoding "
-              f"{a.inner_encoding}; MB/s = 10^6 DICOM bytes/s; ratio = gpg CLI s / gateway s")
+              f"{a.inner_encoding}, compress_level {a.compress_level} (gpg CLI: -z 0);"
+              f" MB/s = 10^6 DICOM bytes/s; ratio = gpg CLI s / gateway s")
         print(f"{'':<44} {'gateway s':>9} {'MB/s':>7} {'gpg s':>7} {'MB/s':>7} {'ratio':>6}")
         lines = [
             ("send, data path (encrypt: MIME+gpg+armor)", m.get("send_encrypt", 0), m["gpg_enc_wall"]),
@@ -331,7 +336,7 @@ def main() -> int:
             print(f"{name:<44} {mine:9.2f} {mbs(mine):7.1f} {ref:7.2f} {mbs(ref):7.1f} {ref / mine:6.2f}")
         stages = "  ".join(f"{k.split('_', 1)[1]} {v:.2f} s" for k, v in m.items()
                            if k.startswith(("send_", "recv_")) and "_cmd_" not in k)
-        print(f"stages: {stages}")
+        print(f"stages: {stages}; on the wire: {m['wire']:.2f} x the DICOM bytes")
         print(f"peak RSS: send {m['send_cmd_rss_mib']:.0f} MiB, receive {m['recv_cmd_rss_mib']:.0f} MiB, "
               f"MDN receive {m['mdn_cmd_rss_mib']:.0f} MiB, gpg CLI {m['gpg_enc_rss_mib']:.0f}/"
               f"{m['gpg_dec_rss_mib']:.0f} MiB (study {dicom_bytes / 2**20:.0f} MiB)")
