@@ -29,6 +29,8 @@ def test_contract_keys_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.compress_level == 0 and not cfg.accept_unsigned_mdn
     assert cfg.inner_encoding == "base64"
     assert from_dict({**BASE, "inner_encoding": "binary"}, tmp_path).inner_encoding == "binary"
+    assert cfg.unconfirmed_after == 4 * 3600.0
+    assert from_dict({**BASE, "unconfirmed_after": 600}, tmp_path).unconfirmed_after == 600.0
 
 
 def test_password_file_first_line(tmp_path: Path) -> None:
@@ -45,6 +47,7 @@ def test_password_file_first_line(tmp_path: Path) -> None:
     ({**BASE, "compress_level": 12}, "compress_level"),
     ({**BASE, "inner_encoding": "quoted-printable"}, "inner_encoding"),
     ({**BASE, "quiet_period": "soon"}, "quiet_period"),
+    ({**BASE, "unconfirmed_after": -1}, "unconfirmed_after"),
     ({**BASE, "keep_after_store": "yes"}, "keep_after_store"),
     ({k: v for k, v in BASE.items() if k != "secret_key"}, "secret_key"),
     ({k: v for k, v in BASE.items() if k != "directory_key"}, "directory_key"),

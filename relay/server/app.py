@@ -33,6 +33,18 @@ class Relay:
         from relay.policy.backpressure import Backpressure
 
         self.policy: Any = Backpressure(config, self.store)   # quotas, disk, pacing (issue 4)
+        from relay.policy.penalty import LoginPenalty
+        from relay.server.pressure import ReadBuffers
+
+        # the one login throttle of SMTP AUTH, IMAP and POP3; argon2 on its own pool (issue 12)
+        self.logins = LoginPenalty(config, self.store.accounts.verify_async)
+        self.read_buffers = ReadBuffers()         # SMTP receive buffers, lent per read
+        from relay.policy.backpressure import statvfs_free
+        from relay.policy.reserve import DiskReserve
+
+        # room for deletions on a full disk (receivers must be able to drain it)
+        self.reserve = DiskReserve(config.data_dir, config.backpressure.disk_reserve,
+                                   config.min_free_disk, statvfs_free(config.data_dir))
         self.directory: Any = None        # relay.directory service (issue 7)
         # Read-only HTTP routes served on the metrics listener: path prefix ->
         # handler(path) -> (status, content_type, body). "/metrics" is the metrics module's.
@@ -46,6 +58,7 @@ class Relay:
         from relay.server import imap, pop3, smtp
 
         self.store.recover()
+        self.reserve.start()
         from relay.directory import (
             DirectoryService,  # answers directory@, pushes changes, HTTP
         )
