@@ -27,6 +27,8 @@ def test_contract_keys_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.split_size == 8 * 1024**2 and cfg.smtp_addr == ("127.0.0.1", 2525)
     assert cfg.directory_mailbox == "directory@hospital.test"
     assert cfg.compress_level == 0 and not cfg.accept_unsigned_mdn
+    assert cfg.inner_encoding == "base64"
+    assert from_dict({**BASE, "inner_encoding": "binary"}, tmp_path).inner_encoding == "binary"
     assert cfg.unconfirmed_after == 4 * 3600.0
     assert from_dict({**BASE, "unconfirmed_after": 600}, tmp_path).unconfirmed_after == 600.0
 
@@ -43,6 +45,7 @@ def test_password_file_first_line(tmp_path: Path) -> None:
     ({**BASE, "split_size": "huge"}, "split_size"),
     ({**BASE, "smtp": "nohostport"}, "smtp"),
     ({**BASE, "compress_level": 12}, "compress_level"),
+    ({**BASE, "inner_encoding": "quoted-printable"}, "inner_encoding"),
     ({**BASE, "quiet_period": "soon"}, "quiet_period"),
     ({**BASE, "unconfirmed_after": -1}, "unconfirmed_after"),
     ({**BASE, "keep_after_store": "yes"}, "keep_after_store"),

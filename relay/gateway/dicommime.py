@@ -7,12 +7,15 @@ written and read in blocks: a study is never held in memory and pixel data is ne
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -20,13 +23,14 @@ from pydicom.errors import InvalidDicomError
 from relay.gateway.mime import (
     B64_BLOCK,
     BLOCK,
+    INNER_ENCODINGS,
     Base64Decoder,
     Base64Encoder,
     MimeError,
     MultipartReader,
     new_boundary,
     param,
-    read_headers,
+    read_headers_stream,
 )
 
 
@@ -135,30 +139,36 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:120] or "file.dcm"
 
 
-def write_study(instances: list[Instance], out_path: Path) -> int:
-    """Write the study as a MIME entity (headers + multipart/mixed body, CRLF) to out_path.
-    Returns its size."""
+def study_chunks(instances: list[Instance], encoding: str = "base64") -> Iterator[bytes]:
+    """The study as a MIME entity (headers + multipart/mixed body, CRLF), in blocks of ~1 MiB:
+    each DICOM file is read once, encoded and handed on (to gpg's stdin), never staged."""
+    if encoding not in INNER_ENCODINGS:
+        raise ValueError(f"inner encoding {encoding!r}: expected one of {', '.join(INNER_ENCODINGS)}")
     boundary = new_boundary()
-    enc = Base64Encoder()
+    yield (f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n'
+           f"Content-Description: DICOM study {instances[0].study_uid}\r\n"
+           f"\r\n"
+           f"This is a DICOM study in MIME format (DICOM PS3.12 Annex K, RFC 3240).\r\n").encode()
+    for n, inst in enumerate(instances, 1):
+        name = _safe_name(inst.path.name)
+        yield (f"\r\n--{boundary}\r\n"
+               f'Content-Type: application/dicom; id="{file_id(n)}"; name="{name}"\r\n'
+               f"Content-Transfer-Encoding: {encoding}\r\n"
+               f'Content-Disposition: attachment; filename="{name}"\r\n'
+               f"\r\n").encode()
+        enc = Base64Encoder() if encoding == "base64" else None
+        with open(inst.path, "rb") as src:
+            while data := src.read(B64_BLOCK):
+                yield enc.feed(data) if enc else data
+        if enc:
+            yield enc.finish()
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def write_study(instances: list[Instance], out_path: Path, encoding: str = "base64") -> int:
+    """Write the study as a MIME entity (study_chunks) to out_path. Returns its size."""
     with open(out_path, "wb") as out:
-        out.write(
-            f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n'
-            f"Content-Description: DICOM study {instances[0].study_uid}\r\n"
-            f"\r\n"
-            f"This is a DICOM study in MIME format (DICOM PS3.12 Annex K, RFC 3240).\r\n".encode())
-        for n, inst in enumerate(instances, 1):
-            name = _safe_name(inst.path.name)
-            out.write(
-                f"\r\n--{boundary}\r\n"
-                f'Content-Type: application/dicom; id="{file_id(n)}"; name="{name}"\r\n'
-                f"Content-Transfer-Encoding: base64\r\n"
-                f'Content-Disposition: attachment; filename="{name}"\r\n'
-                f"\r\n".encode())
-            with open(inst.path, "rb") as src:
-                while data := src.read(B64_BLOCK):
-                    out.write(enc.feed(data))
-            out.write(enc.finish())
-        out.write(f"\r\n--{boundary}--\r\n".encode())
+        out.writelines(study_chunks(instances, encoding))
         return out.tell()
 
 
@@ -169,21 +179,22 @@ class ExtractedFile:
     instance: Instance
 
 
-def extract_study(mime_path: Path, out_dir: Path) -> list[ExtractedFile]:
-    """Decode every part of a study entity into out_dir (one file per part, in order) and check
-    each is DICOM. Raises NotDicom (a part that is not application/dicom or not DICOM) or
-    MimeError (malformed MIME)."""
+def extract_study(source: Path | BinaryIO, out_dir: Path) -> list[ExtractedFile]:
+    """Decode every part of a study entity (a file, or a stream such as gpg's output) into
+    out_dir (one file per part, in order) and check each is DICOM. Raises NotDicom (a part that
+    is not application/dicom or not DICOM) or MimeError (malformed MIME)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     result: list[ExtractedFile] = []
-    with open(mime_path, "rb") as fp:
-        head, _ = read_headers(fp)
+    with contextlib.ExitStack() as stack:
+        fp = stack.enter_context(open(source, "rb")) if isinstance(source, Path) else source
+        head, rest = read_headers_stream(fp)
         if head.get_content_type() == "application/dicom":
             parts = None
         elif head.get_content_maintype() == "multipart":
             boundary = param(head, "boundary")
             if not boundary:
                 raise MimeError("multipart without a boundary")
-            parts = MultipartReader(fp, boundary).parts()
+            parts = MultipartReader(fp, boundary, prefix=rest).parts()
         else:
             raise NotDicom(f"content is {head.get_content_type()}, not DICOM")
 
@@ -200,14 +211,14 @@ def extract_study(mime_path: Path, out_dir: Path) -> list[ExtractedFile]:
             with open(target, "wb") as out:
                 out.writelines(dec.feed(c) if dec else c for c in chunks)
                 if dec:
-                    dec.finish()
+                    out.write(dec.finish())
                 out.flush()
                 os.fsync(out.fileno())      # it leaves the mailbox once imported
             inst = read_instance(target)
             result.append(ExtractedFile(target, name, inst))
 
         if parts is None:
-            one(head, iter(lambda: fp.read(BLOCK), b""), 1)
+            one(head, itertools.chain([rest], iter(lambda: fp.read(BLOCK), b"")), 1)
         else:
             for n, (headers, chunks) in enumerate(parts, 1):
                 one(headers, chunks, n)

@@ -15,17 +15,20 @@ import email.utils
 import io
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
 from pathlib import Path
+from typing import BinaryIO
 
 from relay.gateway.mime import (
     BLOCK,
+    ArmorDecoder,
+    ArmorEncoder,
+    ChunkReader,
     MimeError,
     MultipartReader,
-    copy_crlf,
     header_block,
     new_boundary,
     new_message_id,
@@ -47,18 +50,25 @@ def envelope_headers(sender: str, to: str, message_id: str, subject: str = SUBJE
             + _hdr("Subject", subject) + _hdr("Message-ID", message_id) + _hdr("MIME-Version", "1.0"))
 
 
-def build_encrypted(entity: Path, out: Path, ring: Keyring, recipient_fpr: str, sender: str,
-                    to: str, message_id: str, consume: bool = False) -> int:
-    """Sign+encrypt the MIME entity in `entity` and write the whole RFC 5322 message to `out`.
-    Returns its size. The armored ciphertext is written by gpg into a scratch file beside `out`
-    and copied in with CRLF line ends. `consume`: remove `entity` once encrypted (disk)."""
-    scratch = out.with_name(out.name + ".asc")
+def build_encrypted(entity: Path | Iterable[bytes], out: Path, ring: Keyring, recipient_fpr: str,
+                    sender: str, to: str, message_id: str, consume: bool = False) -> int:
+    """Sign+encrypt the MIME entity (a file, or its bytes in blocks: dicommime.study_chunks)
+    and write the whole RFC 5322 message to `out`. Returns its size. One pass: the entity goes
+    into gpg's stdin, gpg's binary output is armored (mime.ArmorEncoder) straight into `out`
+    with CRLF line ends. `consume`: remove an `entity` file once encrypted (disk)."""
+    if isinstance(entity, Path):
+        path = entity
+
+        def blocks() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                yield from iter(lambda: f.read(BLOCK), b"")
+        source = ChunkReader(blocks())
+    else:
+        source = ChunkReader(entity)
+    boundary = new_boundary()
+    armor = ArmorEncoder()
     try:
-        ring.encrypt_sign(entity, scratch, recipient_fpr)
-        if consume:
-            entity.unlink()
-        boundary = new_boundary()
-        with open(out, "wb") as o, open(scratch, "rb") as asc:
+        with open(out, "wb") as o:
             o.write(envelope_headers(sender, to, message_id)
                     + _hdr("Disposition-Notification-To", sender)
                     + _hdr("Content-Type", f'multipart/encrypted; protocol="application/pgp-encrypted";'
@@ -70,39 +80,62 @@ def build_encrypted(entity: Path, out: Path, ring: Keyring, recipient_fpr: str, 
                     + f"--{boundary}\r\n".encode()
                     + b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n'
                     + b'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n')
-            copy_crlf(asc, o)
-            o.write(f"\r\n--{boundary}--\r\n".encode())
-            return o.tell()
-    finally:
-        scratch.unlink(missing_ok=True)
+            ring.encrypt_sign_stream(source, recipient_fpr, lambda data: o.write(armor.feed(data)))
+            if source.error is not None:
+                raise source.error
+            o.write(armor.finish() + f"\r\n--{boundary}--\r\n".encode())
+            size = o.tell()
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    if consume and isinstance(entity, Path):
+        entity.unlink()
+    return size
+
+
+def open_encrypted(fp: BinaryIO) -> tuple[Message, Iterator[bytes]]:
+    """Check that the message at fp is PGP/MIME (RFC 3156 4) and return its headers and the
+    body of its application/octet-stream part (the armored OpenPGP message) in blocks.
+    Raises MimeError if it is not multipart/encrypted per RFC 3156."""
+    head, _ = read_headers(fp)
+    if head.get_content_type() != "multipart/encrypted":
+        raise MimeError(f"not encrypted: {head.get_content_type()}")
+    if (param(head, "protocol") or "").lower() != "application/pgp-encrypted":
+        raise MimeError("multipart/encrypted without protocol=application/pgp-encrypted")
+    boundary = param(head, "boundary")
+    if not boundary:
+        raise MimeError("multipart/encrypted without a boundary")
+    parts = MultipartReader(fp, boundary).parts()
+    for n, (h, chunks) in enumerate(parts, 1):
+        if n == 1:
+            if h.get_content_type() != "application/pgp-encrypted":
+                raise MimeError("first part is not application/pgp-encrypted")
+            if b"Version: 1" not in b"".join(chunks):
+                raise MimeError("no 'Version: 1' in the control part")
+        elif n == 2:
+            if h.get_content_type() != "application/octet-stream":
+                raise MimeError("second part is not application/octet-stream")
+            return head, chunks
+    raise MimeError("multipart/encrypted with fewer than two parts")
 
 
 def extract_encrypted(msg_path: Path, out: Path) -> Message:
     """The armored part of a PGP/MIME message into `out`. Returns the message headers.
     Raises MimeError if it is not multipart/encrypted per RFC 3156."""
     with open(msg_path, "rb") as fp:
-        head, _ = read_headers(fp)
-        if head.get_content_type() != "multipart/encrypted":
-            raise MimeError(f"not encrypted: {head.get_content_type()}")
-        if (param(head, "protocol") or "").lower() != "application/pgp-encrypted":
-            raise MimeError("multipart/encrypted without protocol=application/pgp-encrypted")
-        boundary = param(head, "boundary")
-        if not boundary:
-            raise MimeError("multipart/encrypted without a boundary")
-        parts = MultipartReader(fp, boundary).parts()
-        for n, (h, chunks) in enumerate(parts, 1):
-            if n == 1:
-                if h.get_content_type() != "application/pgp-encrypted":
-                    raise MimeError("first part is not application/pgp-encrypted")
-                if b"Version: 1" not in b"".join(chunks):
-                    raise MimeError("no 'Version: 1' in the control part")
-            elif n == 2:
-                if h.get_content_type() != "application/octet-stream":
-                    raise MimeError("second part is not application/octet-stream")
-                with open(out, "wb") as o:
-                    o.writelines(chunks)
-                return head
-        raise MimeError("multipart/encrypted with fewer than two parts")
+        head, chunks = open_encrypted(fp)
+        with open(out, "wb") as o:
+            o.writelines(chunks)
+        return head
+
+
+def dearmored(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The binary OpenPGP message inside an armored one, in blocks (mime.ArmorDecoder): gpg
+    decrypts binary 3.7x faster than it de-armors (300 MB: 0.65 s vs 2.4 s measured here)."""
+    dec = ArmorDecoder()
+    for c in chunks:
+        yield dec.feed(c)
+    yield dec.finish()
 
 
 # --- message/partial -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from relay.gateway import dicommime, message, transport
 from relay.gateway.core import Gateway, remove_tree
-from relay.gateway.mime import MimeError, read_headers
+from relay.gateway.mime import ChunkReader, MimeError, read_headers
 from relay.gateway.peers import DirectoryError
 from relay.gateway.pgp import status_of
 from relay.gateway.state import is_negative
@@ -489,13 +489,19 @@ class Receiver:
         signer, why the PACS did not take it or None)."""
         peer = self.gw.directory.peer(sender)
         t = time.monotonic()
-        try:
-            message.extract_encrypted(path, work / "encrypted.asc")
-        except MimeError as e:
-            raise Quarantined(NOT_ENCRYPTED, str(e)) from None
-        v = self.gw.ring.decrypt_verify(work / "encrypted.asc", work / "plain.mime")
-        (work / "encrypted.asc").unlink()
-        self.summary.add_time("decrypt", t)
+        # one pass: the armored part -> de-armored -> gpg's stdin; gpg's output -> the DICOM
+        # files in `work` (removed by the caller unless the verdict below lets them through)
+        with open(path, "rb") as fp:
+            try:
+                _, armored = message.open_encrypted(fp)
+            except MimeError as e:
+                raise Quarantined(NOT_ENCRYPTED, str(e)) from None
+            source = ChunkReader(message.dearmored(armored))
+            v, extracted, failed = self.gw.ring.decrypt_verify_into(
+                source, lambda plain: dicommime.extract_study(plain, work / "files"))
+        if source.error is not None:
+            raise Quarantined(NOT_ENCRYPTED, str(source.error))
+        self.summary.add_time("decrypt", t)     # includes the MIME decoding (same pass)
         if v.bad_signature:          # decrypted, but the content is not what was signed
             raise Quarantined(BAD_SIGNATURE, "the signature does not verify\n" + v.status)
         if not v.decrypted:
@@ -528,7 +534,10 @@ class Receiver:
                                       f"already as {seen[0]} (study {seen[1]})")
         t = time.monotonic()
         try:
-            files = dicommime.extract_study(work / "plain.mime", work / "files")
+            if failed is not None:
+                raise failed
+            assert extracted is not None
+            files = extracted
         except dicommime.NotDicom as e:
             raise Quarantined(NOT_DICOM, str(e)) from None
         except MimeError as e:

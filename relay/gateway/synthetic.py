@@ -1,12 +1,14 @@
 """Synthetic DICOM studies for tests and the benchmark (no patient data: made-up values).
 
 A CT-like image per file, explicit VR little endian, written with pydicom; the pixel data is
-pseudo-random so that nothing along the path can compress it away.
+pseudo-random so that nothing along the path can compress it away (or, with `pixels`, whatever
+the caller makes: bench/bench_gateway.py's smooth CT phantom).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -14,8 +16,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 def synthetic_study(folder: Path, n: int = 3, rows: int = 64, cols: int = 64, frames: int = 1,
-                    study_uid: str | None = None) -> list[Path]:
-    """Write n instances of one new study into folder; returns their paths."""
+                    study_uid: str | None = None, pixels: Callable[[int], bytes] | None = None) -> list[Path]:
+    """Write n instances of one new study into folder; returns their paths. pixels(i): the
+    pixel data of instance i (rows*cols*frames 16-bit values), random bytes by default."""
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
@@ -44,7 +47,7 @@ def synthetic_study(folder: Path, n: int = 3, rows: int = 64, cols: int = 64, fr
         ds.BitsAllocated = ds.BitsStored = 16
         ds.HighBit = 15
         ds.PixelRepresentation = 0
-        ds.PixelData = os.urandom(rows * cols * 2 * frames)
+        ds.PixelData = pixels(i) if pixels else os.urandom(rows * cols * 2 * frames)
         p = folder / f"IMG{i:05d}.dcm"
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
