@@ -116,12 +116,18 @@ class MaildirBody:
         self.close()
 
 
+# address -> (the engine's cached message list it was made from, that list as api MessageInfo):
+# a poll's SELECT/UIDL of 1,000 messages costs a lookup, not 1,000 conversions (~1 ms), while
+# nothing changed. One entry per account, as the engine's own cache.
+Converted = dict[str, tuple[object, list[MessageInfo]]]
+
+
 class MaildirMailbox:
-    def __init__(self, store: Store, address: str) -> None:
+    def __init__(self, store: Store, address: str, converted: Converted) -> None:
         self._store = store
         self._address = normalize_address(address)
         self._engine: EngineMailbox | None = None
-        self._converted: tuple[object, list[MessageInfo]] | None = None
+        self._converted = converted
 
     @property
     def address(self) -> str:
@@ -141,9 +147,10 @@ class MaildirMailbox:
     async def messages(self) -> list[MessageInfo]:
         msgs = self._mb().messages()
         key = self._store._messages_cache.get(self._address)
-        if self._converted is None or self._converted[0] is not key:
-            self._converted = (key, [_info(m) for m in msgs])
-        return list(self._converted[1])
+        hit = self._converted.get(self._address)
+        if hit is None or hit[0] is not key:
+            hit = self._converted[self._address] = (key, [_info(m) for m in msgs])
+        return list(hit[1])
 
     async def info(self, uid: int) -> MessageInfo:
         return _info(self._mb().info(uid))
@@ -172,9 +179,10 @@ class MaildirMailbox:
 
 
 class MaildirAccounts:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, converted: Converted) -> None:
         self._store = store
         self._accounts = store.accounts
+        self._converted = converted
 
     async def add(self, address: str, password: str | None = None, quota_bytes: int | None = None,
                   quota_messages: int | None = None) -> Account:
@@ -190,6 +198,7 @@ class MaildirAccounts:
 
     async def delete(self, address: str) -> None:
         self._accounts.delete(address)
+        self._converted.pop(normalize_address(address), None)
 
     async def set_password(self, address: str, password: str | None) -> None:
         if password is None:
@@ -267,7 +276,8 @@ class MaildirStore:
 
     def __init__(self, config: Config) -> None:
         self.engine = Store.open(config)
-        self._accounts = MaildirAccounts(self.engine)
+        self._converted: Converted = {}
+        self._accounts = MaildirAccounts(self.engine, self._converted)
         self._ledger = MaildirLedgerApi(self.engine.ledger)
         self._changes = MaildirChanges(self.engine)
 
@@ -290,7 +300,7 @@ class MaildirStore:
         self.engine.close()
 
     def mailbox(self, address: str) -> MaildirMailbox:
-        return MaildirMailbox(self.engine, address)
+        return MaildirMailbox(self.engine, address, self._converted)
 
     def begin_delivery(self, envelope: Envelope) -> Delivery:
         return self.engine.delivery(envelope)
