@@ -8,6 +8,7 @@ from relay.store.address import normalize_address
 from relay.store.core import MailboxStats, Reservation, Store, StoreStats, Usage
 from relay.store.delivery import Delivery
 from relay.store.errors import (
+    NoSuchMessage,
     AccountExists,
     AddressError,
     NoSuchAccount,
@@ -15,7 +16,7 @@ from relay.store.errors import (
     StorageFull,
     StoreError,
 )
-from relay.store.mailbox import Mailbox, MessageInfo, NoSuchMessage
+from relay.store.mailbox import Mailbox, MessageInfo
 
 __all__ = ["Account", "AccountExists", "AddressError", "Delivery", "Mailbox", "MailboxStats", "MessageInfo",
            "NoSuchAccount", "NoSuchMessage", "QuotaExceeded", "Reservation", "StorageFull", "Store", "StoreError",

@@ -7,6 +7,11 @@ class StoreError(Exception):
     """A store operation failed (I/O, database). Temporary: SMTP answers 451 4.3.0."""
 
 
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached (a database node down, a failover in progress):
+    temporary, SMTP answers 451 4.3.0, IMAP NO [UNAVAILABLE]; the node recovers by itself."""
+
+
 class StorageFull(StoreError):
     """The file system has no room (ENOSPC, EDQUOT): temporary, SMTP answers 452 4.3.1."""
 
@@ -28,6 +33,10 @@ class AccountExists(StoreError):
 
 class NoSuchAccount(StoreError):
     """An operation on an address without an account."""
+
+
+class NoSuchMessage(StoreError, KeyError):
+    """A UID that is not (or no longer) in the mailbox."""
 
 
 class QuotaExceeded(StoreError):

@@ -17,16 +17,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from relay.log import get_logger
 from relay.store import maildir
-from relay.store.errors import NoSuchAccount, StoreError
+from relay.store.errors import NoSuchAccount, NoSuchMessage, StoreError
 
 if TYPE_CHECKING:
     from relay.store.core import Store
 
 log = get_logger("store")
-
-
-class NoSuchMessage(StoreError, KeyError):
-    """A UID that is not (or no longer) in the mailbox."""
 
 
 class MessageInfo(NamedTuple):
