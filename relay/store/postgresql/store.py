@@ -1,0 +1,1029 @@
+"""relay.store.api on PostgreSQL: any number of relay nodes share one database.
+
+What lives where (docs/cluster.md):
+  * accounts: address, argon2id hash, quotas, UIDVALIDITY/UIDNEXT, the ledger's stored
+    figures (usage_bytes/usage_messages), a modseq bumped by every mailbox change;
+  * messages: one row per recipient (uid, body, size, internaldate, flags);
+  * bodies + body_chunks (bodies.py): written before the commit, sealed in it;
+  * reservations: quota held for deliveries in flight, owned by a node (nodes.heartbeat);
+    the survivors' sweeper deletes a dead node's row, its reservations and unsealed bodies;
+  * the change feed: NOTIFY relay_changes in the commit's transaction; every node LISTENs.
+
+250 only after COMMIT with synchronous_commit on (the server default): with
+synchronous_standby_names set, that COMMIT is on two machines. Quotas hold across nodes: the
+reservation and the commit lock the account's row, and count every node's reservations.
+A lost database answers StoreUnavailable (451 / NO [UNAVAILABLE]); the pool reconnects by
+itself (libpq tries every host of the DSN; target_session_attrs=read-write finds the primary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from relay.config import Config
+from relay.log import get_logger
+from relay.metrics import WAIT_SECONDS, Histogram
+from relay.store.accounts import CredentialCache, _check_hash, hash_password
+from relay.store.api import (
+    Account,
+    AccountExists,
+    Change,
+    ChangeCallback,
+    ChangeKind,
+    DeliveryReceipt,
+    Envelope,
+    Flag,
+    LedgerEntry,
+    LedgerStats,
+    MailboxStats,
+    MessageInfo,
+    NoSuchAccount,
+    NoSuchMessage,
+    QuotaExceeded,
+    Refusal,
+    StoreError,
+    StoreStats,
+    StoreUnavailable,
+    Usage,
+    normalize_address,
+    normalize_domain,
+)
+from relay.store.delivery import trace_headers
+from relay.store.errors import AddressError
+from relay.store.postgresql.bodies import BodyStore, PgBodyStore
+from relay.store.postgresql.schema import migrate
+
+log = get_logger("store.postgresql")
+
+Conn = psycopg.AsyncConnection[Any]
+
+CHANNEL = "relay_changes"            # LISTEN/NOTIFY channel of the change feed
+POOL_MAX = 20                        # connections per node: one per concurrent statement, not per
+                                     # session (a delivery holds one only while writing a chunk)
+POOL_TIMEOUT = 5.0                   # seconds to wait for a connection: past it, 4xx (a failover
+                                     # takes a few seconds; SMTP clients retry)
+WRITE_BUFFER = 4 << 20               # bytes a delivery buffers before write() asks the caller to
+                                     # wait: 4 chunks in flight keeps the database busy, bounds memory
+EXTEND_STEP = 16 << 20               # a message growing past its declared size extends its
+                                     # reservations by at least this much (one round trip per step)
+REFRESH_SECONDS = 1.0                # Ledger.snapshot()/statistics() figures: at most this old
+HEARTBEAT_SECONDS = 2.0              # a node's heartbeat period
+NODE_STALE_SECONDS = 30.0            # a node silent this long is dead (15 missed heartbeats)
+ORPHAN_GRACE_SECONDS = 600.0         # an expunged body stays readable this long (FETCHes in progress)
+ORPHAN_SCAN_SECONDS = 300.0          # full scan for bodies no message references (a rare race)
+MESSAGES_CACHE = 1024                # mailboxes whose message list is kept between changes
+RECONNECT_MAX_SECONDS = 5.0          # the change feed's reconnect backoff ceiling
+
+# Errors that mean "the database is not there (now)": 4xx, the node recovers by itself.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
+    psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.CannotConnectNow)
+
+
+class PgReservation:
+    def __init__(self, rid: int, address: str, nbytes: int) -> None:
+        self.id, self._address, self._nbytes = rid, address, nbytes
+        self._open = True
+        self.streamed = 0
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    @property
+    def open(self) -> bool:
+        return self._open
+
+
+def _refusal(u: Usage, nbytes: int, nmessages: int) -> Refusal | None:
+    if u.quota_bytes and u.bytes + u.reserved_bytes + nbytes > u.quota_bytes:
+        return Refusal.OVER_QUOTA_BYTES
+    if nmessages and u.quota_messages and u.messages + u.reserved_messages + nmessages > u.quota_messages:
+        return Refusal.OVER_QUOTA_MESSAGES
+    return None
+
+
+class PgLedger:
+    """Stored figures in accounts, in-flight ones in reservations; snapshot() from memory."""
+
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+        self._mine: dict[int, PgReservation] = {}
+        self._entries: dict[str, LedgerEntry] = {}
+        self._refusals: dict[str, int] = {}
+
+    async def _locked_usage(self, conn: Conn, address: str) -> Usage:
+        """The account's usage with its row locked (FOR UPDATE: every node's reservations and
+        commits for this account take turns)."""
+        cur = await conn.execute(
+            "SELECT usage_bytes, usage_messages, quota_bytes, quota_messages,"
+            " (SELECT COALESCE(SUM(nbytes), 0) FROM reservations r WHERE r.address = a.address),"
+            " (SELECT COUNT(*) FROM reservations r WHERE r.address = a.address)"
+            " FROM accounts a WHERE address = %s FOR UPDATE", (address,))
+        row = await cur.fetchone()
+        if row is None:
+            raise NoSuchAccount(f"{address}: no such account")
+        return self._store._usage(row)
+
+    async def reserve(self, address: str, nbytes: int) -> PgReservation:
+        addr = normalize_address(address)
+        async with self._store._conn() as conn, conn.transaction():
+            u = await self._locked_usage(conn, addr)
+            why = _refusal(u, nbytes, 1)
+            if why is not None:
+                self._refusals[why.value] = self._refusals.get(why.value, 0) + 1
+                raise QuotaExceeded(addr, why.value)
+            cur = await conn.execute("INSERT INTO reservations (node, address, nbytes) VALUES (%s, %s, %s)"
+                                     " RETURNING id", (self._store.node_id, addr, nbytes))
+            row = await cur.fetchone()
+            assert row is not None
+        r = PgReservation(int(row[0]), addr, nbytes)
+        self._mine[r.id] = r
+        return r
+
+    async def extend(self, reservation: Any, nbytes: int) -> None:
+        r = self._own(reservation)
+        if not r.open or nbytes <= 0:
+            return
+        async with self._store._conn() as conn, conn.transaction():
+            u = await self._locked_usage(conn, r.address)
+            if _refusal(u, nbytes, 0) is not None:
+                self._refusals["bytes"] = self._refusals.get("bytes", 0) + 1
+                raise QuotaExceeded(r.address, "bytes")
+            await conn.execute("UPDATE reservations SET nbytes = nbytes + %s, streamed = %s WHERE id = %s",
+                               (nbytes, r.streamed, r.id))
+        r._nbytes += nbytes
+
+    def note_streamed(self, reservation: Any, nbytes: int) -> None:
+        self._own(reservation).streamed += nbytes
+
+    def release(self, reservation: Any) -> None:
+        r = self._own(reservation)
+        if r.open:
+            r._open = False
+            self._mine.pop(r.id, None)
+            self._store._background(self._delete([r.id]), "release")
+
+    def settle(self, reservation: Any) -> None:
+        r = self._own(reservation)
+        r._open = False
+        self._mine.pop(r.id, None)
+
+    async def _delete(self, ids: list[int]) -> None:
+        async with self._store._conn() as conn:
+            await conn.execute("DELETE FROM reservations WHERE id = ANY(%s)", (ids,))
+
+    @staticmethod
+    def _own(reservation: Any) -> PgReservation:
+        if not isinstance(reservation, PgReservation):
+            raise StoreError("a reservation of another store")
+        return reservation
+
+    async def usage(self, address: str) -> Usage:
+        addr = normalize_address(address)
+        async with self._store._conn() as conn:
+            cur = await conn.execute(
+                "SELECT usage_bytes, usage_messages, quota_bytes, quota_messages,"
+                " (SELECT COALESCE(SUM(nbytes), 0) FROM reservations r WHERE r.address = a.address),"
+                " (SELECT COUNT(*) FROM reservations r WHERE r.address = a.address)"
+                " FROM accounts a WHERE address = %s", (addr,))
+            row = await cur.fetchone()
+        if row is None:
+            raise NoSuchAccount(f"{addr}: no such account")
+        return self._store._usage(row)
+
+    def snapshot(self, address: str) -> LedgerEntry | None:
+        try:
+            return self._entries.get(normalize_address(address))
+        except AddressError:
+            return None
+
+    def statistics(self) -> LedgerStats:
+        entries = dict(self._entries)
+        return LedgerStats(entries, sum(e.reserved_bytes for e in entries.values()),
+                           sum(e.reserved_messages for e in entries.values()), dict(self._refusals))
+
+    def _local_streamed(self) -> dict[int, int]:
+        return {rid: r.streamed for rid, r in self._mine.items()}
+
+
+class PgAccounts:
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+        self._cache = CredentialCache()
+
+    @staticmethod
+    def _account(row: Sequence[Any]) -> Account:
+        return Account(row[0], row[1], row[2], float(row[3]), row[4] is not None)
+
+    _COLS = "address, quota_bytes, quota_messages, created, password_hash"
+
+    async def add(self, address: str, password: str | None = None, quota_bytes: int | None = None,
+                  quota_messages: int | None = None) -> Account:
+        addr = normalize_address(address)
+        _check_quota(quota_bytes, "quota_bytes")
+        _check_quota(quota_messages, "quota_messages")
+        hashed = await asyncio.to_thread(hash_password, password) if password is not None else None
+        now = time.time()
+        try:
+            async with self._store._conn() as conn:
+                cur = await conn.execute(
+                    "INSERT INTO accounts (address, domain, password_hash, quota_bytes, quota_messages, created,"
+                    " uidvalidity) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (address) DO NOTHING"
+                    f" RETURNING {self._COLS}",
+                    (addr, addr.rsplit("@", 1)[1], hashed, quota_bytes, quota_messages, now,
+                     _uidvalidity(now)))
+                row = await cur.fetchone()
+        except psycopg.errors.UniqueViolation:
+            row = None
+        if row is None:
+            raise AccountExists(f"{addr}: account exists")
+        return self._account(row)
+
+    async def get(self, address: str) -> Account | None:
+        try:
+            addr = normalize_address(address)
+        except AddressError:
+            return None
+        async with self._store._conn() as conn:
+            cur = await conn.execute(f"SELECT {self._COLS} FROM accounts WHERE address = %s", (addr,))
+            row = await cur.fetchone()
+        return None if row is None else self._account(row)
+
+    async def list(self) -> list[Account]:
+        async with self._store._conn() as conn:
+            cur = await conn.execute(f"SELECT {self._COLS} FROM accounts ORDER BY address")
+            return [self._account(r) for r in await cur.fetchall()]
+
+    async def delete(self, address: str) -> None:
+        addr = normalize_address(address)
+        async with self._store._conn() as conn, conn.transaction():
+            cur = await conn.execute("DELETE FROM messages WHERE address = %s RETURNING body", (addr,))
+            bodies = sorted({int(r[0]) for r in await cur.fetchall()})
+            cur = await conn.execute("DELETE FROM accounts WHERE address = %s RETURNING address", (addr,))
+            if await cur.fetchone() is None:
+                raise NoSuchAccount(f"{addr}: no such account")
+            await _orphan(conn, bodies)
+        self._cache.forget(addr)
+        self._store._forget(addr)
+
+    async def set_password(self, address: str, password: str | None) -> None:
+        addr = normalize_address(address)
+        hashed = await asyncio.to_thread(hash_password, password) if password is not None else None
+        async with self._store._conn() as conn:
+            cur = await conn.execute("UPDATE accounts SET password_hash = %s WHERE address = %s RETURNING address",
+                                     (hashed, addr))
+            if await cur.fetchone() is None:
+                raise NoSuchAccount(f"{addr}: no such account")
+        self._cache.forget(addr)
+
+    async def set_quota(self, address: str, quota_bytes: int | None = None,
+                        quota_messages: int | None = None) -> Account:
+        addr = normalize_address(address)
+        _check_quota(quota_bytes, "quota_bytes")
+        _check_quota(quota_messages, "quota_messages")
+        async with self._store._conn() as conn:
+            cur = await conn.execute(
+                "UPDATE accounts SET quota_bytes = COALESCE(%s, quota_bytes),"
+                f" quota_messages = COALESCE(%s, quota_messages) WHERE address = %s RETURNING {self._COLS}",
+                (quota_bytes, quota_messages, addr))
+            row = await cur.fetchone()
+        if row is None:
+            raise NoSuchAccount(f"{addr}: no such account")
+        return self._account(row)
+
+    async def verify(self, address: str, password: str) -> bool:
+        try:
+            addr = normalize_address(address)
+        except AddressError:
+            return False
+        async with self._store._conn() as conn:
+            cur = await conn.execute("SELECT password_hash FROM accounts WHERE address = %s", (addr,))
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return False
+        stored = str(row[0])
+        if self._cache.check(addr, stored, password):
+            return True
+        ok = await asyncio.to_thread(_check_hash, stored, password)
+        if ok:
+            self._cache.add(addr, stored, password)
+        return ok
+
+    async def is_local_domain(self, domain: str) -> bool:
+        try:
+            d = normalize_domain(domain)
+        except AddressError:
+            return False
+        async with self._store._conn() as conn:
+            cur = await conn.execute("SELECT 1 FROM accounts WHERE domain = %s LIMIT 1", (d,))
+            return await cur.fetchone() is not None
+
+
+def _check_quota(v: int | None, what: str) -> None:
+    if v is not None and v < 0:
+        raise StoreError(f"{what} must be 0 (unlimited) or more, not {v}")
+
+
+def _uidvalidity(now: float) -> int:
+    """RFC 9051 2.3.1.1: strictly greater than any earlier one for a re-created mailbox name:
+    the creation time in seconds (31 bits fit IMAP's nz-number until 2106)."""
+    return int(now)
+
+
+async def _orphan(conn: Conn, bodies: list[int]) -> None:
+    """Mark bodies that no message references any more (deleted after ORPHAN_GRACE_SECONDS)."""
+    if bodies:
+        await conn.execute("UPDATE bodies b SET orphaned = now() WHERE id = ANY(%s) AND orphaned IS NULL"
+                           " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.body = b.id)", (bodies,))
+
+
+class PgBody:
+    """A body read by range; the last chunk read is kept (sequential readers ask for less than a
+    chunk at a time)."""
+
+    def __init__(self, store: PgStore, body: int, size: int, chunk_size: int) -> None:
+        self._store, self._body, self._size, self._cs = store, body, size, chunk_size
+        self._cached: tuple[int, bytes] | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def fileno(self) -> int | None:
+        return None
+
+    async def read(self, offset: int, n: int) -> bytes:
+        if n <= 0 or offset >= self._size or offset < 0:
+            return b""
+        n = min(n, self._size - offset)
+        first, last = offset // self._cs, (offset + n - 1) // self._cs
+        chunks: list[tuple[int, bytes]] = []
+        if self._cached is not None and self._cached[0] == first:
+            chunks.append(self._cached)
+            first += 1
+        if first <= last:
+            async with self._store._conn() as conn:
+                got = await self._store.bodies.read(conn, self._body, first, last)
+            if len(got) != last - first + 1:
+                raise StoreError(f"message body {self._body} is gone or incomplete")
+            chunks.extend(got)
+        self._cached = chunks[-1]
+        start = offset - chunks[0][0] * self._cs
+        if len(chunks) == 1:
+            return chunks[0][1][start:start + n]
+        return b"".join(c for _, c in chunks)[start:start + n]
+
+    def close(self) -> None:
+        self._cached = None
+
+    def __enter__(self) -> PgBody:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PgMailbox:
+    def __init__(self, store: PgStore, address: str) -> None:
+        self._store, self._address = store, address
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    async def _account(self, conn: Conn) -> tuple[int, int, int]:
+        cur = await conn.execute("SELECT uidvalidity, uidnext, modseq FROM accounts WHERE address = %s",
+                                 (self._address,))
+        row = await cur.fetchone()
+        if row is None:
+            raise NoSuchAccount(f"{self._address}: no such account")
+        return int(row[0]), int(row[1]), int(row[2])
+
+    async def uidvalidity(self) -> int:
+        async with self._store._conn() as conn:
+            return (await self._account(conn))[0]
+
+    async def uidnext(self) -> int:
+        async with self._store._conn() as conn:
+            return (await self._account(conn))[1]
+
+    async def messages(self) -> list[MessageInfo]:
+        cache = self._store._messages
+        async with self._store._conn() as conn:
+            _, _, modseq = await self._account(conn)
+            hit = cache.get(self._address)
+            if hit is not None and hit[0] == modseq:
+                cache.move_to_end(self._address)
+                return list(hit[1])
+            cur = await conn.execute("SELECT uid, size, internaldate, flags FROM messages WHERE address = %s"
+                                     " ORDER BY uid", (self._address,))
+            rows = await cur.fetchall()
+            uv = (await self._account(conn))[0]
+        msgs = [MessageInfo(int(r[0]), f"{uv}.{r[0]}", int(r[1]), float(r[2]), Flag(int(r[3]))) for r in rows]
+        cache[self._address] = (modseq, msgs)
+        cache.move_to_end(self._address)
+        while len(cache) > MESSAGES_CACHE:
+            cache.popitem(last=False)
+        return list(msgs)
+
+    async def _one(self, conn: Conn, sql: str, args: tuple[Any, ...], uid: int) -> MessageInfo:
+        cur = await conn.execute(sql, args)
+        row = await cur.fetchone()
+        if row is None:
+            await self._account(conn)       # NoSuchAccount first
+            raise NoSuchMessage(f"{self._address}: no message with UID {uid}")
+        return MessageInfo(int(row[0]), f"{row[4]}.{row[0]}", int(row[1]), float(row[2]), Flag(int(row[3])))
+
+    async def info(self, uid: int) -> MessageInfo:
+        async with self._store._conn() as conn:
+            return await self._one(conn, "SELECT m.uid, m.size, m.internaldate, m.flags, a.uidvalidity"
+                                   " FROM messages m JOIN accounts a USING (address)"
+                                   " WHERE m.address = %s AND m.uid = %s", (self._address, uid), uid)
+
+    async def set_flags(self, uid: int, flags: Flag) -> MessageInfo:
+        async with self._store._conn() as conn, conn.transaction():
+            info = await self._one(conn, "UPDATE messages m SET flags = %s FROM accounts a"
+                                   " WHERE a.address = m.address AND m.address = %s AND m.uid = %s"
+                                   " RETURNING m.uid, m.size, m.internaldate, m.flags, a.uidvalidity",
+                                   (flags.value, self._address, uid), uid)
+            await conn.execute("UPDATE accounts SET modseq = modseq + 1 WHERE address = %s", (self._address,))
+        return info
+
+    async def expunge(self, uids: Iterable[int]) -> list[int]:
+        wanted = sorted(set(uids))
+        if not wanted:
+            return []
+        async with self._store._conn() as conn, conn.transaction():
+            cur = await conn.execute("DELETE FROM messages WHERE address = %s AND uid = ANY(%s)"
+                                     " RETURNING uid, size, internaldate, body", (self._address, wanted))
+            rows = await cur.fetchall()
+            if rows:
+                nbytes = sum(int(r[1]) for r in rows)
+                await conn.execute("UPDATE accounts SET usage_bytes = usage_bytes - %s,"
+                                   " usage_messages = usage_messages - %s, modseq = modseq + 1"
+                                   " WHERE address = %s", (nbytes, len(rows), self._address))
+                await _orphan(conn, sorted({int(r[3]) for r in rows}))
+                await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._store._payload(
+                    self._address, ChangeKind.EXPUNGE, nbytes, len(rows))))
+        if rows:
+            now = time.time()
+            self._store._deleted([(int(r[1]), now - float(r[2])) for r in rows])
+            self._store.changes._dispatch(Change(self._address, ChangeKind.EXPUNGE,
+                                                 sum(int(r[1]) for r in rows), len(rows)))
+        return sorted(int(r[0]) for r in rows)
+
+    async def body(self, uid: int) -> PgBody:
+        async with self._store._conn() as conn:
+            cur = await conn.execute("SELECT b.id, b.size, b.chunk_size FROM messages m JOIN bodies b"
+                                     " ON b.id = m.body WHERE m.address = %s AND m.uid = %s",
+                                     (self._address, uid))
+            row = await cur.fetchone()
+            if row is None:
+                await self._account(conn)
+                raise NoSuchMessage(f"{self._address}: no message with UID {uid}")
+        return PgBody(self._store, int(row[0]), int(row[1]), int(row[2]))
+
+    async def note_fetched(self, uid: int) -> None:
+        async with self._store._conn() as conn:
+            cur = await conn.execute("UPDATE messages SET fetched = true WHERE address = %s AND uid = %s"
+                                     " AND NOT fetched RETURNING internaldate", (self._address, uid))
+            row = await cur.fetchone()
+        if row is not None:
+            self._store._fetch_latency.observe(max(0.0, time.time() - float(row[0])))
+
+    async def note_poll(self) -> None:
+        async with self._store._conn() as conn:
+            await conn.execute("UPDATE accounts SET last_poll = %s WHERE address = %s",
+                               (time.time(), self._address))
+
+
+class PgDelivery:
+    """Chunks go to the database from a writer task while the client streams; write() only
+    buffers (at most WRITE_BUFFER + one chunk) and says when to wait."""
+
+    def __init__(self, store: PgStore, envelope: Envelope) -> None:
+        self._store, self._env = store, envelope
+        self._rcpts: list[str] = []
+        self._res: dict[str, PgReservation] = {}
+        self._buf = bytearray()
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._size = 0
+        self._seq = 0
+        self._body: int | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._progress = asyncio.Event()     # the writer: more queued, or the end
+        self._drained = asyncio.Event()      # the caller: the writer took a chunk (or failed)
+        self._error: BaseException | None = None
+        self._state = "open"             # open -> committing -> committed | aborted
+        self._header_written = False
+        self._need_extend = False
+
+    @property
+    def recipients(self) -> Sequence[str]:
+        return tuple(self._rcpts)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def add_recipient(self, address: str, declared_size: int) -> Refusal | None:
+        addr = normalize_address(address)
+        if addr in self._res:
+            return None
+        if self._header_written or self._state != "open":
+            raise StoreError("add_recipient() after the message started")
+        try:
+            r = await self._store.ledger.reserve(addr, max(0, declared_size))
+        except NoSuchAccount:
+            return Refusal.NO_SUCH_ACCOUNT
+        except QuotaExceeded as e:
+            return Refusal.OVER_QUOTA_MESSAGES if e.reason == "messages" else Refusal.OVER_QUOTA_BYTES
+        if self._state != "open":          # aborted while we waited
+            self._store.ledger.release(r)
+            raise StoreError("delivery aborted")
+        self._rcpts.append(addr)
+        self._res[addr] = r
+        return None
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._state != "open":
+            raise StoreError(f"write() on a delivery that is {self._state}")
+        if not self._rcpts:
+            raise StoreError("write() before any recipient")
+        if not self._header_written:
+            self._header_written = True
+            e = self._env
+            self._append(trace_headers(e.sender, self._rcpts, self._store.config.hostname, e.session_id,
+                                       e.helo, e.peer, e.protocol))
+        self._append(chunk)
+
+    def _append(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        if not n:
+            return
+        self._buf += data
+        self._size += n
+        for r in self._res.values():
+            self._store.ledger.note_streamed(r, n)
+            if self._size > r.nbytes:
+                self._need_extend = True
+        cs = self._store.bodies.chunk_size
+        while len(self._buf) >= cs:
+            self._push(bytes(self._buf[:cs]))
+            del self._buf[:cs]
+
+    def _push(self, chunk: bytes) -> None:
+        self._queue.append(chunk)
+        self._queued += len(chunk)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self._progress.set()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                while not self._queue:
+                    if self._state != "open":
+                        return
+                    self._progress.clear()
+                    await self._progress.wait()
+                chunk = self._queue[0]
+                async with self._store._conn() as conn:
+                    if self._body is None:
+                        self._body = await self._store.bodies.new(conn, self._store.node_id)
+                    await self._store.bodies.put(conn, self._body, self._seq, chunk)
+                self._seq += 1
+                self._queue.popleft()
+                self._queued -= len(chunk)
+                self._drained.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001  (kept, raised by the next write/wait/commit)
+            self._error = e if isinstance(e, StoreError) else StoreError(f"writing the message: {e}")
+            self._drained.set()
+
+    @property
+    def writable(self) -> bool:
+        return self._error is None and not self._need_extend and self._queued < WRITE_BUFFER
+
+    async def wait_writable(self) -> None:
+        if self._need_extend:
+            await self._extend()
+        while self._error is None and self._queued >= WRITE_BUFFER:
+            await self._wait_progress()
+        if self._error is not None:
+            raise self._error
+
+    async def _wait_progress(self) -> None:
+        self._drained.clear()
+        await self._drained.wait()
+
+    async def _extend(self) -> None:
+        for r in self._res.values():
+            short = self._size - r.nbytes
+            if short > 0:
+                try:
+                    await self._store.ledger.extend(r, max(short, EXTEND_STEP))
+                except QuotaExceeded:
+                    await self._store.ledger.extend(r, short)     # the exact need may still fit
+        self._need_extend = False
+
+    async def commit(self) -> DeliveryReceipt:
+        if self._state != "open":
+            raise StoreError(f"commit() on a delivery that is {self._state}")
+        if not self._rcpts:
+            raise StoreError("a delivery needs at least one recipient")
+        if not self._header_written:
+            self.write(b"")
+        if self._error is not None:
+            raise self._error
+        self._state = "committing"
+        try:
+            if self._buf:
+                self._push(bytes(self._buf))
+                self._buf.clear()
+            if self._writer is None:                     # an empty body still gets its row
+                self._push(b"")
+            self._progress.set()
+            await self._writer                           # type: ignore[misc]
+            if self._error is not None:
+                raise self._error
+            await self._extend()
+            receipt = await self._store._commit(self._body, self._size, self._rcpts, self._res)
+        except BaseException:
+            self._state = "open"
+            raise
+        self._state = "committed"
+        for r in self._res.values():
+            self._store.ledger.settle(r)
+        return receipt
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        for r in self._res.values():
+            self._store.ledger.release(r)
+        writer, body = self._writer, self._body
+        self._queue.clear()
+        self._buf = bytearray()
+        if writer is not None:
+            writer.cancel()
+        self._store._background(self._store._drop_body(writer, body, self), "abort")
+
+
+class PgChangeFeed:
+    """Local subscribers; changes of other nodes arrive by LISTEN on a connection of its own."""
+
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+        self._subs: dict[str, list[ChangeCallback]] = {}
+        self.connected = False
+        self.reconnects = 0
+        self.received = 0
+
+    def subscribe(self, address: str, callback: ChangeCallback) -> Callable[[], None]:
+        addr = normalize_address(address)
+        self._subs.setdefault(addr, []).append(callback)
+
+        def unsubscribe() -> None:
+            subs = self._subs.get(addr, [])
+            if callback in subs:
+                subs.remove(callback)
+            if not subs:
+                self._subs.pop(addr, None)
+        return unsubscribe
+
+    def _dispatch(self, change: Change) -> None:
+        for cb in list(self._subs.get(change.address, [])):
+            try:
+                cb(change)
+            except Exception as e:  # noqa: BLE001  (a subscriber must not break the feed)
+                log.error("subscriber-failed", address=change.address, error=repr(e))
+
+    async def run(self) -> None:
+        """LISTEN until cancelled; reconnect with backoff. After a reconnect every subscriber
+        gets an empty NEW change: it rechecks its mailbox (notifications may have been missed)."""
+        delay = 0.1
+        first = True
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._store.dsn, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self.connected = True
+                    delay = 0.1
+                    if not first:
+                        self.reconnects += 1
+                        for addr in list(self._subs):
+                            self._dispatch(Change(addr, ChangeKind.NEW, 0, 0))
+                    first = False
+                    async for note in conn.notifies():
+                        self._receive(note.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001  (the database went away: retry)
+                if self.connected:
+                    log.warning("change-feed-lost", error=str(e).strip())
+            self.connected = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    def _receive(self, payload: str) -> None:
+        try:
+            d = json.loads(payload)
+            if d["node"] == self._store.node_id:
+                return
+            change = Change(d["address"], ChangeKind(d["kind"]), int(d["nbytes"]), int(d["nmessages"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("change-feed-bad-payload", payload=payload[:200])
+            return
+        self.received += 1
+        self._dispatch(change)
+
+
+class PgStore:
+    """relay.store.api.MessageStore on PostgreSQL. `await open()` before use."""
+
+    def __init__(self, config: Config, dsn: str, *, node_id: str | None = None,
+                 bodies: BodyStore | None = None, pool_max: int = POOL_MAX,
+                 node_stale_seconds: float = NODE_STALE_SECONDS,
+                 orphan_grace_seconds: float = ORPHAN_GRACE_SECONDS) -> None:
+        self.config, self.dsn = config, dsn
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.bodies: BodyStore = bodies or PgBodyStore()
+        self.node_stale_seconds = node_stale_seconds
+        self.orphan_grace_seconds = orphan_grace_seconds
+        self._pool = psycopg_pool.AsyncConnectionPool(
+            dsn, min_size=1, max_size=pool_max, open=False, timeout=POOL_TIMEOUT,
+            kwargs={"autocommit": True}, check=psycopg_pool.AsyncConnectionPool.check_connection,
+            name=f"relay-{self.node_id}")
+        self._accounts = PgAccounts(self)
+        self._ledger = PgLedger(self)
+        self._changes = PgChangeFeed(self)
+        self._messages: OrderedDict[str, tuple[int, list[MessageInfo]]] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._counts = {"stored": 0, "stored_bytes": 0, "deleted": 0, "deleted_bytes": 0,
+                        "unavailable": 0, "swept_nodes": 0, "swept_bodies": 0}
+        self._fetch_latency = Histogram(WAIT_SECONDS)
+        self._delete_latency = Histogram(WAIT_SECONDS)
+        self._mailbox_stats: dict[str, MailboxStats] = {}
+        self._accounts_count = 0
+        self._last_orphan_scan = 0.0
+        self._opened = False
+
+    # --- api properties ------------------------------------------------------------------
+
+    @property
+    def accounts(self) -> PgAccounts:
+        return self._accounts
+
+    @property
+    def ledger(self) -> PgLedger:
+        return self._ledger
+
+    @property
+    def changes(self) -> PgChangeFeed:
+        return self._changes
+
+    def mailbox(self, address: str) -> PgMailbox:
+        return PgMailbox(self, normalize_address(address))
+
+    def begin_delivery(self, envelope: Envelope) -> PgDelivery:
+        return PgDelivery(self, envelope)
+
+    # --- life ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Migrate the schema, open the pool, register this node, start the background work
+        (heartbeat, sweeper, ledger refresh, change feed). StoreUnavailable if the database
+        cannot be reached now."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True, connect_timeout=10)
+            async with conn:
+                await migrate(conn)
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"PostgreSQL: {str(e).strip()}") from e
+        await self._pool.open(wait=False)
+        await self._heartbeat()
+        self._opened = True
+        await self._refresh()
+        self._spawn(self._changes.run())
+        self._spawn(self._maintain())
+
+    async def close(self) -> None:
+        if self._opened:
+            with contextlib.suppress(StoreError):
+                async with self._conn() as conn:
+                    await conn.execute("DELETE FROM nodes WHERE id = %s", (self.node_id,))
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await t
+        await self._pool.close()
+        self._opened = False
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Finish a sync call's database work later; its failure only logs (the sweeper
+        removes what a failed cleanup leaves)."""
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as e:  # noqa: BLE001
+                log.warning("background-failed", what=what, error=str(e).strip())
+        self._spawn(run())
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Conn]:
+        """A pooled connection; database errors become StoreUnavailable / StoreError."""
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except StoreError:
+            raise
+        except _UNAVAILABLE as e:
+            self._counts["unavailable"] += 1
+            raise StoreUnavailable(f"PostgreSQL unavailable: {str(e).strip()}") from e
+        except psycopg.Error as e:
+            raise StoreError(f"PostgreSQL: {str(e).strip()}") from e
+
+    # --- delivery ------------------------------------------------------------------------
+
+    def _payload(self, address: str, kind: ChangeKind, nbytes: int, nmessages: int) -> str:
+        return json.dumps({"node": self.node_id, "address": address, "kind": kind.value,
+                           "nbytes": nbytes, "nmessages": nmessages})
+
+    async def _commit(self, body: int | None, size: int, rcpts: list[str],
+                      res: dict[str, PgReservation]) -> DeliveryReceipt:
+        if body is None:
+            raise StoreError("the message body was not written")
+        now = time.time()
+        async with self._conn() as conn, conn.transaction():
+            if not await self.bodies.seal(conn, body, size):
+                raise StoreError("the message body is incomplete (removed by a sweeper?): not stored")
+            for addr in sorted(rcpts):        # one lock order: concurrent commits cannot deadlock
+                cur = await conn.execute(
+                    "UPDATE accounts SET uidnext = uidnext + 1, usage_bytes = usage_bytes + %s,"
+                    " usage_messages = usage_messages + 1, modseq = modseq + 1"
+                    " WHERE address = %s RETURNING uidnext - 1", (size, addr))
+                row = await cur.fetchone()
+                if row is None:
+                    raise NoSuchAccount(f"{addr}: account deleted during delivery")
+                await conn.execute("INSERT INTO messages (address, uid, body, size, internaldate)"
+                                   " VALUES (%s, %s, %s, %s, %s)", (addr, int(row[0]), body, size, now))
+                await conn.execute("SELECT pg_notify(%s, %s)",
+                                   (CHANNEL, self._payload(addr, ChangeKind.NEW, size, 1)))
+            await conn.execute("DELETE FROM reservations WHERE id = ANY(%s)", ([r.id for r in res.values()],))
+        self._counts["stored"] += len(rcpts)
+        self._counts["stored_bytes"] += size * len(rcpts)
+        for addr in rcpts:
+            self._changes._dispatch(Change(addr, ChangeKind.NEW, size, 1))
+        return DeliveryReceipt(f"B{body:x}", size, tuple(rcpts))
+
+    async def _drop_body(self, writer: asyncio.Task[None] | None, body: int | None, d: PgDelivery) -> None:
+        if writer is not None:
+            with contextlib.suppress(BaseException):
+                await writer
+            body = d._body
+        if body is not None:
+            async with self._conn() as conn:
+                await self.bodies.delete(conn, [body])
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _usage(self, row: Sequence[Any]) -> Usage:
+        q = self.config.quota
+        return Usage(int(row[0]), int(row[1]), q.default_bytes if row[2] is None else int(row[2]),
+                     q.default_messages if row[3] is None else int(row[3]), int(row[4]), int(row[5]))
+
+    def _forget(self, address: str) -> None:
+        self._messages.pop(address, None)
+
+    def _deleted(self, removed: list[tuple[int, float]]) -> None:
+        for size, age in removed:
+            self._delete_latency.observe(max(0.0, age))
+            self._counts["deleted"] += 1
+            self._counts["deleted_bytes"] += size
+
+    async def _heartbeat(self) -> None:
+        async with self._conn() as conn:
+            await conn.execute("INSERT INTO nodes (id) VALUES (%s)"
+                               " ON CONFLICT (id) DO UPDATE SET heartbeat = now()", (self.node_id,))
+
+    async def sweep(self) -> tuple[int, int]:
+        """Remove dead nodes (stale heartbeat: their reservations go with them), bodies left
+        unsealed by nodes that are gone, and expunged bodies past their grace period.
+        Returns (nodes, bodies) removed."""
+        async with self._conn() as conn:
+            cur = await conn.execute("DELETE FROM nodes WHERE heartbeat < now() - make_interval(secs => %s)"
+                                     " AND id <> %s RETURNING id", (self.node_stale_seconds, self.node_id))
+            dead = [str(r[0]) for r in await cur.fetchall()]
+            cur = await conn.execute("DELETE FROM bodies WHERE NOT complete AND (node IS NULL OR"
+                                     " node NOT IN (SELECT id FROM nodes)) RETURNING id")
+            half = len(await cur.fetchall())
+            if time.monotonic() - self._last_orphan_scan > ORPHAN_SCAN_SECONDS:
+                self._last_orphan_scan = time.monotonic()
+                await conn.execute("UPDATE bodies b SET orphaned = now() WHERE complete AND orphaned IS NULL"
+                                   " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.body = b.id)")
+            cur = await conn.execute("DELETE FROM bodies WHERE orphaned < now() - make_interval(secs => %s)"
+                                     " RETURNING id", (self.orphan_grace_seconds,))
+            gone = len(await cur.fetchall())
+        if dead or half:
+            log.warning("swept-dead-nodes", nodes=dead, unsealed_bodies=half)
+        self._counts["swept_nodes"] += len(dead)
+        self._counts["swept_bodies"] += half + gone
+        return len(dead), half + gone
+
+    async def _refresh(self) -> None:
+        """The in-memory figures behind Ledger.snapshot() and statistics()."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "SELECT a.address, a.usage_bytes, a.usage_messages, a.quota_bytes, a.quota_messages,"
+                " a.last_poll,"
+                " (SELECT internaldate FROM messages m WHERE m.address = a.address ORDER BY uid LIMIT 1),"
+                " COALESCE(r.nbytes, 0), COALESCE(r.n, 0), COALESCE(r.streamed, 0)"
+                " FROM accounts a LEFT JOIN (SELECT address, SUM(nbytes) AS nbytes, COUNT(*) AS n,"
+                "   SUM(streamed) FILTER (WHERE node <> %s) AS streamed FROM reservations GROUP BY address) r"
+                " USING (address)", (self.node_id,))
+            rows = await cur.fetchall()
+        mine: dict[str, int] = {}
+        for r in self._ledger._mine.values():
+            mine[r.address] = mine.get(r.address, 0) + r.streamed
+        now = time.time()
+        q = self.config.quota
+        entries, stats = {}, {}
+        for row in rows:
+            addr = str(row[0])
+            qb = q.default_bytes if row[3] is None else int(row[3])
+            qm = q.default_messages if row[4] is None else int(row[4])
+            entries[addr] = LedgerEntry(int(row[1]), int(row[2]), int(row[7]), int(row[8]),
+                                        int(row[9]) + mine.get(addr, 0), qb, qm)
+            stats[addr] = MailboxStats(int(row[1]), int(row[2]),
+                                       max(0.0, now - float(row[6])) if row[6] is not None else 0.0,
+                                       qb, qm, float(row[5]))
+        self._ledger._entries = entries
+        self._mailbox_stats = stats
+        self._accounts_count = len(rows)
+
+    async def _maintain(self) -> None:
+        """Once per REFRESH_SECONDS: the ledger figures; heartbeat and sweep less often."""
+        last_beat = last_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            try:
+                t = time.monotonic()
+                if t - last_beat >= HEARTBEAT_SECONDS:
+                    await self._heartbeat()
+                    last_beat = t
+                if t - last_sweep >= min(HEARTBEAT_SECONDS * 2, self.node_stale_seconds):
+                    await self.sweep()
+                    last_sweep = t
+                await self._refresh()
+            except StoreError as e:
+                log.warning("maintenance-failed", error=str(e))
+
+    # --- statistics ----------------------------------------------------------------------
+
+    def statistics(self) -> StoreStats:
+        c = self._counts
+        mb = dict(self._mailbox_stats)
+        return StoreStats(self._accounts_count, c["stored"], c["stored_bytes"], c["deleted"], c["deleted_bytes"],
+                          sum(m.backlog_bytes for m in mb.values()), sum(m.backlog_messages for m in mb.values()),
+                          mb, self._fetch_latency.snapshot(), self._delete_latency.snapshot())
+
+    def pool_statistics(self) -> dict[str, int]:
+        """The connection pool's figures (psycopg_pool get_stats: pool_size, pool_available,
+        requests_waiting, connections_errors, ...) and this node's own counters."""
+        s = dict(self._pool.get_stats())
+        s["unavailable_errors"] = self._counts["unavailable"]
+        s["change_feed_connected"] = int(self._changes.connected)
+        s["change_feed_reconnects"] = self._changes.reconnects
+        s["swept_nodes"] = self._counts["swept_nodes"]
+        s["swept_bodies"] = self._counts["swept_bodies"]
+        return s
