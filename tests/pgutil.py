@@ -247,6 +247,12 @@ class PgServer:
         raise TimeoutError(f"{standby.name} did not replay up to {lsn} in {timeout} s")
 
 
+def cluster_dsn(servers: list[PgServer], dbname: str) -> str:
+    """One libpq DSN naming every server; libpq connects to whichever is the primary."""
+    hosts = ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    return f"postgresql://{SUPERUSER}@{hosts}/{dbname}?target_session_attrs=read-write&connect_timeout=3"
+
+
 # --- pytest fixtures -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -272,3 +278,56 @@ def pg_pair() -> Iterator[tuple[PgServer, PgServer]]:
         standby = primary.standby()
         primary.make_synchronous()
         yield primary, standby
+
+
+# --- a store node in a process of its own (for kill -9) ----------------------------------------
+
+def numbered_message(i: int, size: int) -> bytes:
+    """Message number i: a header naming i, then `size` bytes anyone can recompute from i."""
+    import random
+    head = f"Subject: message {i}\r\nX-Seq: {i}\r\n\r\n".encode()
+    return head + random.Random(i).randbytes(size)
+
+
+def seq_of(stored: bytes) -> int:
+    """The i of numbered_message(i, ...) inside a stored message (after the trace headers)."""
+    at = stored.index(b"X-Seq: ") + 7
+    return int(stored[at:stored.index(b"\r\n", at)])
+
+
+def _node_main(argv: list[str]) -> None:
+    """pgutil.py DSN DATA_DIR ADDRESS FIRST COUNT SIZE: deliver messages FIRST.. through the
+    PostgreSQL store, printing "ACK i" after each commit (what an SMTP server's 250 is)."""
+    import asyncio
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_config
+
+    from relay.store.api import Envelope
+    from relay.store.postgresql import PgStore
+
+    dsn, data_dir, address, first, count, size = argv
+    store = PgStore(make_config(Path(data_dir)), dsn)
+
+    async def main() -> None:
+        await store.open()
+        print("READY", store.node_id, flush=True)
+        for i in range(int(first), int(first) + int(count)):
+            msg = numbered_message(i, int(size))
+            d = store.begin_delivery(Envelope("node@example.org"))
+            await d.add_recipient(address, len(msg))
+            for off in range(0, len(msg), 65536):
+                d.write(msg[off:off + 65536])
+                if not d.writable:
+                    await d.wait_writable()
+            await d.commit()
+            print("ACK", i, flush=True)
+        await store.close()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    import sys
+    _node_main(sys.argv[1:])

@@ -150,7 +150,7 @@ def test_flags_expunge_and_the_ledger(pg_dsn: str, tmp_path: Path) -> None:
 def test_a_dead_nodes_reservations_and_half_written_body_are_swept(pg_dsn: str, tmp_path: Path) -> None:
     async def main() -> None:
         dead = new_store(tmp_path, pg_dsn)
-        alive = new_store(tmp_path, pg_dsn, node_stale_seconds=0.5)
+        alive = new_store(tmp_path, pg_dsn, node_stale_seconds=5.0)
         await dead.open()
         await alive.open()
         await dead.accounts.add("r@example.org", quota_bytes=5 * BODY_CHUNK)
@@ -164,7 +164,7 @@ def test_a_dead_nodes_reservations_and_half_written_body_are_swept(pg_dsn: str, 
             t.cancel()
         await dead._pool.close()
         assert (await alive.ledger.usage("r@example.org")).reserved_bytes == 4 * BODY_CHUNK
-        for _ in range(200):             # the survivor's own sweeper (every 2 heartbeats)
+        for _ in range(400):             # the survivor's own sweeper (every 2 heartbeats)
             if alive.pool_statistics()["swept_nodes"]:
                 break
             await asyncio.sleep(0.05)

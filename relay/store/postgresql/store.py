@@ -772,7 +772,8 @@ class PgStore:
         self.config, self.dsn = config, dsn
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.bodies: BodyStore = bodies or PgBodyStore()
-        self.node_stale_seconds = node_stale_seconds
+        # never below two heartbeats: a live node must not look dead to its peers
+        self.node_stale_seconds = max(node_stale_seconds, 2 * HEARTBEAT_SECONDS)
         self.orphan_grace_seconds = orphan_grace_seconds
         self._pool = psycopg_pool.AsyncConnectionPool(
             dsn, min_size=1, max_size=pool_max, open=False, timeout=POOL_TIMEOUT,
