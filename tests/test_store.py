@@ -21,7 +21,7 @@ from relay.store import (
     StoreError,
     normalize_address,
 )
-from relay.store.delivery import trace_headers
+from relay.store.trace import trace_headers
 
 
 def cfg(tmp_path: Path, **kw: object) -> Config:
@@ -168,7 +168,7 @@ def test_credential_cache_hits_and_follows_changes_from_another_process(tmp_path
 
 
 def test_credential_cache_bounded_and_expires() -> None:
-    from relay.store.accounts import CredentialCache
+    from relay.store.passwords import CredentialCache
 
     now = [0.0]
     c = CredentialCache(size=2, ttl=10, clock=lambda: now[0])
@@ -208,7 +208,9 @@ def _deliver(store: Store, rcpts: list[str], body: bytes = BODY, **kw: str) -> s
     mv = memoryview(body)
     for i in range(0, len(body), 1000):
         d.write(mv[i:i + 1000] if i % 2000 else bytes(mv[i:i + 1000]))
-    return run(d.commit())
+    receipt = run(d.commit())
+    assert d.name is not None and receipt.id == d.name.split(",")[0]
+    return d.name
 
 
 def test_delivery_links_once_into_every_new(store: Store) -> None:

@@ -26,7 +26,9 @@ def store(tmp_path: Path):  # type: ignore[no-untyped-def]
 def deliver(store: Store, rcpts: list[str], body: bytes = b"Subject: x\r\n\r\nbody\r\n") -> str:
     d = store.begin_delivery("gw@h.test", rcpts, session_id="s1", helo="h", peer="127.0.0.1")
     d.write(body)
-    return asyncio.run(d.commit())
+    asyncio.run(d.commit())
+    assert d.name is not None
+    return d.name
 
 
 def md(store: Store, addr: str) -> Path:

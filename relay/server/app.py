@@ -17,7 +17,7 @@ from relay.server.listener import (
     bound_addresses,
     make_server_ssl_context,
 )
-from relay.store import accounts
+from relay.store import passwords as accounts
 
 log = get_logger("app")
 

@@ -496,13 +496,13 @@ class SmtpSession(asyncio.BufferedProtocol):
         reply = self._end_checks(msg, size)
         if reply is None:
             try:
-                name = await msg.delivery.commit()
+                receipt = await msg.delivery.commit()
             except (StoreError, OSError) as e:
                 log.warning("commit-failed", sid=self._sid, error=str(e))
                 reply = self._store_failure(e)
             else:
                 msg.delivery = None
-                reply = Reply(250, "2.0.0", f"Ok: queued as {name.split(',')[0]}")
+                reply = Reply(250, "2.0.0", f"Ok: queued as {receipt.id}")
         self._end_message(reply, "accepted" if reply.code == 250 else "refused")
         conn.reply(reply)
 

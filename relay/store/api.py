@@ -60,12 +60,17 @@ from relay.store.errors import (
 
 __all__ = [
     "Account", "AccountExists", "Accounts", "AddressError", "Body", "Change", "ChangeFeed",
-    "ChangeKind", "Delivery", "DeliveryReceipt", "Envelope", "Flag", "Ledger", "LedgerEntry",
-    "LedgerStats", "Mailbox", "MailboxStats", "MessageInfo", "MessageStore", "NoSuchAccount",
+    "ChangeKind", "Delivery", "DeliveryReceipt", "EXTEND_STEP", "Envelope", "Flag", "Ledger", "LedgerEntry",
+    "LedgerStats", "Mailbox", "MailboxStats", "MessageInfo", "MessageStore", "NO_FLAGS", "NoSuchAccount",
     "NoSuchMessage", "QuotaExceeded", "Refusal", "Reservation", "StorageFull", "StoreError",
     "StoreStats", "StoreUnavailable", "Usage", "normalize_address", "normalize_domain",
 ]
 
+
+# A delivery grows its reservations at least once per this many bytes written past them (the
+# ledger sees a message without SIZE= as it streams; one that crosses a quota is stopped then,
+# not after filling the disk). Backends may extend more often.
+EXTEND_STEP = 4 * 1024 * 1024
 
 # --- values ------------------------------------------------------------------------------------
 class Flag(enum.Flag):
@@ -108,6 +113,16 @@ class Usage:
     quota_messages: int            # 0 = unlimited
     reserved_bytes: int = 0        # held for deliveries in flight (every node of the store)
     reserved_messages: int = 0
+
+    def refusal(self, nbytes: int, nmessages: int = 1) -> Refusal | None:
+        """Whether nbytes and nmessages more fit next to what is stored and reserved: the
+        quota arithmetic, for every backend's ledger."""
+        if self.quota_bytes and self.bytes + self.reserved_bytes + nbytes > self.quota_bytes:
+            return Refusal.OVER_QUOTA_BYTES
+        if (nmessages and self.quota_messages
+                and self.messages + self.reserved_messages + nmessages > self.quota_messages):
+            return Refusal.OVER_QUOTA_MESSAGES
+        return None
 
 
 @dataclass(frozen=True)
@@ -261,7 +276,9 @@ class Accounts(Protocol):
         """None also for a malformed address."""
         ...
 
-    async def list(self) -> list[Account]: ...
+    async def list(self) -> list[Account]:
+        """Ordered by domain, then address."""
+        ...
 
     async def delete(self, address: str) -> None:
         """The account and every message in it (NoSuchAccount)."""

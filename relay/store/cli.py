@@ -12,7 +12,8 @@ from collections.abc import Callable
 from relay import config as configmod
 from relay.cli import size_type
 from relay.config import format_size
-from relay.store.core import Store, Usage
+from relay.store.api import Usage
+from relay.store.maildir.core import Store
 from relay.store.errors import StoreError
 
 

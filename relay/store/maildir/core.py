@@ -5,117 +5,26 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from relay.config import Config
 from relay.log import get_logger
-from relay.metrics import WAIT_SECONDS, Histogram, HistogramSnapshot
-from relay.store import maildir
-from relay.store.accounts import Accounts
+from relay.metrics import WAIT_SECONDS, Histogram
+from relay.store.maildir import names
+from relay.store.api import ChangeKind, Envelope, MailboxStats, Refusal, StoreStats, Usage
+from relay.store.maildir.accounts import Accounts
 from relay.store.address import normalize_address, normalize_domain
-from relay.store.db import Database
-from relay.store.delivery import LIVE_TMP, Delivery, trace_headers
-from relay.store.errors import AddressError, NoSuchAccount, QuotaExceeded, StoreError
-from relay.store.mailbox import Mailbox, MessageInfo
+from relay.store.maildir.db import Database
+from relay.store.maildir.delivery import LIVE_TMP, Delivery
+from relay.store.maildir.ledger import MaildirLedger
+from relay.store.errors import AddressError, NoSuchAccount, StoreError
+from relay.store.maildir.mailbox import Mailbox, MessageInfo
 
 log = get_logger("store")
 
 STALE_TMP_SECONDS = 36 * 3600     # Maildir convention: tmp/ files older than 36 h are garbage
 
 Subscriber = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Usage:
-    bytes: int
-    messages: int
-    quota_bytes: int
-    quota_messages: int            # 0 = unlimited
-    reserved_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class MailboxStats:
-    backlog_bytes: int             # undrained mail (the ledger)
-    backlog_messages: int
-    oldest_age_seconds: float      # age of the oldest message waiting; 0 when empty
-    quota_bytes: int               # effective quota (override or default); 0 = none
-    quota_messages: int            # 0 = none
-    last_poll: float               # Unix time of the last IMAP/POP3 login; 0 = never
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    accounts: int
-    messages_stored: int           # this process: deliveries, one per recipient
-    stored_bytes: int
-    messages_deleted: int          # this process: expunged (or removed from the Maildir)
-    deleted_bytes: int
-    backlog_bytes: int             # all mailboxes
-    backlog_messages: int
-    mailboxes: dict[str, MailboxStats]
-    delivery_to_fetch_seconds: HistogramSnapshot    # relay.metrics.WAIT_SECONDS buckets
-    delivery_to_delete_seconds: HistogramSnapshot
-
-
-class Reservation:
-    """Bytes held for a message in flight; release() on every outcome (idempotent)."""
-
-    def __init__(self, quota: Quota, address: str, nbytes: int) -> None:
-        self._quota, self.address, self.nbytes = quota, address, nbytes
-        self.released = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self._quota._release(self)
-
-
-class Quota:
-    """In-memory reservations on top of the ledger in the database (this process only)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._reserved: dict[str, list[int]] = {}      # address -> [bytes, messages]
-
-    def reserved(self, address: str) -> tuple[int, int]:
-        r = self._reserved.get(address)
-        return (r[0], r[1]) if r else (0, 0)
-
-    def reserve(self, address: str, nbytes: int) -> Reservation:
-        """Hold `nbytes` (and one message) for `address`; QuotaExceeded if it does not fit."""
-        addr = normalize_address(address)
-        u = self.store.usage(addr)
-        if u.quota_bytes and u.bytes + u.reserved_bytes + nbytes > u.quota_bytes:
-            raise QuotaExceeded(addr, "bytes")
-        if u.quota_messages and u.messages + self.reserved(addr)[1] + 1 > u.quota_messages:
-            raise QuotaExceeded(addr, "messages")
-        slot = self._reserved.setdefault(addr, [0, 0])
-        slot[0] += nbytes
-        slot[1] += 1
-        return Reservation(self, addr, nbytes)
-
-    def extend(self, r: Reservation, nbytes: int) -> None:
-        """Hold `nbytes` more for an open reservation (a message growing past its declared
-        size while it streams); QuotaExceeded, holding nothing more, if they do not fit."""
-        if r.released or nbytes <= 0:
-            return
-        u = self.store.usage(r.address)
-        if u.quota_bytes and u.bytes + u.reserved_bytes + nbytes > u.quota_bytes:
-            raise QuotaExceeded(r.address, "bytes")
-        slot = self._reserved.setdefault(r.address, [0, 0])
-        slot[0] += nbytes
-        r.nbytes += nbytes
-
-    def _release(self, r: Reservation) -> None:
-        slot = self._reserved.get(r.address)
-        if slot is None:
-            return
-        slot[0] -= r.nbytes
-        slot[1] -= 1
-        if slot[1] <= 0:
-            del self._reserved[r.address]
 
 
 class Store:
@@ -125,7 +34,7 @@ class Store:
         self.mail_root = self.data_dir / "mail"
         self.db = db
         self.accounts = Accounts(db, self.mail_root, on_delete=self._forget)
-        self.quota = Quota(self)
+        self.ledger = MaildirLedger(self)
         self._subscribers: dict[str, list[Subscriber]] = {}
         self._pending: set[str] = set()      # names being committed (not yet in the index)
         # address -> (version, messages): Mailbox.messages() between changes
@@ -159,18 +68,25 @@ class Store:
 
     def _forget(self, address: str) -> None:
         self._subscribers.pop(address, None)
+        self.ledger.forget(address)
         self._messages_cache.pop(address, None)
 
     # --- delivery ------------------------------------------------------------------------
 
+    def delivery(self, envelope: Envelope) -> Delivery:
+        """A delivery (relay.store.api.Delivery): recipients come with add_recipient()."""
+        return Delivery(self, envelope)
+
     def begin_delivery(self, sender: str, recipients: list[str], session_id: str = "",
                        helo: str = "", peer: str | None = None, protocol: str = "ESMTP") -> Delivery:
-        """Start a message for existing accounts (NoSuchAccount otherwise)."""
-        rcpts = list(dict.fromkeys(self.accounts.require(r) for r in recipients))
-        if not rcpts:
-            raise StoreError("a delivery needs at least one recipient")
-        header = trace_headers(sender, rcpts, self.config.hostname, session_id, helo, peer, protocol)
-        return Delivery(self, sender, rcpts, header)
+        """A delivery to existing accounts (NoSuchAccount otherwise), without reservations,
+        its tmp file open: the admin tools' and tests' way in."""
+        d = Delivery(self, Envelope(sender, session_id, helo, peer, protocol))
+        for r in recipients:
+            if d.add(r, 0, reserve=False) is Refusal.NO_SUCH_ACCOUNT:
+                raise NoSuchAccount(f"{normalize_address(r)}: no such account")
+        d.write(b"")
+        return d
 
     def _index_new(self, recipients: list[str], name: str, size: int, when: float,
                    mtimes: list[tuple[int, int]]) -> None:
@@ -200,7 +116,7 @@ class Store:
         nbytes = sum(s for s, _ in removed)
         self._counts["deleted"] += len(removed)
         self._counts["deleted_bytes"] += nbytes
-        self._notify(address, "expunge", nbytes, len(removed))
+        self._notify(address, ChangeKind.EXPUNGE, nbytes, len(removed))
 
     # --- mailboxes -----------------------------------------------------------------------
 
@@ -227,24 +143,23 @@ class Store:
                 subs.remove(callback)
         return unsubscribe
 
-    def _notify(self, address: str, kind: str, nbytes: int, nmessages: int) -> None:
+    def _notify(self, address: str, kind: ChangeKind, nbytes: int, nmessages: int) -> None:
+        self.ledger.on_change(address, kind)
         for cb in list(self._subscribers.get(address, [])):
             try:
-                cb(kind, nbytes, nmessages)
+                cb(kind.value, nbytes, nmessages)
             except Exception as e:  # noqa: BLE001  (a subscriber must not break delivery)
                 log.error("subscriber-failed", address=address, kind=kind, error=repr(e))
 
     # --- quota ---------------------------------------------------------------------------
 
     def usage(self, address: str) -> Usage:
-        addr = normalize_address(address)
-        row = self.db.one("SELECT usage_bytes, usage_messages, quota_bytes, quota_messages"
-                          " FROM accounts WHERE address=?", (addr,))
-        if row is None:
-            raise NoSuchAccount(f"{addr}: no such account")
-        qb = self.config.quota.default_bytes if row["quota_bytes"] is None else row["quota_bytes"]
-        qm = self.config.quota.default_messages if row["quota_messages"] is None else row["quota_messages"]
-        return Usage(row["usage_bytes"], row["usage_messages"], qb, qm, self.quota.reserved(addr)[0])
+        return self.ledger.usage(address)
+
+    @property
+    def quota(self) -> MaildirLedger:
+        """The ledger under its old name (callers are being switched to `ledger`)."""
+        return self.ledger
 
     def recalc(self, address: str | None = None) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
         """Rebuild index and ledger from the Maildir (one account, or all). Safe while the
@@ -303,12 +218,12 @@ class Store:
             try:
                 entries = list(os.scandir(tmp))
             except FileNotFoundError:
-                maildir.create(tmp.parent)
+                names.create(tmp.parent)
                 continue
             for e in entries:
                 if not e.is_file(follow_symlinks=False) or e.path in LIVE_TMP:
                     continue
-                pid = maildir.pid_of(e.name)
+                pid = names.pid_of(e.name)
                 try:
                     stale = now - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
                 except FileNotFoundError:

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from relay.log import get_logger
-from relay.store import maildir
+from relay.store.api import ChangeKind
+from relay.store.maildir import names
 from relay.store.errors import NoSuchAccount, NoSuchMessage, StoreError
 
 if TYPE_CHECKING:
-    from relay.store.core import Store
+    from relay.store.maildir.core import Store
 
 log = get_logger("store")
 
@@ -92,7 +93,7 @@ class Mailbox:
             for ent in entries:
                 if ent.name.startswith(".") or not ent.is_file(follow_symlinks=False):
                     continue
-                base, _ = maildir.split_info(ent.name)
+                base, _ = names.split_info(ent.name)
                 if base in self.store._pending:        # a delivery of ours is committing it
                     continue
                 if sub == "cur" or base not in files:
@@ -109,9 +110,9 @@ class Mailbox:
                     removed.append(r)
                     c.execute("DELETE FROM messages WHERE address=? AND uid=?", (self.address, r["uid"]))
                 elif loc != _filename(name, r["location"], r["flags"]):
-                    flags = maildir.split_info(loc)[1] or ""
+                    flags = names.split_info(loc)[1] or ""
                     c.execute("UPDATE messages SET location=?, flags=? WHERE address=? AND uid=?",
-                              (loc, maildir.normalize_flags(flags), self.address, r["uid"]))
+                              (loc, names.normalize_flags(flags), self.address, r["uid"]))
             acct = c.execute("SELECT uidnext, new_mtime, cur_mtime FROM accounts WHERE address=?",
                              (self.address,)).fetchone()
             uid = acct["uidnext"]
@@ -122,9 +123,9 @@ class Mailbox:
                     st = path.stat()
                 except FileNotFoundError:
                     continue
-                size = maildir.size_from_name(name)
+                size = names.size_from_name(name)
                 size = st.st_size if size is None else size
-                flags = maildir.normalize_flags(maildir.split_info(loc)[1] or "")
+                flags = names.normalize_flags(names.split_info(loc)[1] or "")
                 c.execute("INSERT INTO messages(address, uid, name, size, internaldate, flags, location)"
                           " VALUES (?,?,?,?,?,?,?)", (self.address, uid, name, size, st.st_mtime, flags, loc))
                 added.append((uid, size))
@@ -141,7 +142,7 @@ class Mailbox:
         if removed:
             self.store._record_deleted(self.address, [(r["size"], now - r["internaldate"]) for r in removed])
         if added:
-            self.store._notify(self.address, "new", sum(s for _, s in added), len(added))
+            self.store._notify(self.address, ChangeKind.NEW, sum(s for _, s in added), len(added))
         return len(added), len(removed)
 
     def _note_own_change(self, c: sqlite3.Connection, before: tuple[int, int], after: tuple[int, int]) -> None:
@@ -199,7 +200,7 @@ class Mailbox:
     def set_flags(self, uid: int, flags: str) -> MessageInfo:
         """Set the message's flags: the file moves to cur/ as '<name>:2,<sorted letters>'
         (Dovecot and mutt read it the same way)."""
-        letters = maildir.normalize_flags(flags)
+        letters = names.normalize_flags(flags)
         src = self.path(uid)
         r = self._row(uid)
         loc = f"cur/{r['name']}:2,{letters}"

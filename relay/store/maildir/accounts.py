@@ -7,107 +7,17 @@ so the next login misses the cache and is checked against the new hash at once.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import hmac
-import os
 import shutil
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import argon2
-
-from relay.store import maildir
 from relay.store.address import normalize_address, split
-from relay.store.db import Database
+from relay.store.api import Account
 from relay.store.errors import AccountExists, AddressError, NoSuchAccount, StoreError
-
-# argon2-cffi defaults = RFC 9106 "second recommended" (low memory) profile: argon2id,
-# t=3, m=64 MiB, p=4; ~0.11 s per hash on this machine (docs/decisions.md).
-_hasher = argon2.PasswordHasher()
-
-# TEST SUITES ONLY: RELAY_TEST_WEAK_KDF=1 in the environment makes *new* hashes use
-# argon2-cffi's test profile (argon2id, t=1, m=8 KiB, p=1: microseconds instead of ~0.5 s
-# under load). tests/conftest.py sets it; nothing else may. Verification always uses the
-# parameters recorded in the stored hash, so either kind of hash verifies correctly, and
-# `relay serve` logs a warning when the variable is set (docs/store.md).
-WEAK_KDF_ENV = "RELAY_TEST_WEAK_KDF"
-_weak_hasher = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, hash_len=16, salt_len=16)
-
-
-def weak_kdf() -> bool:
-    return os.environ.get(WEAK_KDF_ENV, "") not in ("", "0")
-
-
-@dataclass(frozen=True)
-class Account:
-    address: str
-    quota_bytes: int | None          # None = the config default
-    quota_messages: int | None       # None = the config default; 0 = unlimited
-    created: float
-    has_password: bool = True
-
-
-class CredentialCache:
-    """Successful verifications: (address, stored hash, HMAC(process key, password)) -> expiry.
-
-    The password itself is never kept, only a keyed MAC with a key that never leaves this
-    process. Bounded (LRU) and time-limited."""
-
-    def __init__(self, size: int = 4096, ttl: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._key = os.urandom(32)
-        self._entries: OrderedDict[tuple[str, str, bytes], float] = OrderedDict()
-        self._lock = threading.Lock()
-        self.size, self.ttl, self.clock = size, ttl, clock
-        self.hits = self.misses = 0
-
-    def _k(self, address: str, stored: str, password: str) -> tuple[str, str, bytes]:
-        mac = hmac.new(self._key, password.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
-        return (address, stored, mac)
-
-    def check(self, address: str, stored: str, password: str) -> bool:
-        k = self._k(address, stored, password)
-        with self._lock:
-            exp = self._entries.get(k)
-            if exp is not None and exp > self.clock():
-                self._entries.move_to_end(k)
-                self.hits += 1
-                return True
-            if exp is not None:
-                del self._entries[k]
-            self.misses += 1
-            return False
-
-    def add(self, address: str, stored: str, password: str) -> None:
-        k = self._k(address, stored, password)
-        with self._lock:
-            self._entries[k] = self.clock() + self.ttl
-            self._entries.move_to_end(k)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-    def forget(self, address: str) -> None:
-        with self._lock:
-            for k in [k for k in self._entries if k[0] == address]:
-                del self._entries[k]
-
-
-def hash_password(password: str) -> str:
-    if not isinstance(password, str) or password == "":
-        raise StoreError("empty password")
-    return (_weak_hasher if weak_kdf() else _hasher).hash(password)
-
-
-def _check_hash(stored: str, password: str) -> bool:
-    try:
-        return _hasher.verify(stored, password)
-    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-        return False
+from relay.store.maildir import names
+from relay.store.maildir.db import Database
+from relay.store.passwords import CredentialCache, check_hash, check_hash_async, hash_password
 
 
 def _quota_value(v: int | None, what: str) -> int | None:
@@ -149,7 +59,7 @@ class Accounts:
                       (addr, split(addr)[1], stored, qb, qm, now, uidvalidity))
             path = self.maildir(addr)
             try:
-                maildir.create(path)
+                names.create(path)
             except OSError as e:
                 raise StoreError(f"{path}: cannot create the Maildir: {e}") from e
             st_new, st_cur = (path / "new").stat(), (path / "cur").stat()
@@ -178,6 +88,10 @@ class Accounts:
         if not self.db.one("SELECT 1 FROM accounts WHERE address=?", (addr,)):
             raise NoSuchAccount(f"{addr}: no such account")
         return addr
+
+    def exists(self, address: str) -> bool:
+        """An account with this (normalised) address."""
+        return self.db.one("SELECT 1 FROM accounts WHERE address=?", (address,)) is not None
 
     def list(self) -> list[Account]:
         return [self._account(r) for r in self.db.query("SELECT * FROM accounts ORDER BY domain, address")]
@@ -251,11 +165,11 @@ class Accounts:
         found = self._precheck(address, password)
         if isinstance(found, bool):
             return found
-        return self._remember(found, password, _check_hash(found[1], password))
+        return self._remember(found, password, check_hash(found[1], password))
 
     async def verify_async(self, address: str, password: str) -> bool:
         """As verify(); argon2 runs in a thread, and only on a cache miss."""
         found = self._precheck(address, password)
         if isinstance(found, bool):
             return found
-        return self._remember(found, password, await asyncio.to_thread(_check_hash, found[1], password))
+        return self._remember(found, password, await check_hash_async(found[1], password))
