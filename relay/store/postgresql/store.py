@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -35,8 +36,8 @@ import psycopg_pool
 from relay.config import Config
 from relay.log import get_logger
 from relay.metrics import WAIT_SECONDS, Histogram
-from relay.store.accounts import CredentialCache, _check_hash, hash_password
 from relay.store.api import (
+    EXTEND_STEP,
     Account,
     AccountExists,
     Change,
@@ -60,10 +61,11 @@ from relay.store.api import (
     normalize_address,
     normalize_domain,
 )
-from relay.store.delivery import trace_headers
 from relay.store.errors import AddressError
+from relay.store.passwords import CredentialCache, check_hash_async, hash_password, run_hashing
 from relay.store.postgresql.bodies import BodyStore, PgBodyStore
 from relay.store.postgresql.schema import migrate
+from relay.store.trace import trace_headers
 
 log = get_logger("store.postgresql")
 
@@ -76,8 +78,8 @@ POOL_TIMEOUT = 5.0                   # seconds to wait for a connection: past it
                                      # takes a few seconds; SMTP clients retry)
 WRITE_BUFFER = 4 << 20               # bytes a delivery buffers before write() asks the caller to
                                      # wait: 4 chunks in flight keeps the database busy, bounds memory
-EXTEND_STEP = 16 << 20               # a message growing past its declared size extends its
-                                     # reservations by at least this much (one round trip per step)
+EXTEND_EVERY = EXTEND_STEP // 4      # a message streaming past its reservations extends them by what
+                                     # it wrote past, this often (one round trip per MiB, as per chunk)
 REFRESH_SECONDS = 1.0                # Ledger.snapshot()/statistics() figures: at most this old
 HEARTBEAT_SECONDS = 2.0              # a node's heartbeat period
 NODE_STALE_SECONDS = 30.0            # a node silent this long is dead (15 missed heartbeats)
@@ -111,12 +113,11 @@ class PgReservation:
         return self._open
 
 
-def _refusal(u: Usage, nbytes: int, nmessages: int) -> Refusal | None:
-    if u.quota_bytes and u.bytes + u.reserved_bytes + nbytes > u.quota_bytes:
-        return Refusal.OVER_QUOTA_BYTES
-    if nmessages and u.quota_messages and u.messages + u.reserved_messages + nmessages > u.quota_messages:
-        return Refusal.OVER_QUOTA_MESSAGES
-    return None
+# An account's ledger: stored figures and every node's reservations, except those this node has
+# released and not yet deleted (release() never waits: the DELETE runs in the background).
+_USAGE = ("SELECT usage_bytes, usage_messages, quota_bytes, quota_messages, COALESCE(r.nbytes, 0), COALESCE(r.n, 0)"
+          " FROM accounts a LEFT JOIN LATERAL (SELECT SUM(nbytes) AS nbytes, COUNT(*) AS n FROM reservations r"
+          "  WHERE r.address = a.address AND r.id <> ALL(%s)) r ON true WHERE a.address = %s")
 
 
 class PgLedger:
@@ -125,6 +126,7 @@ class PgLedger:
     def __init__(self, store: PgStore) -> None:
         self._store = store
         self._mine: dict[int, PgReservation] = {}
+        self._releasing: set[int] = set()
         self._entries: dict[str, LedgerEntry] = {}
         self._refusals: dict[str, int] = {}
 
@@ -132,10 +134,7 @@ class PgLedger:
         """The account's usage with its row locked (FOR UPDATE: every node's reservations and
         commits for this account take turns)."""
         cur = await conn.execute(
-            "SELECT usage_bytes, usage_messages, quota_bytes, quota_messages,"
-            " (SELECT COALESCE(SUM(nbytes), 0) FROM reservations r WHERE r.address = a.address),"
-            " (SELECT COUNT(*) FROM reservations r WHERE r.address = a.address)"
-            " FROM accounts a WHERE address = %s FOR UPDATE", (address,))
+            _USAGE + " FOR UPDATE OF a", (list(self._releasing), address))
         row = await cur.fetchone()
         if row is None:
             raise NoSuchAccount(f"{address}: no such account")
@@ -145,7 +144,7 @@ class PgLedger:
         addr = normalize_address(address)
         async with self._store._conn() as conn, conn.transaction():
             u = await self._locked_usage(conn, addr)
-            why = _refusal(u, nbytes, 1)
+            why = u.refusal(nbytes, 1)
             if why is not None:
                 self._refusals[why.value] = self._refusals.get(why.value, 0) + 1
                 raise QuotaExceeded(addr, why.value)
@@ -153,8 +152,10 @@ class PgLedger:
                                      " RETURNING id", (self._store.node_id, addr, nbytes))
             row = await cur.fetchone()
             assert row is not None
-        r = PgReservation(int(row[0]), addr, nbytes)
-        self._mine[r.id] = r
+            r = PgReservation(int(row[0]), addr, nbytes)
+            self._mine[r.id] = r
+        with contextlib.suppress(psycopg.Error):
+            await self._store._refresh([addr], conn)
         return r
 
     async def extend(self, reservation: Any, nbytes: int) -> None:
@@ -163,31 +164,54 @@ class PgLedger:
             return
         async with self._store._conn() as conn, conn.transaction():
             u = await self._locked_usage(conn, r.address)
-            if _refusal(u, nbytes, 0) is not None:
+            if u.refusal(nbytes, 0) is not None:
                 self._refusals["bytes"] = self._refusals.get("bytes", 0) + 1
                 raise QuotaExceeded(r.address, "bytes")
             await conn.execute("UPDATE reservations SET nbytes = nbytes + %s, streamed = %s WHERE id = %s",
                                (nbytes, r.streamed, r.id))
         r._nbytes += nbytes
+        self._adjust(r.address, nbytes, 0, 0)
 
     def note_streamed(self, reservation: Any, nbytes: int) -> None:
-        self._own(reservation).streamed += nbytes
+        r = self._own(reservation)
+        r.streamed += nbytes
+        self._adjust(r.address, 0, 0, nbytes)
+
+    def _adjust(self, address: str, reserved: int, reservations: int, streamed: int) -> None:
+        """This node's own change, in the in-memory figures at once (the periodic refresh
+        brings the other nodes' changes)."""
+        e = self._entries.get(address)
+        if e is not None:
+            self._entries[address] = dataclasses.replace(
+                e, reserved_bytes=max(0, e.reserved_bytes + reserved),
+                reserved_messages=max(0, e.reserved_messages + reservations),
+                streaming_bytes=max(0, e.streaming_bytes + streamed))
 
     def release(self, reservation: Any) -> None:
         r = self._own(reservation)
         if r.open:
             r._open = False
             self._mine.pop(r.id, None)
+            self._releasing.add(r.id)
+            self._adjust(r.address, -r.nbytes, -1, -r.streamed)
             self._store._background(self._delete([r.id]), "release")
 
     def settle(self, reservation: Any) -> None:
         r = self._own(reservation)
-        r._open = False
-        self._mine.pop(r.id, None)
+        if r.open:
+            r._open = False
+            self._mine.pop(r.id, None)
+            self._adjust(r.address, -r.nbytes, -1, -r.streamed)
+
+    def _settled(self, reservation: PgReservation) -> None:
+        """The commit removed the reservation's row (the refresh after it has the figures)."""
+        reservation._open = False
+        self._mine.pop(reservation.id, None)
 
     async def _delete(self, ids: list[int]) -> None:
         async with self._store._conn() as conn:
             await conn.execute("DELETE FROM reservations WHERE id = ANY(%s)", (ids,))
+        self._releasing.difference_update(ids)
 
     @staticmethod
     def _own(reservation: Any) -> PgReservation:
@@ -199,10 +223,7 @@ class PgLedger:
         addr = normalize_address(address)
         async with self._store._conn() as conn:
             cur = await conn.execute(
-                "SELECT usage_bytes, usage_messages, quota_bytes, quota_messages,"
-                " (SELECT COALESCE(SUM(nbytes), 0) FROM reservations r WHERE r.address = a.address),"
-                " (SELECT COUNT(*) FROM reservations r WHERE r.address = a.address)"
-                " FROM accounts a WHERE address = %s", (addr,))
+                _USAGE, (list(self._releasing), addr))
             row = await cur.fetchone()
         if row is None:
             raise NoSuchAccount(f"{addr}: no such account")
@@ -239,16 +260,15 @@ class PgAccounts:
         addr = normalize_address(address)
         _check_quota(quota_bytes, "quota_bytes")
         _check_quota(quota_messages, "quota_messages")
-        hashed = await asyncio.to_thread(hash_password, password) if password is not None else None
+        hashed = await run_hashing(hash_password, password) if password is not None else None
         now = time.time()
         try:
             async with self._store._conn() as conn:
                 cur = await conn.execute(
                     "INSERT INTO accounts (address, domain, password_hash, quota_bytes, quota_messages, created,"
-                    " uidvalidity) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (address) DO NOTHING"
-                    f" RETURNING {self._COLS}",
-                    (addr, addr.rsplit("@", 1)[1], hashed, quota_bytes, quota_messages, now,
-                     _uidvalidity(now)))
+                    " uidvalidity) VALUES (%s, %s, %s, %s, %s, %s, nextval('uidvalidity_seq'))"
+                    f" ON CONFLICT (address) DO NOTHING RETURNING {self._COLS}",
+                    (addr, addr.rsplit("@", 1)[1], hashed, quota_bytes, quota_messages, now))
                 row = await cur.fetchone()
         except psycopg.errors.UniqueViolation:
             row = None
@@ -268,7 +288,7 @@ class PgAccounts:
 
     async def list(self) -> list[Account]:
         async with self._store._conn() as conn:
-            cur = await conn.execute(f"SELECT {self._COLS} FROM accounts ORDER BY address")
+            cur = await conn.execute(f"SELECT {self._COLS} FROM accounts ORDER BY domain, address")
             return [self._account(r) for r in await cur.fetchall()]
 
     async def delete(self, address: str) -> None:
@@ -285,7 +305,7 @@ class PgAccounts:
 
     async def set_password(self, address: str, password: str | None) -> None:
         addr = normalize_address(address)
-        hashed = await asyncio.to_thread(hash_password, password) if password is not None else None
+        hashed = await run_hashing(hash_password, password) if password is not None else None
         async with self._store._conn() as conn:
             cur = await conn.execute("UPDATE accounts SET password_hash = %s WHERE address = %s RETURNING address",
                                      (hashed, addr))
@@ -321,7 +341,7 @@ class PgAccounts:
         stored = str(row[0])
         if self._cache.check(addr, stored, password):
             return True
-        ok = await asyncio.to_thread(_check_hash, stored, password)
+        ok = await check_hash_async(stored, password)
         if ok:
             self._cache.add(addr, stored, password)
         return ok
@@ -339,12 +359,6 @@ class PgAccounts:
 def _check_quota(v: int | None, what: str) -> None:
     if v is not None and v < 0:
         raise StoreError(f"{what} must be 0 (unlimited) or more, not {v}")
-
-
-def _uidvalidity(now: float) -> int:
-    """RFC 9051 2.3.1.1: strictly greater than any earlier one for a re-created mailbox name:
-    the creation time in seconds (31 bits fit IMAP's nz-number until 2106)."""
-    return int(now)
 
 
 async def _orphan(conn: Conn, bodies: list[int]) -> None:
@@ -365,6 +379,11 @@ class PgBody:
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def body_id(self) -> int:
+        """The stored body (one for every recipient of a delivery)."""
+        return self._body
 
     def fileno(self) -> int | None:
         return None
@@ -483,6 +502,8 @@ class PgMailbox:
                 await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._store._payload(
                     self._address, ChangeKind.EXPUNGE, nbytes, len(rows))))
         if rows:
+            with contextlib.suppress(StoreError):
+                await self._store._refresh([self._address])
             now = time.time()
             self._store._deleted([(int(r[1]), now - float(r[2])) for r in rows])
             self._store.changes._dispatch(Change(self._address, ChangeKind.EXPUNGE,
@@ -585,7 +606,7 @@ class PgDelivery:
         self._size += n
         for r in self._res.values():
             self._store.ledger.note_streamed(r, n)
-            if self._size > r.nbytes:
+            if self._size - r.nbytes >= EXTEND_EVERY:
                 self._need_extend = True
         cs = self._store.bodies.chunk_size
         while len(self._buf) >= cs:
@@ -642,10 +663,7 @@ class PgDelivery:
         for r in self._res.values():
             short = self._size - r.nbytes
             if short > 0:
-                try:
-                    await self._store.ledger.extend(r, max(short, EXTEND_STEP))
-                except QuotaExceeded:
-                    await self._store.ledger.extend(r, short)     # the exact need may still fit
+                await self._store.ledger.extend(r, short)
         self._need_extend = False
 
     async def commit(self) -> DeliveryReceipt:
@@ -721,23 +739,37 @@ class PgChangeFeed:
             except Exception as e:  # noqa: BLE001  (a subscriber must not break the feed)
                 log.error("subscriber-failed", address=change.address, error=repr(e))
 
-    async def run(self) -> None:
+    async def connect(self) -> psycopg.AsyncConnection[Any]:
+        """The LISTEN connection; it also marks this node alive (nodes.pid: when the session
+        ends, because the node died, the sweepers of the others see it at once)."""
+        conn = await psycopg.AsyncConnection.connect(self._store.dsn, autocommit=True)
+        try:
+            await conn.execute(f"LISTEN {CHANNEL}")
+            await conn.execute(
+                "INSERT INTO nodes (id, pid, backend_start, server_started)"
+                " SELECT %s, pid, backend_start, pg_postmaster_start_time() FROM pg_stat_activity"
+                " WHERE pid = pg_backend_pid() ON CONFLICT (id) DO UPDATE SET heartbeat = now(),"
+                " pid = EXCLUDED.pid, backend_start = EXCLUDED.backend_start,"
+                " server_started = EXCLUDED.server_started", (self._store.node_id,))
+        except BaseException:
+            await conn.close()
+            raise
+        self.connected = True
+        return conn
+
+    async def run(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
         """LISTEN until cancelled; reconnect with backoff. After a reconnect every subscriber
         gets an empty NEW change: it rechecks its mailbox (notifications may have been missed)."""
         delay = 0.1
-        first = True
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self._store.dsn, autocommit=True)
+                if conn is None:
+                    conn = await self.connect()
+                    self.reconnects += 1
+                    for addr in list(self._subs):
+                        self._dispatch(Change(addr, ChangeKind.NEW, 0, 0))
                 async with conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self.connected = True
                     delay = 0.1
-                    if not first:
-                        self.reconnects += 1
-                        for addr in list(self._subs):
-                            self._dispatch(Change(addr, ChangeKind.NEW, 0, 0))
-                    first = False
                     async for note in conn.notifies():
                         self._receive(note.payload)
             except asyncio.CancelledError:
@@ -745,6 +777,7 @@ class PgChangeFeed:
             except Exception as e:  # noqa: BLE001  (the database went away: retry)
                 if self.connected:
                     log.warning("change-feed-lost", error=str(e).strip())
+            conn = None
             self.connected = False
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
@@ -765,18 +798,20 @@ class PgChangeFeed:
 class PgStore:
     """relay.store.api.MessageStore on PostgreSQL. `await open()` before use."""
 
-    def __init__(self, config: Config, dsn: str, *, node_id: str | None = None,
+    def __init__(self, config: Config, dsn: str | None = None, *, node_id: str | None = None,
                  bodies: BodyStore | None = None, pool_max: int = POOL_MAX,
                  node_stale_seconds: float = NODE_STALE_SECONDS,
                  orphan_grace_seconds: float = ORPHAN_GRACE_SECONDS) -> None:
-        self.config, self.dsn = config, dsn
+        self.config, self.dsn = config, config.store.dsn if dsn is None else dsn
+        if not self.dsn:
+            raise StoreError('[store] backend "postgresql" needs a dsn (a libpq connection string)')
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.bodies: BodyStore = bodies or PgBodyStore()
         # never below two heartbeats: a live node must not look dead to its peers
         self.node_stale_seconds = max(node_stale_seconds, 2 * HEARTBEAT_SECONDS)
         self.orphan_grace_seconds = orphan_grace_seconds
         self._pool = psycopg_pool.AsyncConnectionPool(
-            dsn, min_size=1, max_size=pool_max, open=False, timeout=POOL_TIMEOUT,
+            self.dsn, min_size=1, max_size=pool_max, open=False, timeout=POOL_TIMEOUT,
             kwargs={"autocommit": True}, check=psycopg_pool.AsyncConnectionPool.check_connection,
             name=f"relay-{self.node_id}")
         self._accounts = PgAccounts(self)
@@ -826,10 +861,14 @@ class PgStore:
         except _UNAVAILABLE as e:
             raise StoreUnavailable(f"PostgreSQL: {str(e).strip()}") from e
         await self._pool.open(wait=False)
-        await self._heartbeat()
+        try:
+            listener = await self._changes.connect()
+        except _UNAVAILABLE as e:
+            raise StoreUnavailable(f"PostgreSQL: {str(e).strip()}") from e
         self._opened = True
+        self._spawn(self._changes.run(listener))
+        await self.sweep()              # what dead nodes left (a crash just before this start)
         await self._refresh()
-        self._spawn(self._changes.run())
         self._spawn(self._maintain())
 
     async def close(self) -> None:
@@ -885,22 +924,27 @@ class PgStore:
         if body is None:
             raise StoreError("the message body was not written")
         now = time.time()
-        async with self._conn() as conn, conn.transaction():
-            if not await self.bodies.seal(conn, body, size):
-                raise StoreError("the message body is incomplete (removed by a sweeper?): not stored")
-            for addr in sorted(rcpts):        # one lock order: concurrent commits cannot deadlock
-                cur = await conn.execute(
-                    "UPDATE accounts SET uidnext = uidnext + 1, usage_bytes = usage_bytes + %s,"
-                    " usage_messages = usage_messages + 1, modseq = modseq + 1"
-                    " WHERE address = %s RETURNING uidnext - 1", (size, addr))
-                row = await cur.fetchone()
-                if row is None:
-                    raise NoSuchAccount(f"{addr}: account deleted during delivery")
-                await conn.execute("INSERT INTO messages (address, uid, body, size, internaldate)"
-                                   " VALUES (%s, %s, %s, %s, %s)", (addr, int(row[0]), body, size, now))
-                await conn.execute("SELECT pg_notify(%s, %s)",
-                                   (CHANNEL, self._payload(addr, ChangeKind.NEW, size, 1)))
-            await conn.execute("DELETE FROM reservations WHERE id = ANY(%s)", ([r.id for r in res.values()],))
+        async with self._conn() as conn:
+            async with conn.transaction():
+                if not await self.bodies.seal(conn, body, size):
+                    raise StoreError("the message body is incomplete (removed by a sweeper?): not stored")
+                for addr in sorted(rcpts):        # one lock order: concurrent commits cannot deadlock
+                    cur = await conn.execute(
+                        "UPDATE accounts SET uidnext = uidnext + 1, usage_bytes = usage_bytes + %s,"
+                        " usage_messages = usage_messages + 1, modseq = modseq + 1"
+                        " WHERE address = %s RETURNING uidnext - 1", (size, addr))
+                    row = await cur.fetchone()
+                    if row is None:
+                        raise NoSuchAccount(f"{addr}: account deleted during delivery")
+                    await conn.execute("INSERT INTO messages (address, uid, body, size, internaldate)"
+                                       " VALUES (%s, %s, %s, %s, %s)", (addr, int(row[0]), body, size, now))
+                    await conn.execute("SELECT pg_notify(%s, %s)",
+                                       (CHANNEL, self._payload(addr, ChangeKind.NEW, size, 1)))
+                await conn.execute("DELETE FROM reservations WHERE id = ANY(%s)", ([r.id for r in res.values()],))
+            for r in res.values():
+                self._ledger._settled(r)
+            with contextlib.suppress(psycopg.Error):      # stored already: figures can wait
+                await self._refresh(rcpts, conn)
         self._counts["stored"] += len(rcpts)
         self._counts["stored_bytes"] += size * len(rcpts)
         for addr in rcpts:
@@ -938,12 +982,15 @@ class PgStore:
                                " ON CONFLICT (id) DO UPDATE SET heartbeat = now()", (self.node_id,))
 
     async def sweep(self) -> tuple[int, int]:
-        """Remove dead nodes (stale heartbeat: their reservations go with them), bodies left
+        """Remove dead nodes (session gone or heartbeat stale: their reservations go with them), bodies left
         unsealed by nodes that are gone, and expunged bodies past their grace period.
         Returns (nodes, bodies) removed."""
         async with self._conn() as conn:
-            cur = await conn.execute("DELETE FROM nodes WHERE heartbeat < now() - make_interval(secs => %s)"
-                                     " AND id <> %s RETURNING id", (self.node_stale_seconds, self.node_id))
+            cur = await conn.execute(
+                "DELETE FROM nodes n WHERE id <> %s AND (heartbeat < now() - make_interval(secs => %s)"
+                " OR server_started = pg_postmaster_start_time() AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a"
+                "   WHERE a.pid = n.pid AND a.backend_start = n.backend_start)) RETURNING id",
+                (self.node_id, self.node_stale_seconds))
             dead = [str(r[0]) for r in await cur.fetchall()]
             cur = await conn.execute("DELETE FROM bodies WHERE NOT complete AND (node IS NULL OR"
                                      " node NOT IN (SELECT id FROM nodes)) RETURNING id")
@@ -961,24 +1008,35 @@ class PgStore:
         self._counts["swept_bodies"] += half + gone
         return len(dead), half + gone
 
-    async def _refresh(self) -> None:
-        """The in-memory figures behind Ledger.snapshot() and statistics()."""
-        async with self._conn() as conn:
-            cur = await conn.execute(
-                "SELECT a.address, a.usage_bytes, a.usage_messages, a.quota_bytes, a.quota_messages,"
-                " a.last_poll,"
-                " (SELECT internaldate FROM messages m WHERE m.address = a.address ORDER BY uid LIMIT 1),"
-                " COALESCE(r.nbytes, 0), COALESCE(r.n, 0), COALESCE(r.streamed, 0)"
-                " FROM accounts a LEFT JOIN (SELECT address, SUM(nbytes) AS nbytes, COUNT(*) AS n,"
-                "   SUM(streamed) FILTER (WHERE node <> %s) AS streamed FROM reservations GROUP BY address) r"
-                " USING (address)", (self.node_id,))
-            rows = await cur.fetchall()
+    async def _refresh(self, addresses: list[str] | None = None, conn: Conn | None = None) -> None:
+        """The in-memory figures behind Ledger.snapshot() and statistics(): every account (the
+        periodic refresh), or just these (after this node changed them)."""
+        if conn is None:
+            async with self._conn() as c:
+                await self._refresh(addresses, c)
+            return
+        where = "" if addresses is None else " WHERE a.address = ANY(%s)"
+        args: tuple[Any, ...] = (self.node_id, list(self._ledger._releasing))
+        cur = await conn.execute(
+            "SELECT a.address, a.usage_bytes, a.usage_messages, a.quota_bytes, a.quota_messages,"
+            " a.last_poll,"
+            " (SELECT internaldate FROM messages m WHERE m.address = a.address ORDER BY uid LIMIT 1),"
+            " COALESCE(r.nbytes, 0), COALESCE(r.n, 0), COALESCE(r.streamed, 0)"
+            " FROM accounts a LEFT JOIN (SELECT address, SUM(nbytes) AS nbytes, COUNT(*) AS n,"
+            "   SUM(streamed) FILTER (WHERE node <> %s) AS streamed FROM reservations WHERE id <> ALL(%s)"
+            "   GROUP BY address) r USING (address)" + where,
+            args if addresses is None else (*args, addresses))
+        rows = await cur.fetchall()
         mine: dict[str, int] = {}
         for r in self._ledger._mine.values():
             mine[r.address] = mine.get(r.address, 0) + r.streamed
         now = time.time()
         q = self.config.quota
-        entries, stats = {}, {}
+        entries: dict[str, LedgerEntry] = {} if addresses is None else dict(self._ledger._entries)
+        stats: dict[str, MailboxStats] = {} if addresses is None else dict(self._mailbox_stats)
+        for a in addresses or ():
+            entries.pop(a, None)
+            stats.pop(a, None)
         for row in rows:
             addr = str(row[0])
             qb = q.default_bytes if row[3] is None else int(row[3])
@@ -990,7 +1048,7 @@ class PgStore:
                                        qb, qm, float(row[5]))
         self._ledger._entries = entries
         self._mailbox_stats = stats
-        self._accounts_count = len(rows)
+        self._accounts_count = len(stats)
 
     async def _maintain(self) -> None:
         """Once per REFRESH_SECONDS: the ledger figures; heartbeat and sweep less often."""
@@ -1005,6 +1063,8 @@ class PgStore:
                 if t - last_sweep >= min(HEARTBEAT_SECONDS * 2, self.node_stale_seconds):
                     await self.sweep()
                     last_sweep = t
+                if self._ledger._releasing:        # a background release that failed
+                    await self._ledger._delete(list(self._ledger._releasing))
                 await self._refresh()
             except StoreError as e:
                 log.warning("maintenance-failed", error=str(e))

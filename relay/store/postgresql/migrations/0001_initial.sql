@@ -17,12 +17,22 @@ CREATE TABLE accounts (
 );
 CREATE INDEX accounts_domain ON accounts (domain);
 
--- Relay nodes using this database; a node whose heartbeat is stale is dead: the survivors'
--- sweeper deletes its row, which drops its reservations and half-written bodies.
+-- UIDVALIDITY of a new mailbox (RFC 9051 2.3.1.1: a re-created name gets a greater one), for
+-- every node: starts at the Unix time the schema was made, one more per account created.
+CREATE SEQUENCE uidvalidity_seq;
+SELECT setval('uidvalidity_seq', extract(epoch FROM now())::bigint);
+
+-- Relay nodes using this database. A node is dead when the session it keeps open (its
+-- LISTEN connection: pid + backend_start on the server started at server_started) is gone,
+-- or when its heartbeat is stale (a node cut off by the network, a server restarted since):
+-- the survivors' sweeper deletes its row, which drops its reservations and unsealed bodies.
 CREATE TABLE nodes (
-    id        text PRIMARY KEY,
-    heartbeat timestamptz NOT NULL DEFAULT now(),
-    started   timestamptz NOT NULL DEFAULT now()
+    id             text PRIMARY KEY,
+    heartbeat      timestamptz NOT NULL DEFAULT now(),
+    started        timestamptz NOT NULL DEFAULT now(),
+    pid            integer,
+    backend_start  timestamptz,
+    server_started timestamptz
 );
 
 -- Message bodies (relay/store/postgresql/bodies.py): written in chunks before the commit,
