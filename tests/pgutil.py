@@ -305,7 +305,7 @@ def _node_main(argv: list[str]) -> None:
     from conftest import make_config
 
     from relay.store.api import Envelope
-    from relay.store.postgresql import PgStore
+    from relay.store.postgresql.store import PgStore
 
     dsn, data_dir, address, first, count, size = argv
     store = PgStore(make_config(Path(data_dir)), dsn)

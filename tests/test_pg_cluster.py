@@ -17,7 +17,7 @@ from conftest import make_config
 from pgutil import PgServer, cluster_dsn, numbered_message, pg_dsn, pg_pair, pg_server, seq_of  # noqa: F401
 
 from relay.store.api import Envelope, StoreError
-from relay.store.postgresql import PgStore
+from relay.store.postgresql.store import PgStore
 
 pytestmark = pytest.mark.timeout(300)
 

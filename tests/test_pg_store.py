@@ -15,7 +15,8 @@ from conftest import make_config
 from pgutil import PgServer, pg_dsn, pg_server  # noqa: F401  (fixtures)
 
 from relay.store.api import ChangeKind, Envelope, Flag, Refusal, StoreUnavailable
-from relay.store.postgresql import PgStore, latest_version
+from relay.store.postgresql.schema import latest_version
+from relay.store.postgresql.store import PgStore
 from relay.store.postgresql.bodies import BODY_CHUNK
 
 pytestmark = pytest.mark.timeout(300)

@@ -15,7 +15,7 @@ def _maildir(config: Config) -> MessageStore:
 
 
 def _postgresql(config: Config) -> MessageStore:
-    from relay.store.postgresql import PgStore
+    from relay.store.postgresql.store import PgStore
     return PgStore(config)
 
 

@@ -451,11 +451,12 @@ class PgMailbox:
             if hit is not None and hit[0] == modseq:
                 cache.move_to_end(self._address)
                 return list(hit[1])
-            cur = await conn.execute("SELECT uid, size, internaldate, flags FROM messages WHERE address = %s"
+            cur = await conn.execute("SELECT uid, size, internaldate, flags, ext_id FROM messages WHERE address = %s"
                                      " ORDER BY uid", (self._address,))
             rows = await cur.fetchall()
             uv = (await self._account(conn))[0]
-        msgs = [MessageInfo(int(r[0]), f"{uv}.{r[0]}", int(r[1]), float(r[2]), Flag(int(r[3]))) for r in rows]
+        msgs = [MessageInfo(int(r[0]), r[4] or f"{uv}.{r[0]}", int(r[1]), float(r[2]), Flag(int(r[3])))
+                for r in rows]
         cache[self._address] = (modseq, msgs)
         cache.move_to_end(self._address)
         while len(cache) > MESSAGES_CACHE:
@@ -468,11 +469,12 @@ class PgMailbox:
         if row is None:
             await self._account(conn)       # NoSuchAccount first
             raise NoSuchMessage(f"{self._address}: no message with UID {uid}")
-        return MessageInfo(int(row[0]), f"{row[4]}.{row[0]}", int(row[1]), float(row[2]), Flag(int(row[3])))
+        return MessageInfo(int(row[0]), row[5] or f"{row[4]}.{row[0]}", int(row[1]), float(row[2]),
+                           Flag(int(row[3])))
 
     async def info(self, uid: int) -> MessageInfo:
         async with self._store._conn() as conn:
-            return await self._one(conn, "SELECT m.uid, m.size, m.internaldate, m.flags, a.uidvalidity"
+            return await self._one(conn, "SELECT m.uid, m.size, m.internaldate, m.flags, a.uidvalidity, m.ext_id"
                                    " FROM messages m JOIN accounts a USING (address)"
                                    " WHERE m.address = %s AND m.uid = %s", (self._address, uid), uid)
 
@@ -480,7 +482,7 @@ class PgMailbox:
         async with self._store._conn() as conn, conn.transaction():
             info = await self._one(conn, "UPDATE messages m SET flags = %s FROM accounts a"
                                    " WHERE a.address = m.address AND m.address = %s AND m.uid = %s"
-                                   " RETURNING m.uid, m.size, m.internaldate, m.flags, a.uidvalidity",
+                                   " RETURNING m.uid, m.size, m.internaldate, m.flags, a.uidvalidity, m.ext_id",
                                    (flags.value, self._address, uid), uid)
             await conn.execute("UPDATE accounts SET modseq = modseq + 1 WHERE address = %s", (self._address,))
         return info

@@ -67,6 +67,8 @@ CREATE TABLE messages (
     internaldate double precision NOT NULL,
     flags        integer NOT NULL DEFAULT 0,     -- relay.store.api.Flag bits
     fetched      boolean NOT NULL DEFAULT false,
+    ext_id       text,                           -- MessageInfo.id when imported (POP3 UIDL kept);
+                                                 -- NULL: "<uidvalidity>.<uid>"
     PRIMARY KEY (address, uid)
 );
 CREATE INDEX messages_body ON messages (body);
