@@ -586,6 +586,29 @@ class PgDelivery:
         self._res[addr] = r
         return None
 
+    async def start(self) -> None:
+        """The recipients are complete: the body's row is made (a database that is not there
+        answers DATA with 451, not 354) and the trace headers are written."""
+        if self._header_written:
+            return
+        if self._state != "open":
+            raise StoreError(f"start() on a delivery that is {self._state}")
+        if not self._rcpts:
+            raise StoreError("a delivery needs at least one recipient")
+        async with self._store._conn() as conn:
+            body = await self._store.bodies.new(conn, self._store.node_id)
+        if self._state != "open":                      # aborted meanwhile
+            self._store._background(self._store._drop_body(None, body, self), "abort")
+            raise StoreError("delivery aborted")
+        self._body = body
+        self._write_header()
+
+    def _write_header(self) -> None:
+        self._header_written = True
+        e = self._env
+        self._append(trace_headers(e.sender, self._rcpts, self._store.config.hostname, e.session_id,
+                                   e.helo, e.peer, e.protocol))
+
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
             raise self._error
@@ -593,11 +616,8 @@ class PgDelivery:
             raise StoreError(f"write() on a delivery that is {self._state}")
         if not self._rcpts:
             raise StoreError("write() before any recipient")
-        if not self._header_written:
-            self._header_written = True
-            e = self._env
-            self._append(trace_headers(e.sender, self._rcpts, self._store.config.hostname, e.session_id,
-                                       e.helo, e.peer, e.protocol))
+        if not self._header_written:                   # start() skipped: the writer makes the row
+            self._write_header()
         self._append(chunk)
 
     def _append(self, data: bytes | bytearray | memoryview) -> None:
@@ -674,7 +694,7 @@ class PgDelivery:
         if not self._rcpts:
             raise StoreError("a delivery needs at least one recipient")
         if not self._header_written:
-            self.write(b"")
+            await self.start()
         if self._error is not None:
             raise self._error
         self._state = "committing"
@@ -717,13 +737,13 @@ class PgChangeFeed:
 
     def __init__(self, store: PgStore) -> None:
         self._store = store
-        self._subs: dict[str, list[ChangeCallback]] = {}
+        self._subs: dict[str | None, list[ChangeCallback]] = {}     # None: every mailbox
         self.connected = False
         self.reconnects = 0
         self.received = 0
 
-    def subscribe(self, address: str, callback: ChangeCallback) -> Callable[[], None]:
-        addr = normalize_address(address)
+    def subscribe(self, address: str | None, callback: ChangeCallback) -> Callable[[], None]:
+        addr = None if address is None else normalize_address(address)
         self._subs.setdefault(addr, []).append(callback)
 
         def unsubscribe() -> None:
@@ -735,7 +755,7 @@ class PgChangeFeed:
         return unsubscribe
 
     def _dispatch(self, change: Change) -> None:
-        for cb in list(self._subs.get(change.address, [])):
+        for cb in [*self._subs.get(change.address, ()), *self._subs.get(None, ())]:
             try:
                 cb(change)
             except Exception as e:  # noqa: BLE001  (a subscriber must not break the feed)
@@ -768,7 +788,7 @@ class PgChangeFeed:
                 if conn is None:
                     conn = await self.connect()
                     self.reconnects += 1
-                    for addr in list(self._subs):
+                    for addr in [a for a in self._subs if a is not None]:
                         self._dispatch(Change(addr, ChangeKind.NEW, 0, 0))
                 async with conn:
                     delay = 0.1
