@@ -21,6 +21,7 @@ from relay.store import (
     StoreError,
     normalize_address,
 )
+from relay.store.maildir import admin
 from relay.store.trace import trace_headers
 
 
@@ -318,7 +319,7 @@ def test_recover_removes_crash_leftovers_only(store: Store) -> None:
     (tmp / "garbage").write_bytes(b"?")
     live = store.begin_delivery("s@x.test", ["alice@example.test"])
     live.write(b"in progress")
-    store.recover()
+    admin.recover(store)
     assert os.listdir(tmp) == [live.tmp_path.name]
     run(live.commit())
     assert os.listdir(tmp) == []
@@ -337,7 +338,7 @@ def test_crash_mid_delivery_leaves_nothing_visible(tmp_path: Path) -> None:
     assert rc == 9
     md = s.data_dir / "mail" / "example.test" / "alice"
     assert len(os.listdir(md / "tmp")) == 1 and os.listdir(md / "new") == []
-    s.recover()
+    admin.recover(s)
     assert os.listdir(md / "tmp") == [] and s.mailbox("alice@example.test").messages() == []
     assert s.usage("alice@example.test").bytes == 0
     s.close()
@@ -349,7 +350,7 @@ def test_begin_delivery_fails_cleanly_when_tmp_is_unusable(store: Store) -> None
     tmp.rmdir()
     with pytest.raises(StoreError, match="cannot create"):
         store.begin_delivery("s@x.test", ["alice@example.test"])
-    store.recover()                                   # start-up re-creates the Maildir parts
+    admin.recover(store)                                   # start-up re-creates the Maildir parts
     d = store.begin_delivery("s@x.test", ["alice@example.test"])
     d.abort()
     assert os.listdir(tmp) == []

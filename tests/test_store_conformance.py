@@ -87,6 +87,7 @@ async def deliver(store: MessageStore, rcpts: list[str], message: bytes = MESSAG
     try:
         for r in rcpts:
             assert await d.add_recipient(r, len(message) if declared is None else declared) is None
+        await d.start()
         view = memoryview(message)
         for i in range(0, len(message), chunk):
             d.write(view[i:i + chunk])
@@ -140,6 +141,8 @@ def test_several_recipients_get_one_stored_copy(backend: StoreBackend, tmp_path:
         for r in (A, "BOB@Example.TEST", B, C):           # a repeat (any case) is taken once
             assert await d.add_recipient(r, len(MESSAGE)) is None
         assert list(d.recipients) == [A, B, C]
+        await d.start()
+        await d.start()                                   # a second call does nothing
         d.write(MESSAGE)
         receipt = await d.commit()
         assert receipt.recipients == (A, B, C)
@@ -183,8 +186,8 @@ def test_an_empty_message_and_a_commit_without_recipients(backend: StoreBackend,
         [m] = await store.mailbox(A).messages()
         assert m.size == receipt.size > 0                 # the trace headers alone
         d = store.begin_delivery(Envelope(""))
-        with pytest.raises(StoreError):
-            await d.commit()
+        with pytest.raises(StoreError):                   # no recipients
+            await d.start()
         d.abort()
     run(backend, tmp_path, scenario)
 
@@ -342,6 +345,7 @@ def test_extend_while_streaming_and_streaming_bytes(backend: StoreBackend, tmp_p
     async def scenario(store: MessageStore, config: Config) -> None:
         d = store.begin_delivery(Envelope("s@x.test"))
         assert await d.add_recipient(A, 0) is None                     # no SIZE= declared
+        await d.start()
         chunk = b"x" * (256 * KiB)
         written = 0
         while written < EXTEND_STEP + 2 * MiB:
@@ -370,6 +374,7 @@ def test_a_message_growing_past_the_quota_is_refused(backend: StoreBackend, tmp_
         d = store.begin_delivery(Envelope("s@x.test"))
         assert await d.add_recipient(A, 1000) is None                  # declared small, sent large
         assert await d.add_recipient(B, 1000) is None
+        await d.start()
         chunk = b"y" * (256 * KiB)
         with pytest.raises(QuotaExceeded) as e:
             for _ in range(64):                                       # 16 MiB > the 6 MiB quota
@@ -390,6 +395,7 @@ def test_recipients_come_before_the_message(backend: StoreBackend, tmp_path: Pat
     async def scenario(store: MessageStore, config: Config) -> None:
         d = store.begin_delivery(Envelope("s@x.test"))
         assert await d.add_recipient(A, 10) is None
+        await d.start()
         d.write(b"Subject: x\r\n\r\n")
         with pytest.raises(StoreError):
             await d.add_recipient(B, 10)
@@ -406,8 +412,10 @@ def test_change_feed(backend: StoreBackend, tmp_path: Path) -> None:
     async def scenario(store: MessageStore, config: Config) -> None:
         events: list[Change] = []
         others: list[Change] = []
+        everything: list[Change] = []
         unsubscribe = store.changes.subscribe(A, events.append)
         store.changes.subscribe(B, others.append)
+        store.changes.subscribe(None, everything.append)
         r1 = await deliver(store, [A])
         await until(lambda: len(events) == 1)
         assert events == [Change(A, ChangeKind.NEW, r1.size, 1)]
@@ -421,6 +429,9 @@ def test_change_feed(backend: StoreBackend, tmp_path: Path) -> None:
             sorted(events[2:], key=lambda c: c.nbytes) == sorted(
                 [Change(A, ChangeKind.EXPUNGE, r1.size, 1), Change(A, ChangeKind.EXPUNGE, r2.size, 1)],
                 key=lambda c: c.nbytes)
+        await until(lambda: sum(c.nmessages for c in everything) == 5)
+        assert {(c.address, c.kind) for c in everything} == {
+            (A, ChangeKind.NEW), (B, ChangeKind.NEW), (A, ChangeKind.EXPUNGE)}
         unsubscribe()
         seen = len(events)
         await deliver(store, [A, B])
@@ -482,6 +493,7 @@ async def main():
     d = store.begin_delivery(Envelope("s@x.test"))
     for r in spec["rcpts"]:
         assert await d.add_recipient(r, 500 * 1024) is None
+    await d.start()
     for _ in range(8):
         d.write(b"z" * 65536)
         if not d.writable:

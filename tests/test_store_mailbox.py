@@ -12,6 +12,7 @@ import pytest
 
 from relay.config import Config
 from relay.store import MessageInfo, NoSuchAccount, NoSuchMessage, Store
+from relay.store.maildir import admin
 
 
 @pytest.fixture
@@ -168,7 +169,7 @@ def test_recover_indexes_unindexed_messages_and_rebuilds_the_ledger(tmp_path: Pa
     # and a ledger that disagrees with the index
     with store.db.transaction() as c:
         c.execute("UPDATE accounts SET usage_bytes=999999, usage_messages=42 WHERE address='bob@example.test'")
-    store.recover()
+    admin.recover(store)
     mb = store.mailbox("alice@example.test")
     assert [(m.uid, m.name) for m in mb.messages()] == [(1, name), (2, "1700000000.M5P5Q5.relay.test,S=3")]
     assert store.usage("alice@example.test").bytes == size + 3

@@ -45,7 +45,9 @@ class Relay:
     async def start(self) -> None:
         from relay.server import imap, pop3, smtp
 
-        self.store.recover()
+        from relay.store.maildir import admin
+
+        admin.recover(self.store)
         from relay.directory import (
             DirectoryService,  # answers directory@, pushes changes, HTTP
         )

@@ -372,12 +372,13 @@ class Delivery(Protocol):
 
         d = store.begin_delivery(Envelope(...))
         await d.add_recipient(address, declared_size)   # RCPT: None, or a Refusal
+        await d.start()                                 # DATA / first BDAT
         d.write(chunk) ...; if not d.writable: await d.wait_writable()
         receipt = await d.commit()                      # durable for every recipient: 250
         d.abort()                                       # every other outcome (idempotent)
 
-    The trace headers are written before the first chunk (they name the recipients, so
-    add_recipient() after the first write() raises StoreError). A delivery abandoned by a
+    start() ends the recipients and writes the trace headers (they name the recipients):
+    add_recipient() after it raises StoreError. A delivery abandoned by a
     dead process leaves nothing visible and no reservation after the backend's recovery."""
 
     @property
@@ -391,8 +392,14 @@ class Delivery(Protocol):
         AddressError for a malformed address; StoreError when the store fails."""
         ...
 
+    async def start(self) -> None:
+        """The message follows: the backend gets ready to take its bytes and writes the trace
+        headers. StoreError (StorageFull) when it cannot: SMTP answers DATA with 451/452
+        instead of 354. A second call does nothing."""
+        ...
+
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
-        """Append bytes. Never blocks on the network; the chunk may be reused by the caller
+        """Append bytes (after start()). Never blocks on the network; the chunk may be reused by the caller
         as soon as this returns. StoreError (StorageFull, QuotaExceeded when the message has
         grown past a recipient's quota) for a failure known at once."""
         ...
@@ -424,10 +431,11 @@ ChangeCallback = Callable[[Change], None]
 
 @runtime_checkable
 class ChangeFeed(Protocol):
-    def subscribe(self, address: str, callback: ChangeCallback) -> Callable[[], None]:
+    def subscribe(self, address: str | None, callback: ChangeCallback) -> Callable[[], None]:
         """callback(change) on the event loop after each durable change of the mailbox (by
-        any process or node of the store, as soon as the backend learns of it). Returns the
-        function that unsubscribes. A callback must not raise (errors are logged)."""
+        any process or node of the store, as soon as the backend learns of it); address None:
+        of every mailbox (the policy's drain rates). Returns the function that unsubscribes.
+        A callback must not raise (errors are logged)."""
         ...
 
 

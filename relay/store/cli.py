@@ -13,8 +13,9 @@ from relay import config as configmod
 from relay.cli import size_type
 from relay.config import format_size
 from relay.store.api import Usage
-from relay.store.maildir.core import Store
 from relay.store.errors import StoreError
+from relay.store.maildir import admin
+from relay.store.maildir.core import Store
 
 
 def _count(value: str) -> int:
@@ -149,7 +150,7 @@ def _user_quota(args: argparse.Namespace, store: Store) -> int:
 
 
 def _quota_recalc(args: argparse.Namespace, store: Store) -> int:
-    changed = store.recalc(args.address)
+    changed = admin.recalc(store, args.address)
     for addr, old, new in changed:
         print(f"{addr}: {format_size(old[0])}, {old[1]} messages -> {format_size(new[0])}, {new[1]} messages")
     if not changed:

@@ -17,7 +17,12 @@ from relay.store.api import Account
 from relay.store.errors import AccountExists, AddressError, NoSuchAccount, StoreError
 from relay.store.maildir import names
 from relay.store.maildir.db import Database
-from relay.store.passwords import CredentialCache, check_hash, check_hash_async, hash_password
+from relay.store.passwords import (
+    CredentialCache,
+    check_hash,
+    check_hash_async,
+    hash_password,
+)
 
 
 def _quota_value(v: int | None, what: str) -> int | None:

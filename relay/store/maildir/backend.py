@@ -29,6 +29,7 @@ from relay.store.api import (
     Usage,
 )
 from relay.store.errors import NoSuchMessage, StoreError
+from relay.store.maildir import admin
 from relay.store.maildir.core import Store
 from relay.store.maildir.delivery import Delivery
 from relay.store.maildir.ledger import Held, MaildirLedger
@@ -248,7 +249,11 @@ class MaildirChanges:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def subscribe(self, address: str, callback: ChangeCallback) -> Callable[[], None]:
+    def subscribe(self, address: str | None, callback: ChangeCallback) -> Callable[[], None]:
+        if address is None:
+            def on_any(addr: str, kind: str, nbytes: int, nmessages: int) -> None:
+                callback(Change(addr, ChangeKind(kind), nbytes, nmessages))
+            return self._store.subscribe(None, on_any)
         addr = normalize_address(address)
 
         def on_change(kind: str, nbytes: int, nmessages: int) -> None:
@@ -279,7 +284,7 @@ class MaildirStore:
         return self._changes
 
     async def open(self) -> None:
-        self.engine.recover()
+        admin.recover(self.engine)
 
     async def close(self) -> None:
         self.engine.close()

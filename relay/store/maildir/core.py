@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,21 +9,26 @@ from pathlib import Path
 from relay.config import Config
 from relay.log import get_logger
 from relay.metrics import WAIT_SECONDS, Histogram
-from relay.store.maildir import names
-from relay.store.api import ChangeKind, Envelope, MailboxStats, Refusal, StoreStats, Usage
-from relay.store.maildir.accounts import Accounts
 from relay.store.address import normalize_address, normalize_domain
-from relay.store.maildir.db import Database
-from relay.store.maildir.delivery import LIVE_TMP, Delivery
-from relay.store.maildir.ledger import MaildirLedger
+from relay.store.api import (
+    ChangeKind,
+    Envelope,
+    MailboxStats,
+    Refusal,
+    StoreStats,
+    Usage,
+)
 from relay.store.errors import AddressError, NoSuchAccount, StoreError
+from relay.store.maildir.accounts import Accounts
+from relay.store.maildir.db import Database
+from relay.store.maildir.delivery import Delivery
+from relay.store.maildir.ledger import MaildirLedger
 from relay.store.maildir.mailbox import Mailbox, MessageInfo
 
 log = get_logger("store")
 
-STALE_TMP_SECONDS = 36 * 3600     # Maildir convention: tmp/ files older than 36 h are garbage
 
-Subscriber = Callable[[str, int, int], None]
+Subscriber = Callable[..., None]    # (kind, nbytes, nmessages), or (address, ...) for all
 
 
 class Store:
@@ -35,7 +39,7 @@ class Store:
         self.db = db
         self.accounts = Accounts(db, self.mail_root, on_delete=self._forget)
         self.ledger = MaildirLedger(self)
-        self._subscribers: dict[str, list[Subscriber]] = {}
+        self._subscribers: dict[str | None, list[Subscriber]] = {}
         self._pending: set[str] = set()      # names being committed (not yet in the index)
         # address -> (version, messages): Mailbox.messages() between changes
         self._messages_cache: dict[str, tuple[tuple[int, int, tuple[int, int]], list[MessageInfo]]] = {}
@@ -131,23 +135,27 @@ class Store:
 
     # --- notifications -------------------------------------------------------------------
 
-    def subscribe(self, address: str, callback: Subscriber) -> Callable[[], None]:
+    def subscribe(self, address: str | None, callback: Subscriber) -> Callable[[], None]:
         """callback(kind, nbytes, nmessages) after each durable "new"/"expunge" change of this
-        process. Returns the function that unsubscribes."""
-        addr = normalize_address(address)
-        self._subscribers.setdefault(addr, []).append(callback)
+        process to that mailbox; with address None, callback(address, kind, nbytes, nmessages)
+        for every mailbox. Returns the function that unsubscribes."""
+        addr = None if address is None else normalize_address(address)
+        subs = self._subscribers.setdefault(addr, [])
+        subs.append(callback)
 
         def unsubscribe() -> None:
-            subs = self._subscribers.get(addr, [])
             if callback in subs:
                 subs.remove(callback)
         return unsubscribe
 
     def _notify(self, address: str, kind: ChangeKind, nbytes: int, nmessages: int) -> None:
         self.ledger.on_change(address, kind)
-        for cb in list(self._subscribers.get(address, [])):
+        calls: list[tuple[Subscriber, tuple[object, ...]]] = [
+            (cb, (kind.value, nbytes, nmessages)) for cb in self._subscribers.get(address, ())]
+        calls += [(cb, (address, kind.value, nbytes, nmessages)) for cb in self._subscribers.get(None, ())]
+        for cb, args in calls:
             try:
-                cb(kind.value, nbytes, nmessages)
+                cb(*args)
             except Exception as e:  # noqa: BLE001  (a subscriber must not break delivery)
                 log.error("subscriber-failed", address=address, kind=kind, error=repr(e))
 
@@ -160,29 +168,6 @@ class Store:
     def quota(self) -> MaildirLedger:
         """The ledger under its old name (callers are being switched to `ledger`)."""
         return self.ledger
-
-    def recalc(self, address: str | None = None) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
-        """Rebuild index and ledger from the Maildir (one account, or all). Safe while the
-        server runs. Returns (address, (bytes, messages) before, after) for every account
-        whose ledger changed."""
-        addrs = [self.accounts.require(address)] if address else [a.address for a in self.accounts.list()]
-        changed = []
-        for addr in addrs:
-            before = self.db.one("SELECT usage_bytes, usage_messages FROM accounts WHERE address=?", (addr,))
-            if before is None:
-                continue
-            Mailbox(self, addr).reconcile()
-            with self.db.transaction() as c:
-                now = c.execute("SELECT usage_bytes, usage_messages FROM accounts WHERE address=?", (addr,)).fetchone()
-                total = c.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM messages WHERE address=?",
-                                  (addr,)).fetchone()
-                if (now[0], now[1]) != (total[0], total[1]):
-                    c.execute("UPDATE accounts SET usage_bytes=?, usage_messages=? WHERE address=?",
-                              (total[0], total[1], addr))
-            old, new = (before[0], before[1]), (total[0], total[1])
-            if old != new:
-                changed.append((addr, old, new))
-        return changed
 
     # --- statistics ----------------------------------------------------------------------
 
@@ -203,49 +188,3 @@ class Store:
                           sum(m.backlog_bytes for m in mailboxes.values()),
                           sum(m.backlog_messages for m in mailboxes.values()), mailboxes,
                           self._fetch_latency.snapshot(), self._delete_latency.snapshot())
-
-    # --- start-up ------------------------------------------------------------------------
-
-    def recover(self) -> None:
-        """Once at server start-up: remove tmp/ files left by a crash (a dead process's, or
-        older than 36 h); reconcile every mailbox's index with its Maildir and rebuild a
-        ledger that disagrees with the index."""
-        removed = 0
-        now = time.time()
-        me = os.getpid()
-        for row in self.db.query("SELECT address FROM accounts"):
-            tmp = self.accounts.maildir(row["address"]) / "tmp"
-            try:
-                entries = list(os.scandir(tmp))
-            except FileNotFoundError:
-                names.create(tmp.parent)
-                continue
-            for e in entries:
-                if not e.is_file(follow_symlinks=False) or e.path in LIVE_TMP:
-                    continue
-                pid = names.pid_of(e.name)
-                try:
-                    stale = now - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
-                except FileNotFoundError:
-                    continue
-                if stale or pid is None or pid == me or not _alive(pid):
-                    try:
-                        os.unlink(e.path)
-                        removed += 1
-                    except FileNotFoundError:
-                        pass
-        if removed:
-            log.info("recover-tmp", removed=removed)
-        for addr, old, new in self.recalc():
-            log.warning("ledger-rebuilt", mailbox=addr, bytes_before=old[0], messages_before=old[1],
-                        bytes=new[0], messages=new[1])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

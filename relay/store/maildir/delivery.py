@@ -104,6 +104,12 @@ class Delivery:
         self._header_len = len(header)
 
     # --- the message ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._fd < 0:
+            if self._state != "open":
+                raise StoreError(f"start on a delivery that is {self._state}")
+            self._open()
+
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         """Append bytes (synchronous os.write; short writes are continued). QuotaExceeded
         when the message grows past a recipient's quota (checked every RESERVE_STEP)."""

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from relay.log import get_logger
 from relay.store.api import ChangeKind
-from relay.store.maildir import names
 from relay.store.errors import NoSuchAccount, NoSuchMessage, StoreError
+from relay.store.maildir import names
 
 if TYPE_CHECKING:
     from relay.store.maildir.core import Store
