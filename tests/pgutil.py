@@ -317,6 +317,7 @@ def _node_main(argv: list[str]) -> None:
             msg = numbered_message(i, int(size))
             d = store.begin_delivery(Envelope("node@example.org"))
             await d.add_recipient(address, len(msg))
+            await d.start()
             for off in range(0, len(msg), 65536):
                 d.write(msg[off:off + 65536])
                 if not d.writable:

@@ -102,6 +102,7 @@ def test_failover_to_the_synchronous_standby_loses_nothing_acknowledged(
                 d = store.begin_delivery(Envelope("s@example.org"))
                 try:
                     await d.add_recipient(ADDRESS, len(msg))
+                    await d.start()
                     d.write(msg)
                     await d.wait_writable()
                     acked[i] = (await d.commit()).id

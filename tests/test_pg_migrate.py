@@ -41,6 +41,7 @@ def test_migrate_a_maildir_store(pg_dsn: str, tmp_path: Path) -> None:
             d = src.begin_delivery(Envelope("s@example.org"))
             for r in rcpts:
                 assert await d.add_recipient(r, len(body)) is None
+            await d.start()
             d.write(body)
             await d.commit()
         await src.mailbox("a@example.org").set_flags(2, Flag.SEEN | Flag.ANSWERED)
@@ -77,6 +78,7 @@ def test_migrate_a_maildir_store(pg_dsn: str, tmp_path: Path) -> None:
         assert (await dst.accounts.get("a@example.org")).quota_bytes == 1 << 30
         d = dst.begin_delivery(Envelope("s@example.org"))                # delivery goes on from uidnext
         assert await d.add_recipient("a@example.org", 5) is None
+        await d.start()
         d.write(b"next\r\n")
         await d.commit()
         assert [m.uid for m in await dst.mailbox("a@example.org").messages()] == [1, 2, 3]

@@ -34,6 +34,7 @@ async def deliver(store: PgStore, rcpts: list[str], chunks: list[bytes], declare
     d = store.begin_delivery(Envelope("sender@example.org", session_id="t1", helo="client.test", peer="127.0.0.1"))
     for r in rcpts:
         assert await d.add_recipient(r, declared) is None
+    await d.start()
     for c in chunks:
         d.write(c)
         if not d.writable:
@@ -108,6 +109,7 @@ def test_two_nodes_share_quota_and_see_each_others_deliveries(pg_dsn: str, tmp_p
         # a reservation on node a counts on node b
         da = a.begin_delivery(Envelope("s@example.org"))
         assert await da.add_recipient("r@example.org", 6_000) is None
+        await da.start()
         db = b.begin_delivery(Envelope("s@example.org"))
         assert await db.add_recipient("r@example.org", 6_000) == Refusal.OVER_QUOTA_BYTES
         da.write(b"x" * 5000)
@@ -157,6 +159,7 @@ def test_a_dead_nodes_reservations_and_half_written_body_are_swept(pg_dsn: str, 
         await dead.accounts.add("r@example.org", quota_bytes=5 * BODY_CHUNK)
         d = dead.begin_delivery(Envelope("s@example.org"))
         assert await d.add_recipient("r@example.org", 4 * BODY_CHUNK) is None
+        await d.start()
         d.write(os.urandom(2 * BODY_CHUNK + 5))
         await d.wait_writable()
         while d._queued:
