@@ -86,8 +86,9 @@ class PgServer:
     # --- creation ----------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: Path | None = None, name: str = "primary") -> PgServer:
-        """initdb + start a new primary (in a new temp dir unless `root` is given)."""
+    def create(cls, root: Path | None = None, name: str = "primary", **settings: str) -> PgServer:
+        """initdb + start a new primary (in a new temp dir unless `root` is given); `settings`
+        go into postgresql.conf (e.g. shared_buffers="256MB")."""
         owns = root is None
         if root is None:
             root = Path(tempfile.mkdtemp(prefix="relay-pg-"))
@@ -100,7 +101,7 @@ class PgServer:
                         "-E", "UTF8", "--locale=C", "--no-instructions"],
                        check=True, capture_output=True, **_owner_kwargs())
         with open(srv.data / "postgresql.conf", "a") as f:
-            f.write(srv._conf())
+            f.write(srv._conf() + "".join(f"{k} = '{v}'\n" for k, v in settings.items()))
         srv.start()
         return srv
 

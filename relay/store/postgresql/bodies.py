@@ -57,14 +57,17 @@ class PgBodyStore:
         self.chunk_size = chunk_size
 
     async def new(self, conn: Conn, node: str) -> int:
-        cur = await conn.execute("INSERT INTO bodies (node, chunk_size) VALUES (%s, %s) RETURNING id",
-                                 (node, self.chunk_size))
-        row = await cur.fetchone()
+        async with conn.transaction():        # an unsealed body need not survive a crash
+            await conn.execute("SET LOCAL synchronous_commit TO off")
+            cur = await conn.execute("INSERT INTO bodies (node, chunk_size) VALUES (%s, %s) RETURNING id",
+                                     (node, self.chunk_size))
+            row = await cur.fetchone()
         assert row is not None
         return int(row[0])
 
     async def put(self, conn: Conn, body: int, seq: int, data: bytes) -> None:
-        async with conn.transaction():
+        # pipeline: BEGIN, SET LOCAL, INSERT and COMMIT in one round trip
+        async with conn.pipeline(), conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit TO off")
             await conn.execute("INSERT INTO body_chunks (body, seq, data) VALUES (%s, %s, %b)",
                                (body, seq, data), prepare=True)

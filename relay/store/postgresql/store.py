@@ -26,7 +26,7 @@ import os
 import secrets
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
@@ -76,10 +76,15 @@ POOL_MAX = 20                        # connections per node: one per concurrent 
                                      # session (a delivery holds one only while writing a chunk)
 POOL_TIMEOUT = 5.0                   # seconds to wait for a connection: past it, 4xx (a failover
                                      # takes a few seconds; SMTP clients retry)
+WRITERS = 2                          # chunk INSERTs in flight per delivery (bench_pg: 2 beat 1, 3
+                                     # did not help on 2 cores)
 WRITE_BUFFER = 4 << 20               # bytes a delivery buffers before write() asks the caller to
                                      # wait: 4 chunks in flight keeps the database busy, bounds memory
 EXTEND_EVERY = EXTEND_STEP // 4      # a message streaming past its reservations extends them by what
                                      # it wrote past, this often (one round trip per MiB, as per chunk)
+READ_AHEAD = 2                       # chunks fetched ahead of a reader going forward (2 MiB per
+                                     # open body: the database works while the client is sent one)
+CHECK_IDLE_SECONDS = 1.0             # a pooled connection idle longer is pinged before use
 REFRESH_SECONDS = 1.0                # Ledger.snapshot()/statistics() figures: at most this old
 HEARTBEAT_SECONDS = 2.0              # a node's heartbeat period
 NODE_STALE_SECONDS = 30.0            # a node silent this long is dead (15 missed heartbeats)
@@ -113,6 +118,10 @@ class PgReservation:
         return self._open
 
 
+# Reservations, and bodies before their commit, matter only while their node lives: their
+# transactions do not wait for the WAL flush (the commit that makes a message durable does).
+_NO_FLUSH = "SET LOCAL synchronous_commit TO off"
+
 # An account's ledger: stored figures and every node's reservations, except those this node has
 # released and not yet deleted (release() never waits: the DELETE runs in the background).
 _USAGE = ("SELECT usage_bytes, usage_messages, quota_bytes, quota_messages, COALESCE(r.nbytes, 0), COALESCE(r.n, 0)"
@@ -143,6 +152,7 @@ class PgLedger:
     async def reserve(self, address: str, nbytes: int) -> PgReservation:
         addr = normalize_address(address)
         async with self._store._conn() as conn, conn.transaction():
+            await conn.execute(_NO_FLUSH)
             u = await self._locked_usage(conn, addr)
             why = u.refusal(nbytes, 1)
             if why is not None:
@@ -163,6 +173,7 @@ class PgLedger:
         if not r.open or nbytes <= 0:
             return
         async with self._store._conn() as conn, conn.transaction():
+            await conn.execute(_NO_FLUSH)
             u = await self._locked_usage(conn, r.address)
             if u.refusal(nbytes, 0) is not None:
                 self._refusals["bytes"] = self._refusals.get("bytes", 0) + 1
@@ -368,13 +379,21 @@ async def _orphan(conn: Conn, bodies: list[int]) -> None:
                            " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.body = b.id)", (bodies,))
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A read-ahead nobody awaits in the end: its error is not worth a warning."""
+    if not task.cancelled():
+        task.exception()
+
+
 class PgBody:
-    """A body read by range; the last chunk read is kept (sequential readers ask for less than a
-    chunk at a time)."""
+    """A body read by range. Chunks read are kept until the reader moves past them, and a
+    reader going forward has the next READ_AHEAD chunks fetched while it sends this one (at
+    most READ_AHEAD + 1 chunks held per open body)."""
 
     def __init__(self, store: PgStore, body: int, size: int, chunk_size: int) -> None:
         self._store, self._body, self._size, self._cs = store, body, size, chunk_size
-        self._cached: tuple[int, bytes] | None = None
+        self._chunks: dict[int, bytes] = {}
+        self._ahead: asyncio.Task[list[tuple[int, bytes]]] | None = None
 
     @property
     def size(self) -> int:
@@ -388,29 +407,47 @@ class PgBody:
     def fileno(self) -> int | None:
         return None
 
+    async def _fetch(self, first: int, last: int) -> list[tuple[int, bytes]]:
+        async with self._store._conn() as conn:
+            got = await self._store.bodies.read(conn, self._body, first, last)
+        if len(got) != last - first + 1:
+            raise StoreError(f"message body {self._body} is gone or incomplete")
+        return got
+
     async def read(self, offset: int, n: int) -> bytes:
         if n <= 0 or offset >= self._size or offset < 0:
             return b""
         n = min(n, self._size - offset)
         first, last = offset // self._cs, (offset + n - 1) // self._cs
-        chunks: list[tuple[int, bytes]] = []
-        if self._cached is not None and self._cached[0] == first:
-            chunks.append(self._cached)
-            first += 1
-        if first <= last:
-            async with self._store._conn() as conn:
-                got = await self._store.bodies.read(conn, self._body, first, last)
-            if len(got) != last - first + 1:
-                raise StoreError(f"message body {self._body} is gone or incomplete")
-            chunks.extend(got)
-        self._cached = chunks[-1]
-        start = offset - chunks[0][0] * self._cs
-        if len(chunks) == 1:
-            return chunks[0][1][start:start + n]
-        return b"".join(c for _, c in chunks)[start:start + n]
+        if self._ahead is not None and (self._ahead.done() or first in self._pending_range):
+            task, self._ahead = self._ahead, None
+            try:
+                self._chunks.update(await task)
+            except StoreError:
+                pass                                  # fetched again below
+        missing = [q for q in range(first, last + 1) if q not in self._chunks]
+        if missing:
+            self._chunks.update(await self._fetch(missing[0], missing[-1]))
+        for q in [q for q in self._chunks if q < first or q > last + READ_AHEAD]:
+            del self._chunks[q]
+        nchunks = (self._size + self._cs - 1) // self._cs
+        ahead = [q for q in range(last + 1, min(last + READ_AHEAD, nchunks - 1) + 1) if q not in self._chunks]
+        if ahead and self._ahead is None:
+            self._pending_range = range(ahead[0], ahead[-1] + 1)
+            self._ahead = asyncio.get_running_loop().create_task(self._fetch(ahead[0], ahead[-1]))
+            self._ahead.add_done_callback(_retrieve)
+        start = offset - first * self._cs
+        if first == last:
+            return self._chunks[first][start:start + n]
+        return b"".join(self._chunks[q] for q in range(first, last + 1))[start:start + n]
+
+    _pending_range = range(0)
 
     def close(self) -> None:
-        self._cached = None
+        self._chunks.clear()
+        if self._ahead is not None:
+            self._ahead.cancel()
+            self._ahead = None
 
     def __enter__(self) -> PgBody:
         return self
@@ -546,14 +583,13 @@ class PgDelivery:
         self._rcpts: list[str] = []
         self._res: dict[str, PgReservation] = {}
         self._buf = bytearray()
-        self._queue: deque[bytes] = deque()
+        self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()   # bounded by WRITE_BUFFER
         self._queued = 0
         self._size = 0
         self._seq = 0
         self._body: int | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._progress = asyncio.Event()     # the writer: more queued, or the end
-        self._drained = asyncio.Event()      # the caller: the writer took a chunk (or failed)
+        self._writers: list[asyncio.Task[None]] = []
+        self._drained = asyncio.Event()      # the caller: a writer stored a chunk (or failed)
         self._error: BaseException | None = None
         self._state = "open"             # open -> committing -> committed | aborted
         self._header_written = False
@@ -598,7 +634,7 @@ class PgDelivery:
         async with self._store._conn() as conn:
             body = await self._store.bodies.new(conn, self._store.node_id)
         if self._state != "open":                      # aborted meanwhile
-            self._store._background(self._store._drop_body(None, body, self), "abort")
+            self._store._background(self._store._drop_body([], body), "abort")
             raise StoreError("delivery aborted")
         self._body = body
         self._write_header()
@@ -616,8 +652,8 @@ class PgDelivery:
             raise StoreError(f"write() on a delivery that is {self._state}")
         if not self._rcpts:
             raise StoreError("write() before any recipient")
-        if not self._header_written:                   # start() skipped: the writer makes the row
-            self._write_header()
+        if not self._header_written:
+            raise StoreError("write() before start()")
         self._append(chunk)
 
     def _append(self, data: bytes | bytearray | memoryview) -> None:
@@ -636,33 +672,26 @@ class PgDelivery:
             del self._buf[:cs]
 
     def _push(self, chunk: bytes) -> None:
-        self._queue.append(chunk)
+        if not self._writers:
+            loop = asyncio.get_running_loop()
+            self._writers = [loop.create_task(self._write_loop()) for _ in range(WRITERS)]
+        self._queue.put_nowait((self._seq, chunk))
+        self._seq += 1
         self._queued += len(chunk)
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-        self._progress.set()
 
     async def _write_loop(self) -> None:
-        try:
-            while True:
-                while not self._queue:
-                    if self._state != "open":
-                        return
-                    self._progress.clear()
-                    await self._progress.wait()
-                chunk = self._queue[0]
-                async with self._store._conn() as conn:
+        """One of WRITERS tasks: chunks are rows of their own, written in any order."""
+        while (item := await self._queue.get()) is not None:
+            seq, chunk = item
+            if self._error is None:
+                try:
                     if self._body is None:
-                        self._body = await self._store.bodies.new(conn, self._store.node_id)
-                    await self._store.bodies.put(conn, self._body, self._seq, chunk)
-                self._seq += 1
-                self._queue.popleft()
-                self._queued -= len(chunk)
-                self._drained.set()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:  # noqa: BLE001  (kept, raised by the next write/wait/commit)
-            self._error = e if isinstance(e, StoreError) else StoreError(f"writing the message: {e}")
+                        raise StoreError("write() before start()")
+                    async with self._store._conn() as conn:
+                        await self._store.bodies.put(conn, self._body, seq, chunk)
+                except Exception as e:  # noqa: BLE001  (kept, raised by the next write/wait/commit)
+                    self._error = e if isinstance(e, StoreError) else StoreError(f"writing the message: {e}")
+            self._queued -= len(chunk)
             self._drained.set()
 
     @property
@@ -702,10 +731,11 @@ class PgDelivery:
             if self._buf:
                 self._push(bytes(self._buf))
                 self._buf.clear()
-            if self._writer is None:                     # an empty body still gets its row
+            if not self._writers:                        # an empty body still gets its row
                 self._push(b"")
-            self._progress.set()
-            await self._writer                           # type: ignore[misc]
+            for _ in self._writers:
+                self._queue.put_nowait(None)
+            await asyncio.gather(*self._writers)
             if self._error is not None:
                 raise self._error
             await self._extend()
@@ -724,12 +754,11 @@ class PgDelivery:
         self._state = "aborted"
         for r in self._res.values():
             self._store.ledger.release(r)
-        writer, body = self._writer, self._body
-        self._queue.clear()
+        writers, body = self._writers, self._body
         self._buf = bytearray()
-        if writer is not None:
-            writer.cancel()
-        self._store._background(self._store._drop_body(writer, body, self), "abort")
+        for w in writers:
+            w.cancel()
+        self._store._background(self._store._drop_body(writers, body), "abort")
 
 
 class PgChangeFeed:
@@ -834,13 +863,14 @@ class PgStore:
         self.orphan_grace_seconds = orphan_grace_seconds
         self._pool = psycopg_pool.AsyncConnectionPool(
             self.dsn, min_size=1, max_size=pool_max, open=False, timeout=POOL_TIMEOUT,
-            kwargs={"autocommit": True}, check=psycopg_pool.AsyncConnectionPool.check_connection,
+            kwargs={"autocommit": True}, check=self._check_idle,
             name=f"relay-{self.node_id}")
         self._accounts = PgAccounts(self)
         self._ledger = PgLedger(self)
         self._changes = PgChangeFeed(self)
         self._messages: OrderedDict[str, tuple[int, list[MessageInfo]]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last_used: dict[int, float] = {}      # id(pooled connection) -> when it came back
         self._counts = {"stored": 0, "stored_bytes": 0, "deleted": 0, "deleted_bytes": 0,
                         "unavailable": 0, "swept_nodes": 0, "swept_bodies": 0}
         self._fetch_latency = Histogram(WAIT_SECONDS)
@@ -921,12 +951,23 @@ class PgStore:
                 log.warning("background-failed", what=what, error=str(e).strip())
         self._spawn(run())
 
+    async def _check_idle(self, conn: Conn) -> None:
+        """Pool checkout: a connection idle for a while is pinged first (after a failover every
+        pooled connection is dead; one in use a moment ago is not worth a round trip)."""
+        if time.monotonic() - self._last_used.pop(id(conn), 0.0) > CHECK_IDLE_SECONDS:
+            await psycopg_pool.AsyncConnectionPool.check_connection(conn)
+
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[Conn]:
         """A pooled connection; database errors become StoreUnavailable / StoreError."""
         try:
             async with self._pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                finally:
+                    if len(self._last_used) > 4 * POOL_MAX:    # ids of connections the pool dropped
+                        self._last_used.clear()
+                    self._last_used[id(conn)] = time.monotonic()
         except StoreError:
             raise
         except _UNAVAILABLE as e:
@@ -973,11 +1014,10 @@ class PgStore:
             self._changes._dispatch(Change(addr, ChangeKind.NEW, size, 1))
         return DeliveryReceipt(f"B{body:x}", size, tuple(rcpts))
 
-    async def _drop_body(self, writer: asyncio.Task[None] | None, body: int | None, d: PgDelivery) -> None:
-        if writer is not None:
+    async def _drop_body(self, writers: list[asyncio.Task[None]], body: int | None) -> None:
+        for w in writers:
             with contextlib.suppress(BaseException):
-                await writer
-            body = d._body
+                await w
         if body is not None:
             async with self._conn() as conn:
                 await self.bodies.delete(conn, [body])
