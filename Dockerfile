@@ -1,9 +1,11 @@
-# The relay server image: slim Python, dependencies from requirements.lock, non-root user,
-# data on a volume. Build: docker build -t relay .   Run: see docs/operations.md.
+# The relay server image: slim Python, dependencies from requirements.lock (runtime only, written
+# by .ci/lock), non-root user, data on a volume. Build: docker build -t relay .   Run: see
+# docs/operations.md.
 FROM python:3.11.11-slim-bookworm AS build
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-# Dependencies first (their layer survives code changes), exactly the tested versions.
+# Dependencies first (their layer survives code changes), exactly the versions CI tests
+# (requirements-dev.lock holds the same pins plus the test and bench tools).
 COPY requirements.lock ./
 RUN python -m venv /opt/relay \
  && /opt/relay/bin/pip install --no-cache-dir --require-virtualenv -r requirements.lock

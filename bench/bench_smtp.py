@@ -21,6 +21,7 @@ All files (messages, data dirs) live in a temporary directory that is removed at
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import socket
 import statistics
@@ -240,6 +241,8 @@ def main() -> int:
     ap.add_argument("--no-aiosmtpd", action="store_true", help="skip (e)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir under /tmp)")
     args = ap.parse_args()
+    if not args.no_aiosmtpd and importlib.util.find_spec("aiosmtpd") is None:
+        sys.exit("bench_smtp: (e) needs aiosmtpd: pip install -e '.[bench]', or pass --no-aiosmtpd")
     size, csize = parse_size(args.size), parse_size(args.concurrent_size)
     need = size * (args.rss_sessions + 2) + csize * args.concurrent
     work = Path(tempfile.mkdtemp(prefix="bench-smtp-", dir=args.dir))
