@@ -18,6 +18,12 @@ def stored(relay: Any, address: str) -> list[str]:
     return sorted(os.listdir(md / "new")) + sorted(os.listdir(md / "cur"))
 
 
+async def reserved(store: Any, address: str) -> tuple[int, int]:
+    """(bytes, messages) the ledger holds for deliveries in flight to the address."""
+    u = await store.ledger.usage(address)
+    return (u.reserved_bytes, u.reserved_messages)
+
+
 def tmp_files(relay: Any, address: str) -> list[str]:
     local, domain = address.split("@")
     return os.listdir(relay.data_dir / "mail" / domain / local / "tmp")
@@ -116,7 +122,7 @@ def test_quota_crossed_while_streaming_stops_writing_at_once(relay_factory: Any)
         reply = c.cmd(b".")
         assert reply.startswith("452 4.2.2"), reply
         assert c.cmd(b"NOOP").startswith("250")         # the session goes on
-        assert r.call(lambda relay: relay.store.quota.reserved("a@example.test")) == (0, 0)
+        assert r.call(lambda relay: reserved(relay.store, "a@example.test")) == (0, 0)
         st = r.call(lambda relay: relay.policy.statistics())
         assert st.deferrals["quota_end_of_data"] == 1
         assert st.recipients["a@example.test"].backlog_bytes == 0     # nothing left in flight
@@ -139,12 +145,12 @@ def test_failed_message_releases_its_reservations(relay_factory: Any) -> None:
         local_tmp.rmdir()
         assert c.bdat(b"abcd").startswith("451 4.3.0")
         local_tmp.mkdir()
-        assert r.call(lambda relay: relay.store.quota.reserved("a@example.test")) == (0, 0)
+        assert r.call(lambda relay: reserved(relay.store, "a@example.test")) == (0, 0)
         # the next transaction of the same session is not refused by a leftover reservation
         assert c.cmd(b"MAIL FROM:<gw@hospital.test> SIZE=60000").startswith("250")
         assert c.cmd(b"RCPT TO:<a@example.test>").startswith("250")
         assert c.bdat(b"abcd").startswith("250 2.0.0")
-        assert r.call(lambda relay: relay.store.quota.reserved("a@example.test")) == (0, 0)
+        assert r.call(lambda relay: reserved(relay.store, "a@example.test")) == (0, 0)
     finally:
         c.sock.close()
     assert len(stored(r, "a@example.test")) == 1
@@ -261,7 +267,7 @@ def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> No
                 assert e.temporary, e
                 deferrals.append(f"{e.reply.code} {e.reply.enhanced}")
                 time.sleep(0.2)                               # the MTA retries later
-            peak[0] = max(peak[0], r.call(lambda relay: relay.store.usage("practice@example.test").bytes))
+            peak[0] = max(peak[0], r.call(lambda relay: relay.store.ledger.usage("practice@example.test")).bytes)
     sending.clear()
     receiver.join(90)
     assert not receiver.is_alive()
@@ -270,7 +276,7 @@ def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> No
     assert deferrals and set(deferrals) == {"452 4.2.2"}      # ... then deferred at the quota
     assert peak[0] <= quota
     assert sorted(received) == sent and len(set(received)) == len(received) > 10   # exactly once
-    assert r.call(lambda relay: relay.store.usage("practice@example.test").messages) == 0
+    assert r.call(lambda relay: relay.store.ledger.usage("practice@example.test")).messages == 0
 
 
 @pytest.fixture
@@ -303,5 +309,5 @@ def test_disk_full_while_streaming_gets_452_431(small_fs: Any, relay_factory: An
         assert tmp_files(r, "a@example.test") == []
         assert s.sendmail("gw@hospital.test", ["a@example.test"], body(100 * KiB)) == {}
     assert len(stored(r, "a@example.test")) == 1
-    assert r.call(lambda relay: relay.store.quota.reserved("a@example.test")) == (0, 0)
+    assert r.call(lambda relay: reserved(relay.store, "a@example.test")) == (0, 0)
     assert r.call(lambda relay: relay.policy.statistics()).deferrals["disk"] == 1

@@ -9,8 +9,9 @@ import asyncio
 from pathlib import Path
 
 from relay import config as configmod
-from relay.policy.backpressure import Backpressure
-from relay.store import Store
+from relay.policy.backpressure import R_OVER_QUOTA, Backpressure
+from relay.store.api import Envelope, QuotaExceeded
+from relay.store.maildir.backend import MaildirStore
 
 KiB = 1024
 MSG = 64 * KiB                 # message size
@@ -31,10 +32,11 @@ class Sim:
             "quota": {"default_bytes": QUOTA},
             "backpressure": {"soft_backlog": "25%", "pace_factor": factor, "pace_floor": FLOOR,
                              "min_free_disk": 0, "drain_halflife": 20.0}})
-        self.store = Store.open(cfg)
+        self.api = MaildirStore(cfg)           # what the SMTP server and the policy use
+        self.store = self.api.engine           # the receiver reads the Maildir directly
         self.store.accounts.add(RCPT)
         self.t = 0.0
-        self.policy = Backpressure(cfg, self.store, clock=lambda: self.t, free_disk=lambda: 1 << 40)
+        self.policy = Backpressure(cfg, self.api, clock=lambda: self.t, free_disk=lambda: 1 << 40)
         self.seq = 0
         self.sent: list[int] = []            # committed sequence numbers
         self.received: list[int] = []
@@ -44,19 +46,23 @@ class Sim:
         self.max_backlog = 0
         self.msg: dict | None = None          # type: ignore[type-arg]
 
-    # the sending MTA: one message at a time, retry after a deferral
+    # the sending MTA: one message at a time, retry after a deferral; in between, what the
+    # SMTP server does (policy at RCPT, the delivery reserves in the ledger, commit)
     def sender_step(self) -> float:
         if self.msg is None:
             reply = self.policy.check_rcpt(RCPT, MSG)
+            d = self.api.begin_delivery(Envelope("ct@hospital.test"))
+            if reply is None and asyncio.run(d.add_recipient(RCPT, MSG)) is not None:
+                reply = R_OVER_QUOTA
+                self.policy.deferred("quota", RCPT)
             if reply is not None:
+                d.abort()
                 self.deferred.append((self.t, f"{reply.code} {reply.enhanced}"))
                 return self.t + RETRY
             self.seq += 1
-            d = self.store.begin_delivery("ct@hospital.test", [RCPT])
+            asyncio.run(d.start())
             d.write(b"Seq: %08d\r\n\r\n" % self.seq)
-            self.msg = {"seq": self.seq, "delivery": d, "left": MSG,
-                        "reservation": self.store.quota.reserve(RCPT, MSG),
-                        "pacer": self.policy.pacer([RCPT])}
+            self.msg = {"seq": self.seq, "delivery": d, "left": MSG, "pacer": self.policy.pacer([RCPT])}
             return self.t
         m = self.msg
         n = min(CHUNK, m["left"])
@@ -67,14 +73,15 @@ class Sim:
         delay = m["pacer"].on_data(n)
         if m["left"]:
             return self.t + n / RAW + delay
-        reply = self.policy.check_end_of_data([RCPT], m["delivery"].size)
-        if reply is None:
+        reply = None
+        try:
             asyncio.run(m["delivery"].commit())
             self.sent.append(m["seq"])
-        else:
+        except QuotaExceeded:
+            reply = R_OVER_QUOTA
+            self.policy.deferred("quota_end_of_data", RCPT)
             m["delivery"].abort()
             self.deferred.append((self.t, f"{reply.code} {reply.enhanced}"))
-        m["reservation"].release()
         m["pacer"].close()
         self.msg = None
         return self.t + n / RAW + delay + (0 if reply is None else RETRY)
@@ -94,7 +101,6 @@ class Sim:
         """The sender goes away mid-message: the SMTP server aborts it."""
         if self.msg is not None:
             self.msg["delivery"].abort()
-            self.msg["reservation"].release()
             self.msg["pacer"].close()
             self.msg = None
 

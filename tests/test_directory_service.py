@@ -21,7 +21,7 @@ from relay.directory.core import Directory
 from relay.directory.keys import check_public_key
 from relay.directory.service import RATE_LIMIT, DirectoryService, RateLimiter
 from relay.directory.wkd import wkd_hash
-from relay.store import Store
+from relay.store.maildir.backend import MaildirStore
 
 
 class Harness:
@@ -29,8 +29,9 @@ class Harness:
 
     def __init__(self, tmp: Path) -> None:
         self.config = make_config(tmp / "data")
-        self.store = Store.open(self.config)
-        self.relay = SimpleNamespace(config=self.config, store=self.store, http_routes={})
+        self.api = MaildirStore(self.config)               # the service sees relay.store.api
+        self.store = self.api.engine                       # the CLI and the checks: the engine
+        self.relay = SimpleNamespace(config=self.config, store=self.api, http_routes={})
         self.cli = Directory(self.config, self.store)
         self.service = DirectoryService(self.relay)
 

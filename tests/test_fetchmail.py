@@ -46,4 +46,4 @@ def test_fetchmail_downloads_everything_and_empties_the_mailbox(relay: RunningRe
         assert fetched.startswith(first + b"\nReceived: from 127.0.0.1")
         assert fetched.endswith(rest)
     assert stored(relay) == []
-    assert relay.call(lambda r: r.store.usage(ALICE)).messages == 0
+    assert relay.call(lambda r: r.store.ledger.usage(ALICE)).messages == 0

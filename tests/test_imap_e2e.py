@@ -54,7 +54,7 @@ def stored(relay: Any) -> list[Path]:
 
 
 def file_of(relay: Any, uid: int) -> Path:
-    path: Path = relay.call(lambda r: r.store.mailbox(ALICE).path(uid))
+    path: Path = relay.call(lambda r: r.store.engine.mailbox(ALICE).path(uid))
     return path
 
 
@@ -166,7 +166,7 @@ def test_store_flags_in_maildir_names_and_expunge_removes_files(mail: Any) -> No
     assert [p.name.split(":2,")[1] for p in stored(mail)] == ["FRST"]
     assert m.close()[0] == "OK"                                   # CLOSE expunges the rest
     assert stored(mail) == []
-    assert mail.call(lambda r: r.store.usage(ALICE)).messages == 0
+    assert mail.call(lambda r: r.store.ledger.usage(ALICE)).messages == 0
     m.logout()
     other.logout()
 

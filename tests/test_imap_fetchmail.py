@@ -44,4 +44,4 @@ def test_fetchmail_imap_downloads_everything_and_empties_the_mailbox(relay: Any,
         assert fetched.startswith(first + b"\nReceived: from 127.0.0.1")
         assert fetched.endswith(rest)
     assert stored(relay) == []
-    assert relay.call(lambda r: r.store.usage(ALICE)).messages == 0
+    assert relay.call(lambda r: r.store.ledger.usage(ALICE)).messages == 0

@@ -256,7 +256,7 @@ def test_store_silent_uid_expunge_and_other_sessions(box: Any) -> None:
     assert m.select() == ("OK", [b"0"])
     assert other.noop() == ("OK", [b"NOOP completed"])
     assert other.response("EXPUNGE") == ("EXPUNGE", [b"3", b"2", b"1"])
-    assert box.call(lambda r: r.store.usage(ALICE)).messages == 0
+    assert box.call(lambda r: r.store.ledger.usage(ALICE)).messages == 0
     other.logout()
     m.logout()
 

@@ -245,3 +245,23 @@ def test_deferrals_drain_rate_and_pacing_figures(relay_factory: Callable[..., Ru
     assert value(ss, "relay_mailbox_drain_rate_bytes_per_second", mailbox="alice@example.test") > 0
     assert value(ss, "relay_backpressure_paced_seconds_total") >= 0
     assert value(ss, "relay_mailbox_backlog_bytes", mailbox="alice@example.test") == 0
+
+
+def test_every_metric_source_is_a_service_of_the_relay(tmp_path: Any) -> None:
+    """relay/metrics.py finds the services by attribute name: a rename in Relay.__init__ that
+    metrics does not follow would drop their metrics silently. Every source is there, and has
+    statistics()."""
+    from conftest import make_config
+
+    from relay.metrics import FETCH_SOURCES, FIELDS
+    from relay.server.app import Relay
+
+    relay = Relay(make_config(tmp_path / "data"))
+    try:
+        for attr in (*FIELDS, *(a for _, a in FETCH_SOURCES)):
+            if attr == "directory":            # made in start() (it starts with the relay)
+                assert hasattr(relay, attr)
+                continue
+            assert callable(getattr(getattr(relay, attr), "statistics", None)), attr
+    finally:
+        asyncio.run(relay.store.close())

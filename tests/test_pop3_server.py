@@ -36,7 +36,7 @@ def deliver(r: RunningRelay, body: bytes, rcpt: str = ALICE) -> None:
 def stored(r: RunningRelay, address: str = ALICE) -> list[tuple[int, Path, int]]:
     """(uid, path, size) of each message in the mailbox, from the store."""
     def get(relay: Any) -> list[tuple[int, Path, int]]:
-        mb = relay.store.mailbox(address)
+        mb = relay.store.engine.mailbox(address)
         return [(m.uid, mb.path(m.uid), m.size) for m in mb.messages()]
     return r.call(get)  # type: ignore[no-any-return]
 
@@ -93,7 +93,7 @@ def test_stat_list_uidl_retr_top_with_dot_lines(relay: RunningRelay) -> None:
 def test_uidl_is_stable_across_sessions_and_matches_imap_uids(relay: RunningRelay) -> None:
     for i in range(3):
         deliver(relay, f"Subject: {i}\r\n\r\nbody {i}\r\n".encode())
-    uidvalidity = relay.call(lambda r: r.store.mailbox(ALICE).uidvalidity)
+    uidvalidity = relay.call(lambda r: r.store.mailbox(ALICE).uidvalidity())
     p = pop(relay)
     first = p.uidl()[1]
     p.dele(1)
@@ -117,14 +117,14 @@ def test_dele_quit_removes_files_and_frees_quota(relay: RunningRelay) -> None:
     deliver(relay, DOTTY)
     deliver(relay, b"Subject: keep\r\n\r\nkeep me\r\n")
     msgs = stored(relay)
-    before = relay.call(lambda r: r.store.usage(ALICE))
+    before = relay.call(lambda r: r.store.ledger.usage(ALICE))
     assert before.messages == 2
     p = pop(relay)
     assert p.dele(1).startswith(b"+OK")
     assert p.stat()[0] == 1
     assert p.quit().startswith(b"+OK")
     assert not msgs[0][1].exists() and msgs[1][1].exists()
-    after = relay.call(lambda r: r.store.usage(ALICE))
+    after = relay.call(lambda r: r.store.ledger.usage(ALICE))
     assert (after.messages, after.bytes) == (1, before.bytes - msgs[0][2])
 
 

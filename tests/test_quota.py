@@ -33,35 +33,35 @@ def deliver(store: Store, addr: str, nbytes: int) -> int:
 
 
 def test_reserve_release_and_usage(store: Store) -> None:
-    r1 = store.quota.reserve("A@example.test", 600)
+    r1 = store.ledger.reserve("A@example.test", 600)
     assert store.usage("a@example.test").reserved_bytes == 600
     with pytest.raises(QuotaExceeded) as e:
-        store.quota.reserve("a@example.test", 401)
+        store.ledger.reserve("a@example.test", 401)
     assert e.value.reason == "bytes" and e.value.address == "a@example.test"
-    r2 = store.quota.reserve("a@example.test", 400)              # exactly full
+    r2 = store.ledger.reserve("a@example.test", 400)              # exactly full
     r1.release()
     r1.release()                                                 # idempotent
     assert store.usage("a@example.test").reserved_bytes == 400
     r2.release()
     assert store.usage("a@example.test").reserved_bytes == 0
     with pytest.raises(NoSuchAccount):
-        store.quota.reserve("nobody@example.test", 1)
+        store.ledger.reserve("nobody@example.test", 1)
 
 
 def test_extend_a_reservation_while_streaming(store: Store) -> None:
-    r = store.quota.reserve("a@example.test", 0)                 # no SIZE= declared
-    other = store.quota.reserve("a@example.test", 300)
-    store.quota.extend(r, 500)
+    r = store.ledger.reserve("a@example.test", 0)                 # no SIZE= declared
+    other = store.ledger.reserve("a@example.test", 300)
+    store.ledger.extend(r, 500)
     assert (r.nbytes, store.usage("a@example.test").reserved_bytes) == (500, 800)
     with pytest.raises(QuotaExceeded):
-        store.quota.extend(r, 201)                               # 300 + 701 > 1000
+        store.ledger.extend(r, 201)                               # 300 + 701 > 1000
     assert (r.nbytes, store.usage("a@example.test").reserved_bytes) == (500, 800)
-    store.quota.extend(r, 200)                                   # exactly full
+    store.ledger.extend(r, 200)                                   # exactly full
     r.release()
-    store.quota.extend(r, 100)                                   # released: holds nothing
-    assert store.quota.reserved("a@example.test") == (300, 1)
+    store.ledger.extend(r, 100)                                   # released: holds nothing
+    assert store.ledger.reserved("a@example.test") == (300, 1)
     other.release()
-    assert store.quota.reserved("a@example.test") == (0, 0)
+    assert store.ledger.reserved("a@example.test") == (0, 0)
 
 
 def test_committed_mail_counts_against_the_quota(store: Store) -> None:
@@ -69,33 +69,33 @@ def test_committed_mail_counts_against_the_quota(store: Store) -> None:
     u = store.usage("a@example.test")
     assert (u.bytes, u.messages, u.quota_bytes, u.quota_messages) == (size, 1, 1000, 3)
     with pytest.raises(QuotaExceeded):
-        store.quota.reserve("a@example.test", 301)
-    store.quota.reserve("a@example.test", 300).release()
+        store.ledger.reserve("a@example.test", 301)
+    store.ledger.reserve("a@example.test", 300).release()
     store.mailbox("a@example.test").expunge([1])
-    store.quota.reserve("a@example.test", 1000).release()        # drained: room again
+    store.ledger.reserve("a@example.test", 1000).release()        # drained: room again
 
 
 def test_message_count_quota(store: Store) -> None:
     deliver(store, "a@example.test", 200)
     deliver(store, "a@example.test", 200)
-    r = store.quota.reserve("a@example.test", 10)                # the third message
+    r = store.ledger.reserve("a@example.test", 10)                # the third message
     with pytest.raises(QuotaExceeded) as e:
-        store.quota.reserve("a@example.test", 10)
+        store.ledger.reserve("a@example.test", 10)
     assert e.value.reason == "messages"
     r.release()
     store.accounts.set_quota("a@example.test", quota_messages=0)  # 0 = unlimited
     for _ in range(5):
-        store.quota.reserve("a@example.test", 10)
+        store.ledger.reserve("a@example.test", 10)
 
 
 def test_override_beats_default_and_zero_bytes_is_unlimited(store: Store) -> None:
     with pytest.raises(QuotaExceeded):                 # the default (1000 bytes) holds ...
-        store.quota.reserve("a@example.test", 1001)
+        store.ledger.reserve("a@example.test", 1001)
     store.accounts.add("big@example.test", quota_bytes=10**12)
-    store.quota.reserve("big@example.test", 10**11)   # ... an override beats it
+    store.ledger.reserve("big@example.test", 10**11)   # ... an override beats it
     assert store.usage("big@example.test").reserved_bytes == 10**11
     store.accounts.set_quota("a@example.test", quota_bytes=0)
-    store.quota.reserve("a@example.test", 10**15)     # 0 bytes = unlimited
+    store.ledger.reserve("a@example.test", 10**15)     # 0 bytes = unlimited
     assert store.usage("a@example.test").reserved_bytes == 10**15
 
 

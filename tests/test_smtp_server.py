@@ -11,7 +11,7 @@ import pytest
 
 from relay.server.listener import SessionRegistry
 from relay.server.smtp import SmtpCounters, SmtpSession
-from relay.store import Store
+from relay.store.maildir.backend import MaildirStore
 from tests.conftest import make_config
 
 ALICE = "alice@example.test"
@@ -53,8 +53,8 @@ class FakeTransport:
 class FakeRelay:
     def __init__(self, tmp: Path, **sections: Any) -> None:
         self.config = make_config(tmp, **sections)
-        self.store = Store.open(self.config)
-        self.store.accounts.add(ALICE, "secret")
+        self.store = MaildirStore(self.config)           # relay.store.api, as the server sees it
+        self.store.engine.accounts.add(ALICE, "secret")
         self.sessions = SessionRegistry()
         self.policy: Any = None
 
@@ -78,8 +78,10 @@ def test_reading_paused_during_commit_and_pipelined_rest_answered(tmp_path: Path
         s = SmtpSession(relay, None, False, SmtpCounters())  # type: ignore[arg-type]
         t = FakeTransport()
         s.connection_made(t)
-        feed(s, b"EHLO c\r\nMAIL FROM:<x@r.test>\r\nRCPT TO:<alice@example.test>\r\n"
-                b"BDAT 3 LAST\r\nabcNOOP\r\n")
+        feed(s, b"EHLO c\r\nMAIL FROM:<x@r.test>\r\nRCPT TO:<alice@example.test>\r\n")
+        await settle(t, 4)                                # RCPT asks the store (a task)
+        assert not t.paused
+        feed(s, b"BDAT 3 LAST\r\nabcNOOP\r\n")
         assert t.paused                                   # committing: no more reads
         assert t.replies() == ["220 relay", "250 HELP", "250 2.1.0", "250 2.1.5"]
         await settle(t, 6)
@@ -87,7 +89,7 @@ def test_reading_paused_during_commit_and_pipelined_rest_answered(tmp_path: Path
         assert not t.paused
         s.connection_lost(None)
         assert relay.sessions.live() == []
-        relay.store.close()
+        await relay.store.close()
     asyncio.run(run())
 
 
@@ -105,7 +107,7 @@ def test_pipelined_messages_committed_one_after_another_while_paused(tmp_path: P
         assert t.closed
         s.connection_lost(None)
         assert len(list((tmp_path / "mail").rglob("new/*"))) == 2
-        relay.store.close()
+        await relay.store.close()
     asyncio.run(run())
 
 
@@ -139,6 +141,7 @@ def test_pacer_delay_pauses_reading(tmp_path: Path) -> None:
         t = FakeTransport()
         s.connection_made(t)
         feed(s, b"EHLO c\r\nMAIL FROM:<x@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        await settle(t, 5)                                # 354: RCPT and DATA asked the store
         feed(s, b"some data\r\n")
         assert t.paused
         await asyncio.sleep(0.15)
@@ -148,7 +151,7 @@ def test_pacer_delay_pauses_reading(tmp_path: Path) -> None:
         assert t.replies()[-1] == "250 2.0.0"
         assert relay.policy.pacer_obj.closed
         s.connection_lost(None)
-        relay.store.close()
+        await relay.store.close()
     asyncio.run(run())
 
 
@@ -159,13 +162,14 @@ def test_connection_lost_mid_data_aborts(tmp_path: Path) -> None:
         t = FakeTransport()
         s.connection_made(t)
         feed(s, b"EHLO c\r\nMAIL FROM:<x@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        await settle(t, 5)                                # 354: RCPT and DATA asked the store
         feed(s, b"x" * 5000)
         tmp = list((tmp_path / "mail").rglob("tmp/*"))
         assert len(tmp) == 1
         s.connection_lost(ConnectionResetError())
         assert not tmp[0].exists()
         assert list((tmp_path / "mail").rglob("new/*")) == []
-        relay.store.close()
+        await relay.store.close()
     asyncio.run(run())
 
 
@@ -182,5 +186,5 @@ def test_session_limits(tmp_path: Path, limit: int, key: str) -> None:
             ts.append(t)
         assert [t.replies()[0] for t in ts] == ["220 relay"] * limit + ["421 4.7.0"]
         assert ts[-1].closed
-        relay.store.close()
+        await relay.store.close()
     asyncio.run(run())

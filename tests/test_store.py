@@ -371,7 +371,7 @@ def test_server_start_cleans_tmp_and_rebuilds_the_ledger(relay_factory, tmp_path
     s.close()
     r = relay_factory(data_dir=data, quota={"default_bytes": 1000})
     assert os.listdir(md / "tmp") == []
-    u = r.call(lambda relay: relay.store.usage("alice@example.test"))
+    u = r.call(lambda relay: relay.store.ledger.usage("alice@example.test"))
     assert (u.bytes, u.messages) == (0, 0)
     import smtplib
     with smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=30) as c:

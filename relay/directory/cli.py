@@ -46,7 +46,7 @@ def _fail(msg: str) -> int:
 def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Bad input (DirectoryError, store errors, unreadable files) -> one line on stderr, exit 1."""
     def run(args: argparse.Namespace) -> int:
-        from relay.store import StoreError
+        from relay.store.api import StoreError
 
         try:
             return fn(args)

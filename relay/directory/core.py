@@ -50,7 +50,7 @@ class Directory:
 
     def ensure_account(self) -> str | None:
         """Create the directory's own account (no password: nobody logs in as it)."""
-        from relay.store import AccountExists
+        from relay.store.api import AccountExists
 
         address = self.address
         if address is None:
@@ -82,7 +82,7 @@ class Directory:
 
     def add(self, address: str, key: KeyInfo, password: str | None = None,
             quota_bytes: int | None = None, adopt: bool = False, **fields: Any) -> Participant:
-        from relay.store import AccountExists
+        from relay.store.api import AccountExists
 
         address = normalize_address(address)
         if address == self.address:

@@ -8,6 +8,10 @@ One task does all the work, one step at a time, on the server's loop:
     succession are pushed once, when the serial has been still for one tick;
   - requests are read with a bound (header block + a little body), answered by delivering
     straight into the asker's mailbox (store.begin_delivery), then expunged.
+
+Only relay.store.api is used. Directory (core.py, shared with the admin CLI) reads accounts
+synchronously (quotas in the document): it is given `_AccountsView`, refreshed from the store
+before each document is built.
 """
 
 from __future__ import annotations
@@ -23,6 +27,18 @@ from relay.directory import mail, wkd
 from relay.directory.core import Directory
 from relay.directory.keys import binary_from_armored
 from relay.log import get_logger
+from relay.store.api import (
+    Account,
+    AccountExists,
+    Change,
+    ChangeKind,
+    Envelope,
+    Mailbox,
+    MessageInfo,
+    MessageStore,
+    Refusal,
+    StoreError,
+)
 
 log = get_logger("directory")
 
@@ -71,10 +87,27 @@ class RateLimiter:
             del self._events[next(iter(self._events))]
 
 
+class _AccountsView:
+    """The accounts as Directory reads them (get, synchronously), copied from the store."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, Account] = {}
+
+    def get(self, address: str) -> Account | None:
+        return self.known.get(address)
+
+
+class _StoreView:
+    def __init__(self) -> None:
+        self.accounts = _AccountsView()
+
+
 class DirectoryService:
     def __init__(self, relay: Any) -> None:
         self.relay = relay
-        self.directory = Directory(relay.config, relay.store)
+        self.store: MessageStore = relay.store
+        self._view = _StoreView()
+        self.directory = Directory(relay.config, self._view)
         self.limiter = RateLimiter()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -102,6 +135,7 @@ class DirectoryService:
             routes = {"/directory/": self.http_directory, wkd.PREFIX: self.http_wkd}
             self._http = await http.start(routes, [listen], key="directory.http_listen")
             self.relay.bound["directory_http"] = bound_addresses(self._http)
+        await self._refresh_view()    # the HTTP document's quotas, before the first tick
         self._task = asyncio.create_task(self._run(), name="directory")
 
     async def stop(self) -> None:
@@ -123,8 +157,8 @@ class DirectoryService:
         return DirectoryStats(reg.serial(), reg.pushed_serial(), dict(self._requests),
                               self._pushes, self._push_recipients)
 
-    def _on_mail(self, kind: str, nbytes: int, nmessages: int) -> None:
-        if kind == "new":
+    def _on_mail(self, change: Change) -> None:
+        if change.kind is ChangeKind.NEW:
             self._wake.set()
 
     async def _run(self) -> None:
@@ -147,11 +181,14 @@ class DirectoryService:
         address = self.directory.address
         if address is None:
             return                                # no participants yet
-        if self._subscribed != address or self.relay.store.accounts.get(address) is None:
-            self.directory.ensure_account()
+        if self._subscribed != address or await self.store.accounts.get(address) is None:
+            try:                          # its own account (no password: nobody logs in as it)
+                await self.store.accounts.add(address)
+            except AccountExists:
+                pass
             if self._unsubscribe is not None:
                 self._unsubscribe()
-            self._unsubscribe = self.relay.store.subscribe(address, self._on_mail)
+            self._unsubscribe = self.store.changes.subscribe(address, self._on_mail)
             self._subscribed = address
             log.info("directory-ready", address=address, key=self.directory.key.fingerprint,
                      serial=self.directory.registry.serial())
@@ -169,43 +206,55 @@ class DirectoryService:
     async def push(self) -> None:
         """Deliver the current signed document to every active participant that wants it:
         one stored message, hard-linked into each mailbox. Over-quota mailboxes are skipped."""
-        from relay.store import NoSuchAccount, QuotaExceeded
-
         d = self.directory
-        signed = d.signed()
+        signed = await self._signed()
         address = d.address or ""
         raw = mail.push(address, self.relay.config.hostname, signed.serial, signed.json, signed.signature)
-        rcpts, reservations, skipped, missing = [], [], [], []
-        for p in d.registry.list(active_only=True):
-            if not p.push:
-                continue
-            try:
-                reservations.append(self.relay.store.quota.reserve(p.address, len(raw) + 1024))
-                rcpts.append(p.address)
-            except QuotaExceeded:
-                skipped.append(p.address)
-            except NoSuchAccount:         # account deleted behind the directory's back (user del)
-                missing.append(p.address)
+        rcpts, skipped, missing = [], [], []
+        delivery = self._delivery()
         try:
+            for p in d.registry.list(active_only=True):
+                if not p.push:
+                    continue
+                refusal = await delivery.add_recipient(p.address, len(raw))
+                if refusal is None:
+                    rcpts.append(p.address)
+                elif refusal is Refusal.NO_SUCH_ACCOUNT:   # deleted behind the directory's back
+                    missing.append(p.address)
+                else:
+                    skipped.append(p.address)
             if rcpts:
-                await self._deliver(rcpts, raw)
+                await self._deliver(delivery, raw)
         finally:
-            for r in reservations:
-                r.release()
+            delivery.abort()                  # no-op after a commit
         d.registry.set_pushed_serial(signed.serial)
         self._pushes += 1
         self._push_recipients += len(rcpts)
         notes = {k: ",".join(v) for k, v in (("over_quota", skipped), ("no_account", missing)) if v}
         log.info("directory-push", serial=signed.serial, recipients=len(rcpts), bytes=len(raw), **notes)
 
-    async def _deliver(self, recipients: list[str], raw: bytes) -> None:
-        d = self.relay.store.begin_delivery("", recipients, session_id="directory",
-                                            helo="directory", peer=None, protocol="LOCAL")
-        try:
-            d.write(raw)
-            await d.commit()
-        finally:
-            d.abort()                       # no-op after a commit
+    async def _refresh_view(self) -> None:
+        known = {a.address: a for a in await self.store.accounts.list()}
+        if known != self._view.accounts.known:
+            self._view.accounts.known = known
+            self.directory._signed = None     # built with other quotas: build it again
+
+    async def _signed(self) -> Any:
+        """The signed document, with the accounts' quotas as they are now."""
+        await self._refresh_view()
+        return self.directory.signed()
+
+    def _delivery(self) -> Any:
+        return self.store.begin_delivery(Envelope("", "directory", "directory", None, "LOCAL"))
+
+    @staticmethod
+    async def _deliver(delivery: Any, raw: bytes) -> None:
+        """The message to the recipients the delivery holds (their reservations made)."""
+        await delivery.start()
+        delivery.write(raw)
+        if not delivery.writable:
+            await delivery.wait_writable()
+        await delivery.commit()
 
     # --- requests --------------------------------------------------------------------------
 
@@ -213,10 +262,8 @@ class DirectoryService:
         self._requests[outcome] = self._requests.get(outcome, 0) + 1
 
     async def answer_requests(self, address: str) -> None:
-        from relay.store import StoreError
-
-        mb = self.relay.store.mailbox(address)
-        for info in mb.messages()[:MAX_PER_TICK]:
+        mb = self.store.mailbox(address)
+        for info in (await mb.messages())[:MAX_PER_TICK]:
             try:
                 await self._answer(mb, info)
             except (StoreError, OSError):
@@ -224,14 +271,13 @@ class DirectoryService:
             except Exception as e:          # one bad request must not block the queue
                 self._count("failed")
                 log.error("directory-request", uid=info.uid, outcome="failed", error=repr(e), exc_info=e)
-            mb.expunge([info.uid])
+            await mb.expunge([info.uid])
 
-    async def _answer(self, mb: Any, info: Any) -> None:
-        from relay.store import NoSuchAccount, QuotaExceeded, StoreError
-
+    async def _answer(self, mb: Mailbox, info: MessageInfo) -> None:
         try:
-            req = mail.read_request(mb.path(info.uid))
-        except (OSError, mail.RequestError) as e:
+            with await mb.body(info.uid) as body:
+                req = mail.parse_request(await body.read(0, mail.MAX_HEAD + mail.MAX_BODY_PEEK))
+        except (OSError, LookupError, mail.RequestError) as e:
             self._count("unreadable")
             log.warning("directory-request", uid=info.uid, size=info.size, outcome="unreadable", reason=str(e))
             return
@@ -243,26 +289,23 @@ class DirectoryService:
             log.info("directory-request", outcome=reason[0], reason=reason[1], **fields)
             return
         assert req.sender is not None
-        raw = self._reply(req)
+        raw = await self._reply(req)
+        delivery = self._delivery()
         try:
-            reservation = self.relay.store.quota.reserve(req.sender, len(raw) + 1024)
-        except QuotaExceeded:
-            self._count("over-quota")
-            log.warning("directory-request", outcome="over-quota", **fields)
-            return
-        except NoSuchAccount:
-            self._count("no-account")
-            log.warning("directory-request", outcome="no-account", **fields)
-            return
-        try:
-            await self._deliver([req.sender], raw)
+            refusal = await delivery.add_recipient(req.sender, len(raw))
+            if refusal is not None:
+                outcome = "no-account" if refusal is Refusal.NO_SUCH_ACCOUNT else "over-quota"
+                self._count(outcome)
+                log.warning("directory-request", outcome=outcome, **fields)
+                return
+            await self._deliver(delivery, raw)
         except StoreError as e:
             self._count("failed")
             log.error("directory-request", outcome="failed", error=str(e), **fields)
             self._retry_at = time.monotonic() + RETRY_AFTER
             return
         finally:
-            reservation.release()
+            delivery.abort()                  # no-op after a commit
         self._count("answered")
         log.info("directory-request", outcome="answered", bytes=len(raw), **fields)
 
@@ -280,13 +323,13 @@ class DirectoryService:
             return "rate-limited", f"more than {RATE_LIMIT} requests in {RATE_WINDOW:.0f} s"
         return None
 
-    def _reply(self, req: mail.Request) -> bytes:
+    async def _reply(self, req: mail.Request) -> bytes:
         d = self.directory
         cmd = req.command
         host = self.relay.config.hostname
         address = d.address or ""
         if cmd.verb == "GET":
-            signed = d.signed()
+            signed = await self._signed()
             if cmd.since is not None and signed.serial <= cmd.since:
                 return mail.reply(req, address, host, f"unchanged: serial {signed.serial}\r\n",
                                   serial=signed.serial)

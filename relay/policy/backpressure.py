@@ -1,20 +1,22 @@
-"""Backpressure: per-recipient quotas at RCPT / end of data, free-disk guard, and pacing of
-SMTP intake to the rate at which each congested receiver drains its mailbox (issue 4).
+"""Backpressure: the free-disk guard at RCPT, and pacing of SMTP intake to the rate at which
+each congested receiver drains its mailbox (issue 4).
 
 The SMTP server calls (docs/architecture.md, "Policy hooks"):
 
-    policy.check_rcpt(address, declared_size) -> Reply | None
+    policy.check_rcpt(address, declared_size) -> Reply | None       # free disk
     pacer = policy.pacer(recipients); delay = pacer.on_data(nbytes); pacer.close()
-    policy.check_end_of_data(recipients, size) -> Reply | None
 
-Per recipient the policy keeps: backlog (the store's ledger plus bytes streaming to it now),
-and the drain rate: bytes expunged per second as an exponentially weighted rate
+Quotas are not the policy's: the store's ledger refuses a recipient at
+`Delivery.add_recipient` and a message that grew past a quota (relay/store/api.py). The policy
+reads, per recipient, the ledger's backlog (`snapshot(address).backlog_bytes`: stored and
+undrained, plus the bytes streaming to it now) and the drain rate: bytes expunged per second
+as an exponentially weighted rate
 r(t) = sum_i n_i * lam * exp(-lam * (t - t_i)), lam = ln 2 / drain_halflife, fed by the store's
-"expunge" notifications. For a steady drain of D bytes/s its mean is D; with no drain it decays
-to 0 with the half-life. While the policy has watched a mailbox for less than a few
-half-lives (after a restart) r(t) still underestimates D by the factor 1 - exp(-lam * age);
-the estimate is divided by that factor, at most by 2 (so that one early deletion does not
-look like a fast receiver).
+change feed (EXPUNGE). For a steady drain of D bytes/s its mean is D; with no drain it decays
+to 0 with the half-life. While the policy has watched for less than a few half-lives (after a
+restart) r(t) still underestimates D by the factor 1 - exp(-lam * age); the estimate is
+divided by that factor, at most by 2 (so that one early deletion does not look like a fast
+receiver).
 
 A recipient whose backlog passes its soft backlog is congested (it leaves congestion below
 90% of it, so that one message more or less does not flap). Bytes for a congested recipient are
@@ -37,14 +39,14 @@ from dataclasses import dataclass
 from relay.config import Config
 from relay.log import get_logger
 from relay.protocol.smtp import Reply
-from relay.store import Store, StoreError
+from relay.store.api import Change, ChangeKind, LedgerEntry, MessageStore, normalize_address
 
 log = get_logger("policy")
 
+# The two deferrals of the contract (../shared/CONTRACT.md, "SMTP replies"), defined once.
 R_OVER_QUOTA = Reply(452, "4.2.2", "Mailbox full, try again later")
 R_DISK_LOW = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
-REFRESH_SECONDS = 1.0      # re-read a recipient's ledger at most this often (CLI, reconcile)
 LEAVE_FRACTION = 0.9       # hysteresis: congestion ends below 90% of the soft backlog
 WARMUP_MIN = 0.5           # warm-up correction of the drain estimate: at most x2
 BURST_SECONDS = 1.0        # idle time on a recipient's timeline that a sender may make up
@@ -71,30 +73,20 @@ class BackpressureStats:
 
 
 class _Recipient:
-    """What the policy knows of one mailbox."""
+    """What the policy knows of one mailbox beyond the ledger: its drain rate and pacing."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, since: float) -> None:
         self.address = address
-        self.stored_bytes = 0          # the ledger, kept current by notifications
-        self.stored_messages = 0
-        self.quota_bytes = 0
-        self.quota_messages = 0
-        self.inflight = 0              # bytes streaming to it in open messages
-        self.settled = 0               # of those, already stored ("new" came before close())
-        self.refreshed = -math.inf
         self.rate = 0.0                # EWMA state at rate_t
-        self.rate_t = 0.0
-        self.since = 0.0               # when the policy began to watch it
+        self.rate_t = since
+        self.since = since             # when the policy began to watch it
         self.congested = False
         self.next_free = 0.0           # its pacing timeline (clock seconds)
 
-    @property
-    def backlog(self) -> int:
-        return self.stored_bytes + self.inflight
-
 
 class Pacer:
-    """One per message. on_data(nbytes) -> seconds to pause reading before the next read."""
+    """One per message. on_data(nbytes) -> seconds to pause reading before the next read.
+    The bytes themselves are in the ledger (the delivery wrote them before on_data)."""
 
     def __init__(self, policy: Backpressure, recipients: list[_Recipient]) -> None:
         self.policy = policy
@@ -111,8 +103,7 @@ class Pacer:
         self.nbytes += nbytes
         delay = 0.0
         for r in self.recipients:
-            r.inflight += nbytes
-            p._refresh(r, now)
+            p._update_congestion(r, now)
             if r.congested:
                 # gaps shorter than BURST_SECONDS (round trips, the commit's fsync between two
                 # messages) are made up, so the average rate is the pace, not less
@@ -123,15 +114,12 @@ class Pacer:
         return delay
 
     def close(self) -> None:
-        """On every terminal outcome (idempotent): the bytes are no longer in flight."""
+        """On every terminal outcome (idempotent): the backlog changed (committed or gone)."""
         if self._closed:
             return
         self._closed = True
         now = self.policy.clock()
         for r in self.recipients:
-            from_settled = min(r.settled, self.nbytes)
-            r.settled -= from_settled
-            r.inflight = max(0, r.inflight - (self.nbytes - from_settled))
             self.policy._update_congestion(r, now)
 
 
@@ -143,7 +131,7 @@ def statvfs_free(path: str | os.PathLike[str]) -> Callable[[], int]:
 
 
 class Backpressure:
-    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, config: Config, store: MessageStore, clock: Callable[[], float] = time.monotonic,
                  free_disk: Callable[[], int] | None = None) -> None:
         self.config = config
         self.store = store
@@ -152,70 +140,49 @@ class Backpressure:
         bp = config.backpressure
         self.lam = math.log(2) / bp.drain_halflife if bp.drain_halflife > 0 else math.inf
         self._recipients: dict[str, _Recipient] = {}
-        self._unsubscribe: list[Callable[[], None]] = []
+        self._started = clock()        # the change feed covers every mailbox from here
         self._paced_seconds = 0.0
         self._deferrals = {"quota": 0, "quota_end_of_data": 0, "disk": 0}
-        for acct in store.accounts.list():           # drain rates from the start
-            self._recipient(acct.address)
+        self._unsubscribe: Callable[[], None] | None = store.changes.subscribe(None, self._on_change)
 
     # --- per-recipient state -------------------------------------------------------------
-
     def _recipient(self, address: str) -> _Recipient:
         r = self._recipients.get(address)
         if r is None:
-            r = self._recipients[address] = _Recipient(address)
-            r.rate_t = r.since = self.clock()
-            self._unsubscribe.append(self.store.subscribe(address, lambda kind, n, m: self._on_change(r, kind, n, m)))
-            self._refresh(r, self.clock(), force=True)
+            r = self._recipients[address] = _Recipient(address, self._started)
         return r
 
-    def _on_change(self, r: _Recipient, kind: str, nbytes: int, nmessages: int) -> None:
+    def _entry(self, r: _Recipient) -> LedgerEntry | None:
+        return self.store.ledger.snapshot(r.address)
+
+    def _on_change(self, change: Change) -> None:
         now = self.clock()
-        if kind == "new":
-            r.stored_bytes += nbytes
-            r.stored_messages += nmessages
-            # a committed message's bytes move from in flight to stored: the SMTP server
-            # closes its pacer right after the commit, which then finds them settled
-            moved = min(r.inflight, nbytes)
-            r.inflight -= moved
-            r.settled += moved
-        elif kind == "expunge":
-            r.stored_bytes = max(0, r.stored_bytes - nbytes)
-            r.stored_messages = max(0, r.stored_messages - nmessages)
-            r.rate = r.rate * math.exp(-self.lam * max(0.0, now - r.rate_t)) + nbytes * self.lam
+        r = self._recipient(change.address)
+        if change.kind is ChangeKind.EXPUNGE:
+            r.rate = r.rate * math.exp(-self.lam * max(0.0, now - r.rate_t)) + change.nbytes * self.lam
             r.rate_t = now
         self._update_congestion(r, now)
 
-    def _refresh(self, r: _Recipient, now: float, force: bool = False) -> None:
-        """Re-read the ledger (changes by the CLI, reconciliation) at most once a second."""
-        if force or now - r.refreshed >= REFRESH_SECONDS:
-            try:
-                u = self.store.usage(r.address)
-            except StoreError:
-                return                               # deleted meanwhile: keep what we know
-            r.stored_bytes, r.stored_messages = u.bytes, u.messages
-            r.quota_bytes, r.quota_messages = u.quota_bytes, u.quota_messages
-            r.refreshed = now
-        self._update_congestion(r, now)
-
-    def soft_backlog(self, r: _Recipient) -> int:
+    def soft_backlog(self, entry: LedgerEntry | None) -> int:
         sb = self.config.backpressure.soft_backlog
         if sb.percent is not None:
-            return sb.resolve(r.quota_bytes) if r.quota_bytes else 0
+            return sb.resolve(entry.quota_bytes) if entry is not None and entry.quota_bytes else 0
         return sb.resolve(0)
 
     def _update_congestion(self, r: _Recipient, now: float) -> None:
-        soft = self.soft_backlog(r)
+        entry = self._entry(r)
+        soft = self.soft_backlog(entry)
+        backlog = entry.backlog_bytes if entry is not None else 0
         if not soft:
             congested = False
         elif r.congested:
-            congested = r.backlog >= soft * LEAVE_FRACTION
+            congested = backlog >= soft * LEAVE_FRACTION
         else:
-            congested = r.backlog > soft
+            congested = backlog > soft
         if congested != r.congested:
             r.congested = congested
             r.next_free = now
-            log.info("congested" if congested else "decongested", mailbox=r.address, backlog=r.backlog,
+            log.info("congested" if congested else "decongested", mailbox=r.address, backlog=backlog,
                      soft_backlog=soft, drain_rate=round(self.drain_rate(r, now)),
                      pace=round(self.pace(r, now)))
 
@@ -233,8 +200,8 @@ class Backpressure:
     # --- the hooks -------------------------------------------------------------------------
 
     def check_rcpt(self, address: str, declared_size: int | None) -> Reply | None:
-        """None = accept. 452 4.3.1 when free disk would fall below min_free_disk; 452 4.2.2
-        when the declared SIZE (or one more message) would exceed the remaining quota."""
+        """None = accept; 452 4.3.1 when free disk would fall below min_free_disk. (Quotas:
+        the ledger, at Delivery.add_recipient.)"""
         size = declared_size or 0
         try:
             free = self.free_disk()
@@ -244,37 +211,15 @@ class Backpressure:
         if free is not None and free - size < self.config.min_free_disk:
             self.deferred("disk", address, free=free, size=size)
             return R_DISK_LOW
-        r = self._recipient(address)
-        self._refresh(r, self.clock(), force=True)
-        reserved_bytes, reserved_msgs = self.store.quota.reserved(address)
-        if (r.quota_bytes and r.stored_bytes + reserved_bytes + size > r.quota_bytes
-                or r.quota_messages and r.stored_messages + reserved_msgs + 1 > r.quota_messages):
-            self.deferred("quota", address, size=size, usage=r.stored_bytes,
-                          reserved=reserved_bytes, quota=r.quota_bytes)
-            return R_OVER_QUOTA
         return None
 
     def pacer(self, recipients: list[str]) -> Pacer:
-        return Pacer(self, [self._recipient(a) for a in dict.fromkeys(recipients)])
-
-    def check_end_of_data(self, recipients: list[str], size: int) -> Reply | None:
-        """452 4.2.2 for the whole message when storing it now takes any recipient over its
-        quota (one reply covers every recipient at the end of DATA/BDAT)."""
-        now = self.clock()
-        for address in recipients:
-            r = self._recipient(address)
-            self._refresh(r, now, force=True)
-            if (r.quota_bytes and r.stored_bytes + size > r.quota_bytes
-                    or r.quota_messages and r.stored_messages + 1 > r.quota_messages):
-                self.deferred("quota_end_of_data", address, size=size, usage=r.stored_bytes,
-                              quota=r.quota_bytes)
-                return R_OVER_QUOTA
-        return None
+        return Pacer(self, [self._recipient(normalize_address(a)) for a in dict.fromkeys(recipients)])
 
     def deferred(self, reason: str, mailbox: str, **fields: object) -> None:
         """Count and log one deferral (reason: quota, quota_end_of_data, disk). The SMTP
-        server calls it too when the store's reservation refuses a message that grew past
-        its quota while streaming."""
+        server calls it when the ledger refuses a recipient (quota) or a message that grew
+        past a quota (quota_end_of_data), and when the disk filled up (disk)."""
         self._deferrals[reason] = self._deferrals.get(reason, 0) + 1
         log.info("deferred", reason=reason, mailbox=mailbox, **fields)
 
@@ -282,17 +227,20 @@ class Backpressure:
 
     def statistics(self) -> BackpressureStats:
         now = self.clock()
-        ages = {a: m.oldest_age_seconds for a, m in self.store.statistics().mailboxes.items()}
+        ledger = self.store.ledger.statistics().mailboxes
         recips = {}
-        for a, r in self._recipients.items():
-            if a not in ages:                       # account deleted
+        for a, m in self.store.statistics().mailboxes.items():     # every account
+            entry = ledger.get(a)
+            if entry is None:                                      # deleted meanwhile
                 continue
-            recips[a] = RecipientStats(r.backlog, r.stored_messages, ages.get(a, 0.0), self.soft_backlog(r),
-                                       self.drain_rate(r, now), self.pace(r, now), r.congested)
+            r = self._recipient(a)
+            recips[a] = RecipientStats(entry.backlog_bytes, entry.stored_messages, m.oldest_age_seconds,
+                                       self.soft_backlog(entry), self.drain_rate(r, now), self.pace(r, now),
+                                       r.congested)
         return BackpressureStats(recips, {a: s.drain_rate for a, s in recips.items()}, self._paced_seconds,
                                  dict(self._deferrals), sum(1 for s in recips.values() if s.congested))
 
     def close(self) -> None:
-        for unsub in self._unsubscribe:
-            unsub()
-        self._unsubscribe.clear()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None

@@ -1,4 +1,7 @@
-"""The running relay: owns the config, the store, the policy and every listener."""
+"""The running relay: owns the config, the store, the policy and every listener.
+
+Every service the relay has is a typed attribute set here, in __init__ (relay/metrics.py
+reads their statistics() by these names; tests/test_metrics.py checks that they exist)."""
 
 from __future__ import annotations
 
@@ -8,32 +11,43 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
 from relay.log import get_logger
+from relay.policy.backpressure import Backpressure
+from relay.server.imap import ImapCounters
 from relay.server.listener import (
     SessionRegistry,
     bound_addresses,
     make_server_ssl_context,
 )
-from relay.store import passwords as accounts
+from relay.server.pop3 import Pop3Service
+from relay.server.smtp import SmtpCounters
+from relay.store import passwords
+from relay.store.api import MessageStore
+from relay.store.backends import open_store
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from relay.directory import DirectoryService
 
 log = get_logger("app")
 
 
 class Relay:
     def __init__(self, config: Config) -> None:
-        from relay.store import Store
-
         self.config = config
-        self.store = Store.open(config)
+        self.store: MessageStore = open_store(config)   # relay.store.api only; open() in start()
         self.sessions = SessionRegistry()
         self.ssl_ctx = make_server_ssl_context(config)
-        from relay.policy.backpressure import Backpressure
-
-        self.policy: Any = Backpressure(config, self.store)   # quotas, disk, pacing (issue 4)
-        self.directory: Any = None        # relay.directory service (issue 7)
+        self.policy: Any = Backpressure(config, self.store)   # disk, pacing (quotas: the ledger)
+        self.smtp_stats = SmtpCounters()                     # the SMTP listeners' figures
+        self.imap_stats = ImapCounters()
+        self.pop3 = Pop3Service()                            # POP3 figures and maildrop locks
+        self.directory: DirectoryService | None = None       # made in start() (issue 7)
+        self.metrics_registry: CollectorRegistry | None = None   # relay.metrics.install()
         # Read-only HTTP routes served on the metrics listener: path prefix ->
         # handler(path) -> (status, content_type, body). "/metrics" is the metrics module's.
         self.http_routes: dict[str, Any] = {}
@@ -45,9 +59,7 @@ class Relay:
     async def start(self) -> None:
         from relay.server import imap, pop3, smtp
 
-        from relay.store.maildir import admin
-
-        admin.recover(self.store)
+        await self.store.open()                    # the backend's crash recovery
         from relay.directory import (
             DirectoryService,  # answers directory@, pushes changes, HTTP
         )
@@ -72,8 +84,10 @@ class Relay:
             self.bound[key] = bound_addresses(servers)
         if c.metrics.listen:
             from relay import metrics
+            from relay.server import http
 
-            servers = await metrics.start(self, c.metrics.listen)
+            metrics.install(self)
+            servers = await http.start(self.http_routes, [c.metrics.listen])
             self._servers["metrics"] = servers
             self.bound["metrics"] = bound_addresses(servers)
         log.info("listening", **{k: " ".join(f"{h}:{p}" for h, p in v) for k, v in self.bound.items()})
@@ -104,7 +118,7 @@ class Relay:
             s.close()
         if self.directory is not None:
             await self.directory.stop()
-        self.store.close()
+        await self.store.close()
         log.info("stopped")
 
     def write_runfiles(self) -> None:
@@ -115,8 +129,8 @@ class Relay:
 
 
 async def serve(config: Config) -> int:
-    if accounts.weak_kdf():
-        log.warning("weak-kdf", detail=f"{accounts.WEAK_KDF_ENV} is set: new password hashes use "
+    if passwords.weak_kdf():
+        log.warning("weak-kdf", detail=f"{passwords.WEAK_KDF_ENV} is set: new password hashes use "
                     "argon2 test parameters; unset it outside test suites")
     relay = Relay(config)
     await relay.start()

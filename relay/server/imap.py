@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import ssl
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any
 from relay import __version__, mimetree
 from relay.auth import AuthError, decode_plain, plaintext_allowed
 from relay.log import get_logger
-from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.stats import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.protocol import imap as proto
 from relay.protocol.imap import (
     AUTH,
@@ -45,7 +46,7 @@ from relay.protocol.imap import (
     untagged,
 )
 from relay.server.listener import Session, create_stream_servers
-from relay.store import StoreError, normalize_address
+from relay.store.api import Body, Change, Flag, MessageInfo, StoreError, normalize_address
 
 log = get_logger("imap")
 
@@ -58,6 +59,23 @@ WRITE_HIGH_WATER = 2 * CHUNK      # transport buffer bound before drain() waits
 MAX_AUTH_FAILURES = 5             # then BYE (slows password guessing)
 IDLE_POLL = 30.0                  # IDLE also re-reads the index this often (changes by other processes)
 PERMANENT = proto.SYSTEM_FLAGS
+# The store's flags as IMAP names, and the protocol module's encoding of every combination
+# (relay.protocol.imap works on its own flag letters: proto.letters_from_flags).
+_NAMES = {Flag.SEEN: "\\Seen", Flag.ANSWERED: "\\Answered", Flag.FLAGGED: "\\Flagged",
+          Flag.DELETED: "\\Deleted", Flag.DRAFT: "\\Draft"}
+_ALL_FLAGS = [Flag(v) for v in range(1 << len(_NAMES))]
+_TO_PROTO = {f: proto.letters_from_flags([n for g, n in _NAMES.items() if g in f]) for f in _ALL_FLAGS}
+_FROM_PROTO = {v: k for k, v in _TO_PROTO.items()}
+
+
+def _proto_flags(flags: Flag) -> str:
+    return _TO_PROTO[flags]
+
+
+def _store_flags(encoded: str) -> Flag:
+    return _FROM_PROTO[proto.letters_from_flags(proto.flags_from_letters(encoded))]
+
+
 _TREE_ITEMS = frozenset({"RFC822.HEADER", "RFC822.TEXT", "ENVELOPE", "BODYSTRUCTURE", "BODY"})
 
 
@@ -88,9 +106,7 @@ class ImapCounters:
 
 
 def counters(relay: Any) -> ImapCounters:
-    c = getattr(relay, "imap_stats", None)
-    if c is None:
-        c = relay.imap_stats = ImapCounters()
+    c: ImapCounters = relay.imap_stats           # set in Relay.__init__
     return c
 
 
@@ -341,7 +357,7 @@ class ImapSession:
     async def _login(self, tag: str, user: str, password: str) -> None:
         ok = False
         try:
-            ok = await self.store.accounts.verify_async(user, password)
+            ok = await self.store.accounts.verify(user, password)
         except StoreError as e:  # malformed address, unknown account: the same answer
             log.info("login_error", sid=self.session.sid if self.session else "", error=type(e).__name__)
         if not ok:
@@ -357,9 +373,7 @@ class ImapSession:
         self.address = normalize_address(user)
         self.state = AUTH
         self.stats.logins += 1
-        note = getattr(self.store, "note_poll", None)
-        if note is not None:
-            note(self.address)
+        await self.store.mailbox(self.address).note_poll()
         self.write(tagged(tag, "OK", f"[CAPABILITY {self.capabilities()}] Logged in"))
 
     def _plaintext_refused(self, tag: str) -> bool:
@@ -462,10 +476,10 @@ class ImapSession:
             return
         items = cmd.args[1] if isinstance(cmd.args[1], list) else [cmd.args[1]]
         mb = self.store.mailbox(self.address)
-        msgs = mb.messages()
-        values = {"MESSAGES": len(msgs), "UIDNEXT": mb.uidnext, "UIDVALIDITY": mb.uidvalidity,
-                  "RECENT": 0, "UNSEEN": sum(1 for m in msgs if "S" not in m.flags),
-                  "DELETED": sum(1 for m in msgs if "T" in m.flags), "SIZE": sum(m.size for m in msgs)}
+        msgs = await mb.messages()
+        values = {"MESSAGES": len(msgs), "UIDNEXT": await mb.uidnext(), "UIDVALIDITY": await mb.uidvalidity(),
+                  "RECENT": 0, "UNSEEN": sum(1 for m in msgs if Flag.SEEN not in m.flags),
+                  "DELETED": sum(1 for m in msgs if Flag.DELETED in m.flags), "SIZE": sum(m.size for m in msgs)}
         out: list[str] = []
         for it in items:
             name = proto.atom(it).upper()
@@ -484,20 +498,20 @@ class ImapSession:
             return
         self.mailbox = self.store.mailbox(self.address)
         self.readonly = readonly
-        self.view = list(self.mailbox.messages())
+        self.view = list(await self.mailbox.messages())
         self.changed.clear()
-        self.unsubscribe = self.store.subscribe(self.address, self._on_store_change)
+        self.unsubscribe = self.store.changes.subscribe(self.address, self._on_store_change)
         self.state = SELECTED
         self.write(untagged(f"FLAGS ({PERMANENT})"))
         perm = "" if readonly else PERMANENT
         self.write(untagged(f"OK [PERMANENTFLAGS ({perm})] Flags permitted"))
         self.write(untagged(f"{len(self.view)} EXISTS"))
         self.write(untagged("0 RECENT"))
-        unseen = next((i + 1 for i, m in enumerate(self.view) if "S" not in m.flags), None)
+        unseen = next((i + 1 for i, m in enumerate(self.view) if Flag.SEEN not in m.flags), None)
         if unseen is not None:
             self.write(untagged(f"OK [UNSEEN {unseen}] First unseen"))
-        self.write(untagged(f"OK [UIDVALIDITY {self.mailbox.uidvalidity}] UIDs valid"))
-        self.write(untagged(f"OK [UIDNEXT {self.mailbox.uidnext}] Predicted next UID"))
+        self.write(untagged(f"OK [UIDVALIDITY {await self.mailbox.uidvalidity()}] UIDs valid"))
+        self.write(untagged(f"OK [UIDNEXT {await self.mailbox.uidnext()}] Predicted next UID"))
         mode = "READ-ONLY" if readonly else "READ-WRITE"
         self.write(tagged(cmd.tag, "OK", f"[{mode}] {cmd.name} completed"))
 
@@ -507,7 +521,7 @@ class ImapSession:
     async def cmd_examine(self, cmd: Command) -> None:
         await self._select(cmd, True)
 
-    def _on_store_change(self, kind: str, nbytes: int, nmessages: int) -> None:
+    def _on_store_change(self, change: Change) -> None:
         self.changed.set()
 
     def _deselect(self) -> None:
@@ -523,7 +537,7 @@ class ImapSession:
             self._no_such_mailbox(cmd.tag)
             return
         self.write(untagged('QUOTAROOT INBOX ""'))
-        self.write(untagged(self._quota_line()))
+        self.write(untagged(await self._quota_line()))
         self.write(tagged(cmd.tag, "OK", "GETQUOTAROOT completed"))
 
     async def cmd_getquota(self, cmd: Command) -> None:
@@ -531,12 +545,12 @@ class ImapSession:
         if proto.astring(cmd.args[0]) != "":
             self.write(tagged(cmd.tag, "NO", "[NONEXISTENT] No such quota root"))
             return
-        self.write(untagged(self._quota_line()))
+        self.write(untagged(await self._quota_line()))
         self.write(tagged(cmd.tag, "OK", "GETQUOTA completed"))
 
-    def _quota_line(self) -> bytes:
+    async def _quota_line(self) -> bytes:
         """RFC 9208 5.1: STORAGE in units of 1024 octets; a resource without limit is left out."""
-        u = self.store.usage(self.address)
+        u = await self.store.ledger.usage(self.address)
         res = []
         if u.quota_bytes:
             res.append(f"STORAGE {(u.bytes + 1023) // 1024} {u.quota_bytes // 1024}")
@@ -603,7 +617,7 @@ class ImapSession:
         self.changed.clear()
         if self.state != SELECTED:
             return 0
-        current = self.mailbox.messages()
+        current = await self.mailbox.messages()
         by_uid = {m.uid: m for m in current}
         sent = 0
         for seq in range(len(self.view), 0, -1):
@@ -615,7 +629,8 @@ class ImapSession:
             now = by_uid[m.uid]
             if now.flags != m.flags:
                 self.view[i] = now
-                self.write(untagged(b"%d FETCH (FLAGS %s UID %d)" % (i + 1, proto.render_flags(now.flags), m.uid)))
+                self.write(untagged(b"%d FETCH (FLAGS %s UID %d)" % (
+                    i + 1, proto.render_flags(_proto_flags(now.flags)), m.uid)))
                 sent += 1
         top = self.view[-1].uid if self.view else 0
         new = [m for m in current if m.uid > top]
@@ -639,7 +654,7 @@ class ImapSession:
         if not self.changed.is_set():
             return
         top = self.view[-1].uid if self.view else 0
-        new = [m for m in self.mailbox.messages() if m.uid > top]
+        new = [m for m in await self.mailbox.messages() if m.uid > top]
         if new:
             self.view += new
             self.write(untagged(f"{len(self.view)} EXISTS"))
@@ -663,17 +678,17 @@ class ImapSession:
             raise ImapSyntaxError("No messages")
         return [(i + 1, m) for i, m in enumerate(self.view) if seqset.contains(i + 1, n)]
 
-    def _deleted_now(self, uids: set[int] | None = None) -> list[int]:
+    async def _deleted_now(self, uids: set[int] | None = None) -> list[int]:
         """UIDs of the view (or of `uids`) that carry \\Deleted now, not as last viewed:
         another session may have set or cleared it since."""
         mine = {m.uid for m in self.view} if uids is None else uids
-        return [mi.uid for mi in self.mailbox.messages() if "T" in mi.flags and mi.uid in mine]
+        return [mi.uid for mi in await self.mailbox.messages() if Flag.DELETED in mi.flags and mi.uid in mine]
 
     async def cmd_close(self, cmd: Command) -> None:
         if not self.readonly:
-            deleted = self._deleted_now()
+            deleted = await self._deleted_now()
             if deleted:
-                self.mailbox.expunge(deleted)
+                await self.mailbox.expunge(deleted)
         self._deselect()
         self.state = AUTH
         self.write(tagged(cmd.tag, "OK", "CLOSE completed"))
@@ -693,8 +708,8 @@ class ImapSession:
         else:
             proto.want_args(cmd, 0, 0)
             named = {m.uid for m in self.view}
-        deleted = self._deleted_now(named)
-        gone = set(self.mailbox.expunge(deleted)) if deleted else set()
+        deleted = await self._deleted_now(named)
+        gone = set(await self.mailbox.expunge(deleted)) if deleted else set()
         for seq in range(len(self.view), 0, -1):
             if self.view[seq - 1].uid in gone:
                 del self.view[seq - 1]
@@ -709,7 +724,7 @@ class ImapSession:
         key = proto.parse_search(args)
         match = key.compile(len(self.view), self.view[-1].uid if self.view else 0)
         hits = [m.uid if cmd.uid else i for i, m in enumerate(self.view, 1)
-                if match(i, m.uid, m.flags, m.internaldate, m.size)]
+                if match(i, m.uid, _proto_flags(m.flags), m.internaldate, m.size)]
         self.write(untagged("SEARCH" + "".join(f" {h}" for h in hits)))
         self.write(tagged(cmd.tag, "OK", "SEARCH completed"))
 
@@ -722,22 +737,23 @@ class ImapSession:
         targets = self._targets(cmd, seqset_arg)
         # +FLAGS/-FLAGS apply to the flags the message has now (another session or a Maildir
         # reader may have changed them since the view was taken): no lost update
-        current = {mi.uid: mi for mi in self.mailbox.messages()} if targets else {}
+        current = {mi.uid: mi for mi in await self.mailbox.messages()} if targets else {}
         for seq, m in targets:
             now = current.get(m.uid)
             if now is None:
                 continue                                    # expunged meanwhile
             m = now
-            letters = req.apply(m.flags)
-            if letters != m.flags:
+            flags = _store_flags(req.apply(_proto_flags(m.flags)))
+            if flags != m.flags:
                 try:
-                    m = self.mailbox.set_flags(m.uid, letters)
-                except (StoreError, LookupError, FileNotFoundError):
+                    m = await self.mailbox.set_flags(m.uid, flags)
+                except (StoreError, LookupError):
                     continue                                # expunged meanwhile
             self.view[seq - 1] = m
             if not req.silent:
                 uid = b" UID %d" % m.uid if cmd.uid else b""
-                self.write(untagged(b"%d FETCH (FLAGS %s%s)" % (seq, proto.render_flags(m.flags), uid)))
+                self.write(untagged(b"%d FETCH (FLAGS %s%s)" % (
+                    seq, proto.render_flags(_proto_flags(m.flags)), uid)))
                 await self.flush()
         self.write(tagged(cmd.tag, "OK", "STORE completed"))
 
@@ -757,38 +773,59 @@ class ImapSession:
         else:
             self.write(tagged(cmd.tag, "OK", "FETCH completed"))
 
-    def _open(self, m: Any) -> int | None:
-        for _ in range(3):                           # a flag rename may race with the open
-            try:
-                return os.open(self.mailbox.path(m.uid), os.O_RDONLY)
-            except (FileNotFoundError, KeyError, LookupError):
-                continue
-        return None
-
-    async def _fetch_one(self, seq: int, m: Any, atts: list[proto.FetchAtt]) -> bool:
-        needs_file = any(a.name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE") for a in atts)
-        fd = self._open(m) if needs_file else None
-        if needs_file and fd is None:
-            return False
+    async def _open(self, m: MessageInfo) -> Body | None:
         try:
-            if not self.readonly and "S" not in m.flags and any(a.sets_seen for a in atts):
-                with contextlib.suppress(KeyError, LookupError, FileNotFoundError):
-                    flags = self.mailbox.info(m.uid).flags          # now, not as viewed
-                    m = self.mailbox.set_flags(m.uid, "".join(sorted(set(flags + "S"))))
+            body: Body = await self.mailbox.body(m.uid)
+        except LookupError:                          # expunged meanwhile (NoSuchMessage)
+            return None
+        return body
+
+    async def _spool(self, body: Body) -> int:
+        """A body the store cannot hand over as a file (no fileno()), copied into an unlinked
+        temporary file chunk by chunk, for the MIME parser, which reads by offset."""
+        fd, path = tempfile.mkstemp(prefix="imap-spool-", dir=self.config.data_dir)
+        os.unlink(path)
+        try:
+            offset = 0
+            while offset < body.size:
+                data = await body.read(offset, CHUNK)
+                if not data:
+                    raise StoreError(f"message body ended at {offset} of {body.size}")
+                os.write(fd, data)
+                offset += len(data)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    async def _fetch_one(self, seq: int, m: MessageInfo, atts: list[proto.FetchAtt]) -> bool:
+        needs_file = any(a.name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE") for a in atts)
+        body = await self._open(m) if needs_file else None
+        if needs_file and body is None:
+            return False
+        spooled = -1
+        try:
+            if not self.readonly and Flag.SEEN not in m.flags and any(a.sets_seen for a in atts):
+                with contextlib.suppress(LookupError):
+                    flags = (await self.mailbox.info(m.uid)).flags      # now, not as viewed
+                    m = await self.mailbox.set_flags(m.uid, flags | Flag.SEEN)
                     self.view[seq - 1] = m
                     if not any(a.name == "FLAGS" for a in atts):
                         atts = [*atts, proto.FetchAtt("FLAGS")]
-            size = os.fstat(fd).st_size if fd is not None else m.size
+            size = body.size if body is not None else m.size
+            fd = body.fileno() if body is not None else None
             root = None
             # the MIME tree only for structure items and part sections: BODY[] and its
             # partials are plain byte ranges (a partial of a 2 GB message reads only its range)
             if any((a.section is None and a.name in _TREE_ITEMS)
                    or (a.section is not None and a.section != proto.Section()) for a in atts):
-                assert fd is not None                  # a boundary scan may read the whole file:
-                if size <= INLINE_SCAN:                # not on the loop, unless the file is small
-                    root = self._tree(m.name, size, fd, atts)
+                assert body is not None
+                if fd is None:
+                    fd = spooled = await self._spool(body)
+                if size <= INLINE_SCAN:                # a boundary scan may read the whole file:
+                    root = self._tree(m.id, size, fd, atts)    # not on the loop, unless small
                 else:
-                    root = await asyncio.to_thread(self._tree, m.name, size, fd, atts)
+                    root = await asyncio.to_thread(self._tree, m.id, size, fd, atts)
             resp = proto.FetchResponse(seq)
             whole = False
             for a in atts:
@@ -799,18 +836,20 @@ class ImapSession:
                 if isinstance(piece, bytes):
                     self.write(piece)
                 else:
-                    assert fd is not None
+                    assert body is not None
                     _, off, count = piece
-                    await self.send_file(fd, off, count)
+                    await self.send_body(body, fd, off, count)
             if whole:
                 self.stats.messages_fetched += 1
                 self.stats.fetch_duration.observe(time.monotonic() - t0)
                 with contextlib.suppress(Exception):
-                    self.mailbox.note_fetched(m.uid)
+                    await self.mailbox.note_fetched(m.uid)
             return True
         finally:
-            if fd is not None:
-                os.close(fd)
+            if spooled >= 0:
+                os.close(spooled)
+            if body is not None:
+                body.close()
 
     @staticmethod
     def _tree(name: str, size: int, fd: int, atts: list[proto.FetchAtt]) -> mimetree.Part:
@@ -819,24 +858,22 @@ class ImapSession:
             mimetree.fill_lines(root, fd)
         return root
 
-    def _render_att(self, resp: proto.FetchResponse, a: proto.FetchAtt, m: Any, fd: int | None,
+    def _render_att(self, resp: proto.FetchResponse, a: proto.FetchAtt, m: MessageInfo, fd: int | None,
                     size: int, root: mimetree.Part | None) -> bool:
         """Add one item; True when it sends the whole message up to its last byte."""
         name = a.name
         if name == "UID":
             resp.add("UID", str(m.uid).encode())
         elif name == "FLAGS":
-            resp.add("FLAGS", proto.render_flags(m.flags))
+            resp.add("FLAGS", proto.render_flags(_proto_flags(m.flags)))
         elif name == "INTERNALDATE":
             resp.add("INTERNALDATE", proto.quote(proto.imap_datetime(m.internaldate)))
         elif name == "RFC822.SIZE":
             resp.add("RFC822.SIZE", str(size).encode())
         elif name == "RFC822":
-            assert fd is not None
             resp.add_file_literal("RFC822", 0, size)
             return True
         else:
-            assert fd is not None
             if a.section == proto.Section():              # BODY[]: no MIME parse needed
                 return self._render_section(resp, a, None, fd, size)
             assert root is not None
@@ -852,7 +889,7 @@ class ImapSession:
                 return self._render_section(resp, a, root, fd, size)
         return False
 
-    def _render_section(self, resp: proto.FetchResponse, a: proto.FetchAtt, root: Any, fd: int,
+    def _render_section(self, resp: proto.FetchResponse, a: proto.FetchAtt, root: Any, fd: int | None,
                         size: int) -> bool:
         sec = a.section
         assert sec is not None
@@ -878,6 +915,7 @@ class ImapSession:
             elif sec.text == "TEXT":
                 rng = (target.body_offset, target.body_size)
             else:
+                assert fd is not None                     # a part section: the tree's file
                 data = mimetree.header_fields(fd, target, sec.fields, sec.text.endswith(".NOT"))
         if a.partial is not None:
             off, length = a.partial
@@ -895,6 +933,24 @@ class ImapSession:
         return not sec.part and not sec.text and rng[0] + rng[1] >= size and rng[1] > 0
 
     # --- streaming -----------------------------------------------------------------------
+
+    async def send_body(self, body: Body, fd: int | None, offset: int, count: int) -> None:
+        """`count` bytes of the body from `offset`: from its file (send_file) when the store
+        gives one, else read(offset, n) a chunk at a time through the transport."""
+        if fd is not None:
+            await self.send_file(fd, offset, count)
+            return
+        self.stats.fetched_bytes += count
+        self.sent += count
+        while count > 0:
+            data = await body.read(offset, min(CHUNK, count))
+            if not data:
+                raise OSError(f"message body shorter than expected at {offset}")
+            self._check_open()
+            self.writer.write(data)
+            offset += len(data)
+            count -= len(data)
+            await self.flush()
 
     async def send_file(self, fd: int, offset: int, count: int) -> None:
         """`count` bytes of the file from `offset` to the client, never holding more than one

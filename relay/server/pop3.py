@@ -24,10 +24,10 @@ from typing import Any
 
 from relay.auth import plaintext_allowed
 from relay.log import get_logger
-from relay.metrics import TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.stats import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.protocol import pop3 as proto
 from relay.server.listener import Session, create_stream_servers
-from relay.store import StoreError
+from relay.store.api import Body, StoreError
 
 log = get_logger("pop3")
 
@@ -71,10 +71,8 @@ class Pop3Service:
 
 
 def service(relay: Any) -> Pop3Service:
-    """relay.pop3, created on first use."""
-    svc = getattr(relay, "pop3", None)
-    if svc is None:
-        svc = relay.pop3 = Pop3Service()
+    """relay.pop3 (set in Relay.__init__)."""
+    svc: Pop3Service = relay.pop3
     return svc
 
 
@@ -210,8 +208,8 @@ class Pop3Session:
     async def _authenticate(self, ev: proto.Authenticate) -> bytes:
         store = self.store
         try:
-            ok = await store.accounts.verify_async(ev.user, ev.password)
-            account = store.accounts.get(ev.user) if ok else None
+            ok = await store.accounts.verify(ev.user, ev.password)
+            account = await store.accounts.get(ev.user) if ok else None
         except Exception as e:  # store failure: temporary
             log.error("auth_store_error", sid=self.sid, exc_info=e)
             return self.conn.auth_failed("temp")
@@ -230,11 +228,9 @@ class Pop3Session:
         self.locked = self.address = address
         try:
             mb = store.mailbox(address)
-            snapshot = [proto.Message(m.uid, m.size) for m in mb.messages()]
-            uidvalidity = mb.uidvalidity
-            note_poll = getattr(store, "note_poll", None)
-            if note_poll is not None:
-                note_poll(address)
+            snapshot = [proto.Message(m.uid, m.size) for m in await mb.messages()]
+            uidvalidity = await mb.uidvalidity()
+            await mb.note_poll()
         except Exception as e:
             log.error("maildrop_error", sid=self.sid, exc_info=e)
             self._unlock()
@@ -258,14 +254,14 @@ class Pop3Session:
     # --- TRANSACTION -------------------------------------------------------------------
     async def _retrieve(self, ev: proto.Retrieve) -> None:
         try:
-            fd = os.open(self.mailbox.path(ev.uid), os.O_RDONLY)
-        except (OSError, StoreError):  # expunged meanwhile (IMAP) or unreadable
+            body = await self.mailbox.body(ev.uid)
+        except StoreError:  # expunged meanwhile (IMAP) or unreadable
             self._out(proto.err(f"Message {ev.msgno} is no longer available", "SYS/PERM"))
             return
         started = time.monotonic()
         stuffer = proto.DotStuffer()
         top = proto.TopFilter(ev.top_lines) if ev.top_lines is not None else None
-        reader = _Prefetcher(fd, RETR_CHUNK if top is None else TOP_CHUNK)
+        reader = _Prefetcher(body, RETR_CHUNK if top is None else TOP_CHUNK)
         try:
             self._out(ev.head)
             while True:
@@ -287,7 +283,7 @@ class Pop3Session:
             self.stats.messages_fetched += 1
             self.stats.fetch_duration.observe(time.monotonic() - started)
             try:
-                self.mailbox.note_fetched(ev.uid)
+                await self.mailbox.note_fetched(ev.uid)
             except Exception as e:  # bookkeeping must not break the session
                 log.error("note_fetched_failed", sid=self.sid, uid=ev.uid, exc_info=e)
 
@@ -297,7 +293,7 @@ class Pop3Session:
         if ev.expunge:
             try:
                 # only what was removed here (an IMAP session may have expunged some already)
-                self.stats.messages_deleted += len(self.mailbox.expunge(list(ev.expunge)))
+                self.stats.messages_deleted += len(await self.mailbox.expunge(list(ev.expunge)))
             except Exception as e:  # report, keep the messages
                 log.error("expunge_failed", sid=self.sid, uids=len(ev.expunge), exc_info=e)
                 failed = len(ev.expunge)
@@ -305,23 +301,28 @@ class Pop3Session:
 
 
 class _Prefetcher:
-    """Reads a file chunk by chunk in a small pool of its own, one chunk ahead of the sender, so
-    that disk reads overlap the socket writes and never block the loop. The fd is closed when
-    the last read in flight has finished (never under a running pread)."""
+    """Reads a body chunk by chunk, one chunk ahead of the sender, so that reads overlap the
+    socket writes and never block the loop: os.pread in a small pool of its own when the
+    store gives a file descriptor (Maildir), else the body's own async read(). The body is
+    closed when the last read in flight has finished (never under a running pread)."""
 
-    def __init__(self, fd: int, chunk: int) -> None:
-        self._fd, self._chunk, self._offset = fd, chunk, 0
+    def __init__(self, body: Body, chunk: int) -> None:
+        self._body, self._chunk, self._offset = body, chunk, 0
+        self._fd = body.fileno()
         self._loop = asyncio.get_running_loop()
-        self._inflight: concurrent.futures.Future[bytes] | None = None
+        self._inflight: asyncio.Future[bytes] | None = None
         self._submit()
 
     def _submit(self) -> None:
-        executor = _executor()
-        self._inflight = executor.submit(os.pread, self._fd, self._chunk, self._offset)
+        if self._fd is not None:
+            self._inflight = asyncio.wrap_future(
+                _executor().submit(os.pread, self._fd, self._chunk, self._offset), loop=self._loop)
+        else:
+            self._inflight = asyncio.ensure_future(self._body.read(self._offset, self._chunk))
 
     async def next(self) -> bytes:
         assert self._inflight is not None
-        data = await asyncio.wrap_future(self._inflight, loop=self._loop)
+        data = await self._inflight
         self._offset += len(data)
         if data:
             self._submit()
@@ -330,11 +331,16 @@ class _Prefetcher:
         return data
 
     def close(self) -> None:
-        fd, inflight, self._inflight = self._fd, self._inflight, None
-        if inflight is None:
-            os.close(fd)
-        else:
-            inflight.add_done_callback(lambda _f: os.close(fd))
+        body, inflight, self._inflight = self._body, self._inflight, None
+        if inflight is None or inflight.done():
+            body.close()
+            return
+
+        def finished(f: asyncio.Future[bytes]) -> None:
+            if not f.cancelled():
+                f.exception()                 # retrieved: a read error after the client left
+            body.close()
+        inflight.add_done_callback(finished)
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None

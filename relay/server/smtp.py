@@ -18,14 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from relay import auth as authmod
 from relay.log import get_logger
-from relay.metrics import SIZE_BYTES, TRANSFER_SECONDS, Histogram, HistogramSnapshot
-from relay.policy.backpressure import R_DISK_LOW
+from relay.stats import SIZE_BYTES, TRANSFER_SECONDS, Histogram, HistogramSnapshot
+from relay.policy.backpressure import R_DISK_LOW, R_OVER_QUOTA
 from relay.protocol import smtp as P
 from relay.protocol.smtp import NEED_DATA, PAUSED, Reply
 from relay.server.listener import Session, create_servers
-from relay.store import (
+from relay.store.api import (
     AddressError,
+    Delivery,
+    Envelope,
     QuotaExceeded,
+    Refusal,
     StorageFull,
     StoreError,
     normalize_address,
@@ -33,22 +36,15 @@ from relay.store import (
 
 if TYPE_CHECKING:
     from relay.server.app import Relay
-    from relay.store import Delivery, Reservation
 
 log = get_logger("smtp")
 
 BUFFER_SIZE = 1024 * 1024            # one receive buffer per session (FACTS: large reads)
-# A message that grows past its reservation (no SIZE=, or more than declared) extends the
-# reservation of every recipient as it streams, checked once per this many bytes: a message
-# that crosses a quota stops being written at once (452 4.2.2 after the rest is drained)
-# rather than filling the disk first, and other senders see the bytes in flight.
-RESERVE_STEP = 4 * 1024 * 1024
 
 R_MAIL_OK = Reply(250, "2.1.0", "Sender OK")
 R_RCPT_OK = Reply(250, "2.1.5", "Recipient OK")
 R_UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
 R_NO_RELAY = Reply(550, "5.7.1", "Relaying denied")
-R_OVER_QUOTA = Reply(452, "4.2.2", "Mailbox full, try again later")
 R_STORE = Reply(451, "4.3.0", "Temporary local problem, try again later")
 R_BUSY = Reply(421, "4.7.0", "Too many connections, try again later")
 R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down")
@@ -92,31 +88,26 @@ class SmtpCounters:
 
 # --- one session -----------------------------------------------------------------------------
 class _Message:
-    """The transaction in progress: envelope, reservations, delivery, pacer."""
+    """The transaction in progress: envelope, the store's delivery (its recipients hold
+    their reservations in the store's ledger), pacer."""
 
-    def __init__(self, mail: P.MailFrom) -> None:
+    def __init__(self, mail: P.MailFrom, delivery: Delivery) -> None:
         self.mail = mail
         self.recipients: list[str] = []
-        self.reservations: list[Reservation] = []
-        self.delivery: Delivery | None = None
+        self.delivery: Delivery | None = delivery
         self.pacer: Any = None
-        self.started = 0.0
+        self.started = 0.0                    # DATA / first BDAT: the message is being written
         self.size = 0
-        self.reserved = mail.size or 0       # bytes each reservation holds
-
-    def release(self) -> None:
-        for r in self.reservations:
-            r.release()
-        self.reservations.clear()
-        if self.pacer is not None:
-            self.pacer.close()
-            self.pacer = None
 
     def abort(self) -> None:
+        """Every terminal outcome: the delivery aborted (a no-op once committed), which
+        releases its reservations; the pacer closed."""
         if self.delivery is not None:
             self.delivery.abort()
             self.delivery = None
-        self.release()
+        if self.pacer is not None:
+            self.pacer.close()
+            self.pacer = None
 
 
 class SmtpSession(asyncio.BufferedProtocol):
@@ -177,7 +168,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         if self.session is None:
             return
         if self.msg is not None and self._task is None:
-            if self.msg.delivery is not None:
+            if self.msg.started:
                 self._outcome = "dropped-in-message"
             self._end_message(None, "connection lost")
         if exc is not None and self._outcome == "ok":
@@ -333,6 +324,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         finally:
             self._task = None
         if self.transport is None or self.transport.is_closing():
+            if self.msg is not None:          # the step (RCPT, DATA) ran past the close
+                self._end_message(None, "connection lost")
             return
         self._process()                       # may start the next step (pipelined input)
         if self._task is None:
@@ -348,51 +341,58 @@ class SmtpSession(asyncio.BufferedProtocol):
         assert self.conn is not None
         if self.msg is not None:              # defensive: nothing of the last one may linger
             self._end_message(None, "reset")
-        self.msg = _Message(ev)
+        self.msg = _Message(ev, self.relay.store.begin_delivery(Envelope(
+            ev.address, self._sid, self.conn.client_name, self.peer, self._protocol_name())))
         self.conn.reply(R_MAIL_OK)
 
     def _on_rcpt(self, ev: P.RcptTo) -> None:
-        assert self.conn is not None and self.msg is not None
-        self.conn.reply(self._check_rcpt(ev.address))
+        self._spawn(self._rcpt(ev.address))       # the store may wait on its database
 
-    def _check_rcpt(self, address: str) -> Reply:
-        store = self.relay.store
+    async def _rcpt(self, address: str) -> None:
+        reply = await self._check_rcpt(address)
+        assert self.conn is not None
+        self.conn.reply(reply)
+
+    async def _check_rcpt(self, address: str) -> Reply:
+        """The recipient joins the delivery, which reserves the declared size in the ledger."""
         msg = self.msg
-        assert msg is not None
+        assert msg is not None and msg.delivery is not None
         if address.lower() == "postmaster":       # RFC 5321 4.5.1
             address = f"postmaster@{self.config.hostname}"
         try:
             addr = normalize_address(address)
         except AddressError:
             return P.R_BAD_RCPT
-        domain = addr.rpartition("@")[2]
+        if addr in msg.recipients:
+            return R_RCPT_OK
+        policy = self.relay.policy
         try:
-            if store.accounts.get(addr) is None:
-                return R_UNKNOWN_USER if store.is_local_domain(domain) else R_NO_RELAY
-            if addr in msg.recipients:
-                return R_RCPT_OK
-            if self.relay.policy is not None:
-                refusal = self.relay.policy.check_rcpt(addr, msg.mail.size)
+            if policy is not None:
+                refusal = policy.check_rcpt(addr, msg.mail.size)
                 if refusal is not None:
                     return refusal  # type: ignore[no-any-return]
-            msg.reservations.append(store.quota.reserve(addr, msg.mail.size or 0))
-        except QuotaExceeded:
-            return R_OVER_QUOTA
+            taken = await msg.delivery.add_recipient(addr, msg.mail.size or 0)
+            if taken is Refusal.NO_SUCH_ACCOUNT:
+                local = await self.relay.store.accounts.is_local_domain(addr.rpartition("@")[2])
+                return R_UNKNOWN_USER if local else R_NO_RELAY
         except StoreError as e:
             log.warning("rcpt-store-error", sid=self._sid, error=str(e))
             return R_STORE
+        if taken is not None:                 # over quota (bytes or messages)
+            if policy is not None:
+                policy.deferred("quota", addr, size=msg.mail.size or 0, limit=taken.value, sid=self._sid)
+            return R_OVER_QUOTA
         msg.recipients.append(addr)
         return R_RCPT_OK
 
-    def _begin(self) -> Reply | None:
-        """Open the delivery (DATA / first BDAT); a reply when that fails."""
-        msg, conn = self.msg, self.conn
-        assert msg is not None and conn is not None
+    async def _begin(self) -> Reply | None:
+        """The message follows (DATA / first BDAT): the store gets ready for its bytes; a
+        reply when it cannot."""
+        msg = self.msg
+        assert msg is not None and msg.delivery is not None
         msg.started = time.monotonic()
         try:
-            msg.delivery = self.relay.store.begin_delivery(
-                msg.mail.address, msg.recipients, session_id=self._sid, helo=conn.client_name,
-                peer=self.peer, protocol=self._protocol_name())
+            await msg.delivery.start()
         except StoreError as e:
             log.warning("begin-delivery-failed", sid=self._sid, error=str(e))
             return self._store_failure(e)
@@ -411,15 +411,21 @@ class SmtpSession(asyncio.BufferedProtocol):
         return name
 
     def _on_data_start(self, ev: P.DataStart) -> None:
+        self._spawn(self._data_start())
+
+    async def _data_start(self) -> None:
+        reply = await self._begin()
         assert self.conn is not None
-        self.conn.reply(self._begin() or P.R_354)
+        self.conn.reply(reply or P.R_354)
 
     def _on_bdat_start(self, ev: P.BdatStart) -> None:
-        assert self.conn is not None
         if ev.first:
-            failure = self._begin()
-            if failure is not None:
-                self._fail_message(failure, "failed")
+            self._spawn(self._bdat_start())
+
+    async def _bdat_start(self) -> None:
+        failure = await self._begin()
+        if failure is not None:
+            self._fail_message(failure, "failed")
 
     def _write_chunk(self, data: memoryview) -> None:
         msg = self.msg
@@ -429,29 +435,31 @@ class SmtpSession(asyncio.BufferedProtocol):
         try:
             msg.delivery.write(data)
         except StoreError as e:
-            log.warning("write-failed", sid=self._sid, error=str(e))
-            self._fail_message(self._store_failure(e), "failed")
+            self._fail_message(self._write_failure(e, msg.size), "over-quota"
+                               if isinstance(e, QuotaExceeded) else "failed")
             return
-        if msg.size >= msg.reserved + RESERVE_STEP:
-            over = self._extend_reservations(msg, msg.size)
-            if over is not None:
-                self._fail_message(over, "over-quota")
+        if not msg.delivery.writable:          # a slow store pushes back: reading pauses
+            self._spawn(self._wait_writable(msg))
 
-    def _extend_reservations(self, msg: _Message, size: int) -> Reply | None:
-        """Grow every recipient's reservation to `size`; 452 4.2.2 when one does not fit."""
-        quota = self.relay.store.quota
-        for r in msg.reservations:
-            try:
-                quota.extend(r, size - r.nbytes)
-            except QuotaExceeded:
-                if self.relay.policy is not None:
-                    self.relay.policy.deferred("quota_end_of_data", r.address, size=size,
-                                               sid=self._sid)
-                return R_OVER_QUOTA
-            except StoreError:
-                return R_STORE
-        msg.reserved = max(msg.reserved, size)
-        return None
+    async def _wait_writable(self, msg: _Message) -> None:
+        if msg.delivery is None:
+            return
+        try:
+            await msg.delivery.wait_writable()
+        except StoreError as e:
+            if self.msg is msg:
+                self._fail_message(self._write_failure(e, msg.size), "over-quota"
+                                   if isinstance(e, QuotaExceeded) else "failed")
+
+    def _write_failure(self, e: StoreError, size: int) -> Reply:
+        """The reply for a message the store stopped taking: 452 4.2.2 when it grew past a
+        recipient's quota (the ledger's QuotaExceeded), else as _store_failure."""
+        if isinstance(e, QuotaExceeded):
+            if self.relay.policy is not None:
+                self.relay.policy.deferred("quota_end_of_data", e.address, size=size, sid=self._sid)
+            return R_OVER_QUOTA
+        log.warning("write-failed", sid=self._sid, error=str(e))
+        return self._store_failure(e)
 
     def _store_failure(self, e: Exception) -> Reply:
         """451 4.3.0; 452 4.3.1 (storage low, counted as a "disk" deferral) when the file
@@ -493,28 +501,18 @@ class SmtpSession(asyncio.BufferedProtocol):
             conn.reply(R_STORE)
             return
         msg.size = size
-        reply = self._end_checks(msg, size)
-        if reply is None:
-            try:
-                receipt = await msg.delivery.commit()
-            except (StoreError, OSError) as e:
-                log.warning("commit-failed", sid=self._sid, error=str(e))
-                reply = self._store_failure(e)
-            else:
-                msg.delivery = None
-                reply = Reply(250, "2.0.0", f"Ok: queued as {receipt.id}")
+        try:
+            receipt = await msg.delivery.commit()     # grows the reservations to the size first
+        except QuotaExceeded as e:
+            reply = self._write_failure(e, size)
+        except (StoreError, OSError) as e:
+            log.warning("commit-failed", sid=self._sid, error=str(e))
+            reply = self._store_failure(e)
+        else:
+            msg.delivery = None
+            reply = Reply(250, "2.0.0", f"Ok: queued as {receipt.id}")
         self._end_message(reply, "accepted" if reply.code == 250 else "refused")
         conn.reply(reply)
-
-    def _end_checks(self, msg: _Message, size: int) -> Reply | None:
-        """Quota crossed while streaming (size larger than declared), policy veto."""
-        if self.relay.policy is not None:
-            refusal = self.relay.policy.check_end_of_data(list(msg.recipients), size)
-            if refusal is not None:
-                return refusal  # type: ignore[no-any-return]
-        if size > msg.reserved:
-            return self._extend_reservations(msg, size)
-        return None
 
     def _end_message(self, reply: Reply | None, outcome: str) -> None:
         """Every terminal outcome of a transaction: log, count, release, abort."""
@@ -556,7 +554,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             conn.reply(P.R_AUTH_B64)
             return
         try:
-            ok = await self.relay.store.accounts.verify_async(user, password)
+            ok = await self.relay.store.accounts.verify(user, password)
         except StoreError:
             ok = False
         if ok:
@@ -610,14 +608,10 @@ _HANDLERS: dict[type, Any] = {
 async def start(relay: Relay, addrs: tuple[str, ...] | list[str], ssl_ctx: ssl.SSLContext | None = None,
                 implicit_tls: bool = False) -> list[asyncio.Server]:
     """Listen on `addrs`; with implicit_tls the TLS handshake comes first (smtps style)."""
-    counters = getattr(relay, "smtp_stats", None)
-    if counters is None:
-        counters = SmtpCounters()
-        relay.smtp_stats = counters  # type: ignore[attr-defined]
+    counters = relay.smtp_stats
     return await create_servers(lambda: SmtpSession(relay, ssl_ctx, implicit_tls, counters),
                                 addrs, "smtp.listen", ssl_ctx if implicit_tls else None)
 
 
-def statistics(relay: Relay) -> SmtpStats | None:
-    counters = getattr(relay, "smtp_stats", None)
-    return counters.statistics() if counters is not None else None
+def statistics(relay: Relay) -> SmtpStats:
+    return relay.smtp_stats.statistics()

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from relay.metrics import HistogramSnapshot
+from relay.stats import HistogramSnapshot
 from relay.store.address import normalize_address, normalize_domain
 from relay.store.errors import (
     AccountExists,
@@ -88,8 +88,9 @@ NO_FLAGS = Flag(0)
 class MessageInfo(NamedTuple):
     """One message as listed. A NamedTuple: built 10,000 at a time per SELECT."""
     uid: int                  # IMAP UID, ascending in delivery order, never reused (per UIDVALIDITY)
-    id: str                   # opaque, stable, unique in the mailbox; printable ASCII without
-                              # spaces, at most 70 chars (RFC 1939 UIDL)
+    id: str                   # opaque and stable; equal ids mean the same bytes (copies of one
+                              # delivery may share it), else unique in the store; printable
+                              # ASCII without spaces, at most 70 chars (RFC 1939 UIDL)
     size: int                 # bytes of the stored message (trace headers included)
     internaldate: float       # Unix time of delivery
     flags: Flag
@@ -208,7 +209,7 @@ class StoreStats:
     backlog_bytes: int             # all mailboxes
     backlog_messages: int
     mailboxes: dict[str, MailboxStats]
-    delivery_to_fetch_seconds: HistogramSnapshot    # relay.metrics.WAIT_SECONDS buckets
+    delivery_to_fetch_seconds: HistogramSnapshot    # relay.stats.WAIT_SECONDS buckets
     delivery_to_delete_seconds: HistogramSnapshot
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from relay.config import Config
 from relay.log import get_logger
-from relay.metrics import WAIT_SECONDS, Histogram
+from relay.stats import WAIT_SECONDS, Histogram
 from relay.store.address import normalize_address, normalize_domain
 from relay.store.api import (
     ChangeKind,
@@ -163,11 +163,6 @@ class Store:
 
     def usage(self, address: str) -> Usage:
         return self.ledger.usage(address)
-
-    @property
-    def quota(self) -> MaildirLedger:
-        """The ledger under its old name (callers are being switched to `ledger`)."""
-        return self.ledger
 
     # --- statistics ----------------------------------------------------------------------
 
