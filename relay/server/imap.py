@@ -46,7 +46,7 @@ from relay.protocol.imap import (
     untagged,
 )
 from relay.server.listener import Session, create_stream_servers
-from relay.store.api import Body, Change, Flag, MessageInfo, StoreError, normalize_address
+from relay.store.api import Body, Change, Flag, MessageInfo, StoreError, StoreUnavailable, normalize_address
 
 log = get_logger("imap")
 
@@ -358,6 +358,9 @@ class ImapSession:
         ok = False
         try:
             ok = await self.store.accounts.verify(user, password)
+        except StoreUnavailable:  # the store's database is away: not the client's fault
+            self.write(tagged(tag, "NO", "[UNAVAILABLE] Temporary failure, try again later"))
+            return
         except StoreError as e:  # malformed address, unknown account: the same answer
             log.info("login_error", sid=self.session.sid if self.session else "", error=type(e).__name__)
         if not ok:

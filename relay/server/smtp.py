@@ -31,6 +31,7 @@ from relay.store.api import (
     Refusal,
     StorageFull,
     StoreError,
+    StoreUnavailable,
     normalize_address,
 )
 
@@ -555,6 +556,9 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         try:
             ok = await self.relay.store.accounts.verify(user, password)
+        except StoreUnavailable:           # the store's database is away: try again later
+            conn.reply(P.R_AUTH_TEMP)
+            return
         except StoreError:
             ok = False
         if ok:

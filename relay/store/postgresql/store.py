@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import socket
@@ -68,6 +69,9 @@ from relay.store.postgresql.schema import migrate
 from relay.store.trace import trace_headers
 
 log = get_logger("store.postgresql")
+# psycopg_pool warns on every failed reconnect (several a second while the database is away);
+# the store logs the outage itself (maintenance-failed, change-feed-lost), once per attempt.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 Conn = psycopg.AsyncConnection[Any]
 

@@ -1,0 +1,120 @@
+"""Two `relay serve` processes on one PostgreSQL (issue 14): SMTP to one node, IMAP (IDLE) and
+POP3 on the other, byte-exact; a node that loses the database answers 4xx and recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import imaplib
+import os
+import poplib
+import smtplib
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_config
+from opsutil import RELAY, loopback_config, serving
+from pgutil import PgServer, pg_dsn, pg_server  # noqa: F401  (fixtures)
+
+from relay.store.postgresql.store import PgStore
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+ALICE, PASSWORD = "alice@example.org", "secret-alice"
+
+
+def add_account(dsn: str, tmp: Path, address: str, password: str) -> None:
+    async def main() -> None:
+        store = PgStore(make_config(tmp), dsn)
+        await store.open()
+        await store.accounts.add(address, password)
+        await store.close()
+    asyncio.run(main())
+
+
+def study(n: int) -> bytes:
+    """A DICOM e-mail-like message: headers, then base64 lines (CRLF), some starting with '.'."""
+    b64 = base64.encodebytes(os.urandom(n)).replace(b"\n", b"\r\n")
+    return (b"From: gw@hospital.test\r\nTo: " + ALICE.encode() + b"\r\nSubject: CT\r\n\r\n"
+            + b".dot line\r\n" + b64)
+
+
+def node(tmp: Path, name: str, dsn: str) -> tuple[list[str], Path, Path]:
+    d = tmp / name
+    d.mkdir()
+    cfg = loopback_config(d, store={"backend": "postgresql", "dsn": dsn})
+    return [*RELAY, "serve", "--config", str(cfg)], d / "data", d / "relay.log"
+
+
+def test_smtp_to_one_node_imap_idle_and_pop3_on_the_other(pg_dsn: str, tmp_path: Path) -> None:
+    add_account(pg_dsn, tmp_path, ALICE, PASSWORD)
+    message = study(3 << 20)
+    cmd1, data1, log1 = node(tmp_path, "node1", pg_dsn)
+    cmd2, data2, log2 = node(tmp_path, "node2", pg_dsn)
+    with serving(cmd1, data1, log1) as n1, serving(cmd2, data2, log2) as n2:
+        imap = imaplib.IMAP4(*n2["imap"][0])
+        imap.login(ALICE, PASSWORD)
+        assert imap.select("INBOX")[1] == [b"0"]
+        tag = imap._new_tag()
+        imap.send(tag + b" IDLE\r\n")
+        assert imap.readline().startswith(b"+")
+        with smtplib.SMTP(*n1["smtp"][0]) as smtp:           # the other node
+            smtp.ehlo("gw.hospital.test")
+            refused = smtp.sendmail("gw@hospital.test", [ALICE], message)
+            assert refused == {}
+        imap.sock.settimeout(20)
+        assert imap.readline() == b"* 1 EXISTS\r\n"             # node 2 learnt it from node 1
+        imap.send(b"DONE\r\n")
+        while not (line := imap.readline()).startswith(tag):
+            pass
+        assert b"OK" in line
+        typ, data = imap.uid("FETCH", "1", "(BODY.PEEK[])")
+        assert typ == "OK"
+        stored = data[0][1]
+        assert stored.startswith(b"Return-Path: <gw@hospital.test>\r\nReceived: from gw.hospital.test")
+        assert stored.endswith(message) and len(stored) < len(message) + 1024
+        typ, data = imap.uid("FETCH", "1", "(BODY.PEEK[]<100000.5000>)")   # a range, across nothing special
+        assert data[0][1] == stored[100000:105000]
+        imap.logout()
+
+        pop = poplib.POP3(*n2["pop3"][0])
+        pop.user(ALICE)
+        pop.pass_(PASSWORD)
+        _, lines, _ = pop.retr(1)
+        assert b"\r\n".join(lines) + b"\r\n" == stored                   # dot-unstuffed, byte-exact
+        pop.quit()
+
+
+def test_a_node_without_its_database_answers_4xx_and_recovers(tmp_path: Path) -> None:
+    with PgServer.create() as pg:
+        dsn = pg.create_database("relay")
+        add_account(dsn, tmp_path, ALICE, PASSWORD)
+        cmd, data, log = node(tmp_path, "node", dsn)
+        with serving(cmd, data, log) as n:
+            pg.stop("immediate")
+            with smtplib.SMTP(*n["smtp"][0]) as smtp:
+                smtp.ehlo("gw.hospital.test")
+                smtp.mail("gw@hospital.test")
+                code, _ = smtp.rcpt(ALICE)
+                assert 400 <= code < 500                               # never 5xx: the sender retries
+            imap = imaplib.IMAP4(*n["imap"][0])
+            with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
+                imap.login(ALICE, PASSWORD)
+            imap.shutdown()
+            pg.start()
+            deadline = time.monotonic() + 30
+            while True:                                                # the node recovers by itself
+                with smtplib.SMTP(*n["smtp"][0]) as smtp:
+                    smtp.ehlo("gw.hospital.test")
+                    try:
+                        smtp.sendmail("gw@hospital.test", [ALICE], study(1000))
+                        break
+                    except smtplib.SMTPRecipientsRefused as e:
+                        assert 400 <= e.recipients[ALICE][0] < 500
+                assert time.monotonic() < deadline, "the node did not recover"
+                time.sleep(0.5)
+            imap = imaplib.IMAP4(*n["imap"][0])
+            imap.login(ALICE, PASSWORD)
+            assert imap.select("INBOX")[1] == [b"1"]
+            imap.logout()
