@@ -1135,6 +1135,44 @@ class PgStore:
             except StoreError as e:
                 log.warning("maintenance-failed", error=str(e))
 
+    # --- admin (relay/store/backends.py; not part of the api) -----------------------------
+
+    async def never_fetched(self, address: str) -> int:
+        async with self._conn() as conn:
+            cur = await conn.execute("SELECT count(*) FROM messages WHERE address = %s AND NOT fetched",
+                                     (normalize_address(address),))
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def recalc(self, address: str | None = None) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+        """Set each account's ledger (stored bytes, messages) to what its messages add up to:
+        (address, before, after) for those that differed. Safe while nodes run: each account
+        is recounted under its row lock, which every commit and expunge takes too."""
+        if address is None:
+            addrs = [a.address for a in await self._accounts.list()]
+        else:
+            addrs = [normalize_address(address)]
+        changed = []
+        for addr in addrs:
+            async with self._conn() as conn, conn.transaction():
+                cur = await conn.execute("SELECT usage_bytes, usage_messages FROM accounts WHERE address = %s"
+                                         " FOR UPDATE", (addr,))
+                before = await cur.fetchone()
+                if before is None:
+                    if address is not None:
+                        raise NoSuchAccount(f"{addr}: no such account")
+                    continue
+                cur = await conn.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM messages WHERE address = %s",
+                                         (addr,))
+                after = await cur.fetchone()
+                assert after is not None
+                old, new = (int(before[0]), int(before[1])), (int(after[0]), int(after[1]))
+                if old != new:
+                    await conn.execute("UPDATE accounts SET usage_bytes = %s, usage_messages = %s WHERE address = %s",
+                                       (*new, addr))
+                    changed.append((addr, old, new))
+        return changed
+
     # --- statistics ----------------------------------------------------------------------
 
     def statistics(self) -> StoreStats:
