@@ -8,8 +8,10 @@ import base64
 import imaplib
 import os
 import poplib
+import re
 import smtplib
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,15 @@ def test_smtp_to_one_node_imap_idle_and_pop3_on_the_other(pg_dsn: str, tmp_path:
         _, lines, _ = pop.retr(1)
         assert b"\r\n".join(lines) + b"\r\n" == stored                   # dot-unstuffed, byte-exact
         pop.quit()
+
+        host, port = n2["metrics"][0]                                     # the cluster's figures, per node
+        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+        metrics = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(relay_store_\w+) (\S+)$", text, re.M)}
+        assert metrics["relay_store_change_feed_connected"] == 1
+        assert metrics["relay_store_change_feed_received_total"] >= 1      # node 1's delivery
+        assert metrics["relay_store_pool_connections"] >= 1
+        assert metrics["relay_store_pool_max_connections"] == 20
+        assert metrics["relay_store_unavailable_total"] == 0
 
 
 def test_a_node_without_its_database_answers_4xx_and_recovers(tmp_path: Path) -> None:

@@ -14,9 +14,11 @@ from typing import Any, Protocol
 
 import psycopg
 
-# Rows of 1 MiB: bench/bench_pg_driver.py wrote 1 GiB at 185-327 MB/s with 1 MiB chunks and
-# 206-269 MB/s with 256 KiB (docs/decisions.md); one chunk is also what one Body keeps cached.
-BODY_CHUNK = 1 << 20
+# Rows of 256 KiB: bench/bench_pg_driver.py wrote 1 GiB as fast with 256 KiB rows as with
+# 1 MiB (docs/decisions.md), and a node's memory is a few chunks per delivery and per reader
+# plus libpq's buffers (each pooled connection keeps one chunk's worth): with 1 MiB rows a node
+# under bench/bench_pg_loadgen.py peaked at 165 MiB.
+BODY_CHUNK = 256 << 10
 
 Conn = psycopg.AsyncConnection[Any]
 

@@ -29,6 +29,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -64,7 +65,7 @@ from relay.store.api import (
 )
 from relay.store.errors import AddressError
 from relay.store.passwords import CredentialCache, check_hash_async, hash_password, run_hashing
-from relay.store.postgresql.bodies import BodyStore, PgBodyStore
+from relay.store.postgresql.bodies import BODY_CHUNK, BodyStore, PgBodyStore
 from relay.store.postgresql.schema import migrate
 from relay.store.trace import trace_headers
 
@@ -82,11 +83,11 @@ POOL_TIMEOUT = 5.0                   # seconds to wait for a connection: past it
                                      # takes a few seconds; SMTP clients retry)
 WRITERS = 2                          # chunk INSERTs in flight per delivery (bench_pg: 2 beat 1, 3
                                      # did not help on 2 cores)
-WRITE_BUFFER = 4 << 20               # bytes a delivery buffers before write() asks the caller to
-                                     # wait: 4 chunks in flight keeps the database busy, bounds memory
+WRITE_BUFFER = 4 * BODY_CHUNK        # bytes a delivery buffers before write() asks the caller to
+                                     # wait: 4 chunks queued keep both writers busy, bound memory
 EXTEND_EVERY = EXTEND_STEP // 4      # a message streaming past its reservations extends them by what
                                      # it wrote past, this often (one round trip per MiB, as per chunk)
-READ_AHEAD = 2                       # chunks fetched ahead of a reader going forward (2 MiB per
+READ_AHEAD = 2                       # chunks fetched ahead of a reader going forward (512 KiB per
                                      # open body: the database works while the client is sent one)
 CHECK_IDLE_SECONDS = 1.0             # a pooled connection idle longer is pinged before use
 REFRESH_SECONDS = 1.0                # Ledger.snapshot()/statistics() figures: at most this old
@@ -101,6 +102,25 @@ RECONNECT_MAX_SECONDS = 5.0          # the change feed's reconnect backoff ceili
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout,
     psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.CannotConnectNow)
+
+
+@dataclass(frozen=True)
+class PgStats:
+    pool_connections: int          # open now
+    pool_idle: int                 # of those, waiting for a request
+    pool_max: int
+    pool_waiting: int              # requests waiting for a connection now
+    pool_requests: int             # since start
+    pool_request_errors: int       # requests that got no connection in time
+    connections_made: int          # since start (reconnects included)
+    connection_errors: int         # attempts that failed
+    connections_lost: int          # found broken in use
+    unavailable_errors: int        # operations answered StoreUnavailable (4xx / NO [UNAVAILABLE])
+    change_feed_connected: int     # 1 while LISTENing
+    change_feed_reconnects: int
+    change_feed_received: int      # changes of other nodes
+    swept_nodes: int               # dead nodes this node cleaned up after
+    swept_bodies: int              # unsealed or expunged bodies it removed
 
 
 class PgReservation:
@@ -254,9 +274,6 @@ class PgLedger:
         entries = dict(self._entries)
         return LedgerStats(entries, sum(e.reserved_bytes for e in entries.values()),
                            sum(e.reserved_messages for e in entries.values()), dict(self._refusals))
-
-    def _local_streamed(self) -> dict[int, int]:
-        return {rid: r.streamed for rid, r in self._mine.items()}
 
 
 class PgAccounts:
@@ -1182,13 +1199,16 @@ class PgStore:
                           sum(m.backlog_bytes for m in mb.values()), sum(m.backlog_messages for m in mb.values()),
                           mb, self._fetch_latency.snapshot(), self._delete_latency.snapshot())
 
+    def backend_statistics(self) -> PgStats:
+        """This node's connection pool and cluster machinery (relay/metrics.py)."""
+        p = self._pool.get_stats()
+        c = self._counts
+        return PgStats(p.get("pool_size", 0), p.get("pool_available", 0), p.get("pool_max", 0),
+                       p.get("requests_waiting", 0), p.get("requests_num", 0), p.get("requests_errors", 0),
+                       p.get("connections_num", 0), p.get("connections_errors", 0), p.get("connections_lost", 0),
+                       c["unavailable"], int(self._changes.connected), self._changes.reconnects,
+                       self._changes.received, c["swept_nodes"], c["swept_bodies"])
+
     def pool_statistics(self) -> dict[str, int]:
-        """The connection pool's figures (psycopg_pool get_stats: pool_size, pool_available,
-        requests_waiting, connections_errors, ...) and this node's own counters."""
-        s = dict(self._pool.get_stats())
-        s["unavailable_errors"] = self._counts["unavailable"]
-        s["change_feed_connected"] = int(self._changes.connected)
-        s["change_feed_reconnects"] = self._changes.reconnects
-        s["swept_nodes"] = self._counts["swept_nodes"]
-        s["swept_bodies"] = self._counts["swept_bodies"]
-        return s
+        """backend_statistics() as a dict (tests)."""
+        return dataclasses.asdict(self.backend_statistics())

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""`loadgen run` against two relay nodes on one PostgreSQL (issue 14): senders to node 1,
+receivers (IMAP and POP3) on node 2. Prints loadgen's integrity figures (target: 0 lost,
+duplicated, corrupted), the wall time and each node's peak RSS (target <= 96 MiB).
+
+    python3 bench/bench_pg_loadgen.py                                  # ruhr-early month at 1/10 size
+    python3 bench/bench_pg_loadgen.py --profile ruhr-pilot --scale 1   # the full pilot month
+
+PostgreSQL is a real server started here (tests/pgutil.py, fsync on), the nodes are
+`relay serve` processes; everything lives in a temporary directory removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def node_config(d: Path, dsn: str) -> Path:
+    d.mkdir(parents=True)
+    cfg = d / "relay.toml"
+    cfg.write_text(f'data_dir = "{d / "data"}"\nhostname = "relay.test"\n'
+                   '[smtp]\nlisten = ["127.0.0.1:0"]\n[imap]\nlisten = ["127.0.0.1:0"]\n'
+                   '[pop3]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:0"\n'
+                   f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"\n')
+    return cfg
+
+
+def start(cfg: Path) -> tuple[subprocess.Popen[bytes], dict[str, list[list[object]]]]:
+    log = open(cfg.parent / "relay.log", "wb")  # noqa: SIM115 (lives as long as the node)
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(cfg)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    listeners = cfg.parent / "data" / "run" / "listeners.json"
+    deadline = time.monotonic() + 60
+    while not listeners.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"node did not start: {(cfg.parent / 'relay.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+    time.sleep(0.1)
+    return proc, json.loads(listeners.read_text())
+
+
+def hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="ruhr-early")
+    ap.add_argument("--period", default="month")
+    ap.add_argument("--scale", default="0.1")
+    ap.add_argument("--speedup", default="1000000", help="default: as fast as the relay takes it")
+    args = ap.parse_args()
+
+    from conftest import make_config
+    from pgutil import PgServer
+
+    from loadgen import model as modelmod
+    from loadgen.profile import load_profile
+    from relay.store.postgresql.store import PgStore
+
+    m = modelmod.build(load_profile(args.profile, None), None)
+    password = secrets.token_urlsafe(12)
+    with PgServer.create(shared_buffers="256MB", wal_buffers="64MB", max_wal_size="8GB",
+                         checkpoint_timeout="30min") as pg, \
+            tempfile.TemporaryDirectory(prefix="bench-pg-loadgen-") as tmp:
+        dsn = pg.create_database("relay")
+
+        async def accounts() -> None:
+            store = PgStore(make_config(Path(tmp)), dsn)
+            await store.open()
+            for p in m.participants:
+                await store.accounts.add(p.address, password)
+            await store.close()
+        asyncio.run(accounts())
+        nodes = [start(node_config(Path(tmp) / f"node{i}", dsn)) for i in (1, 2)]
+        try:
+            (p1, l1), (p2, l2) = nodes
+            hp = lambda lst: f"{lst[0][0]}:{lst[0][1]}"  # noqa: E731
+            t = time.monotonic()
+            rc = subprocess.run(["loadgen", "run", "--profile", args.profile, "--period", args.period,
+                                 "--scale", args.scale, "--speedup", args.speedup, "--no-progress",
+                                 "--smtp", hp(l1["smtp"]), "--imap", hp(l2["imap"]), "--pop3", hp(l2["pop3"]),
+                                 "--password", password, "--report", f"{tmp}/report"]).returncode
+            wall = time.monotonic() - t
+            rep = json.loads(Path(f"{tmp}/report/report.json").read_text())
+            print(f"\n{args.profile} {args.period} x{args.scale}: senders -> node 1, receivers <- node 2, "
+                  f"one PostgreSQL; {wall:.0f} s")
+            print("sent {sent}  delivered {delivered}  lost {lost}  duplicated {duplicated}  corrupted {corrupted}"
+                  .format(**{k: rep.get(k) for k in ("sent", "delivered", "lost", "duplicated", "corrupted")}))
+            print(f"peak RSS: node 1 {hwm_mib(p1.pid):.1f} MiB, node 2 {hwm_mib(p2.pid):.1f} MiB (target <= 96)")
+        finally:
+            for p, _ in nodes:
+                p.terminate()
+                p.wait(60)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
