@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""PostgreSQL backend vs Maildir (issue 14): ingest and fetch of one big message, in one run.
+"""PostgreSQL store vs Maildir (issue 14): ingest and fetch of one big message through a
+`relay serve` node, both backends in one run.
 
-Each backend in a fresh child process (so that its peak RSS is its own): open the store,
-deliver a SIZE message through relay.store.api (add_recipient, start, write 1 MiB views,
-wait_writable, commit: what the SMTP session does between DATA and 250), then read it back
-through Body.read in 1 MiB steps (what IMAP FETCH / POP3 RETR do without sendfile). Prints
-MB/s (10^6 bytes/s) for each, the ratio PostgreSQL / Maildir (target >= 0.3) and each
-child's peak RSS (VmHWM; target <= 96 MiB). PostgreSQL is a real server started here
-(tests/pgutil.py: initdb in a temp dir, fsync on, synchronous_commit on; shared_buffers
-256MB, max_wal_size 8GB as docs/cluster.md advises for big messages).
+For each backend: a node (`relay serve`, loopback), one account, then
+  ingest  one SIZE message over SMTP (relay/clients/smtp.py, streaming): time to the 250
+          (for PostgreSQL: committed, synchronous_commit on)
+  fetch   the stored message by IMAP UID FETCH in ranges (relay/clients/imap.py) into a file
+          (Maildir sends it with sendfile; PostgreSQL reads it by range from the database)
+  RSS     the node's peak resident memory over both (VmHWM, reset after the first login)
+Prints MB/s (10^6 bytes/s), the ratio PostgreSQL / Maildir (target >= 0.3) and the node RSS
+(target <= 96 MiB). PostgreSQL is a real server started here (tests/pgutil.py: initdb in a
+temp dir, fsync on; shared_buffers 256MB and max_wal_size 8GB as docs/cluster.md advises).
 
     python3 bench/bench_pg.py                   # 1 GiB
     python3 bench/bench_pg.py --size 256MiB
@@ -18,102 +20,99 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
-STEP = 1 << 20
+from _common import start_relay, stop_relay  # noqa: E402
+from bench_fetch import BIG, PASSWORD, make_message, reset_hwm, vm_hwm  # noqa: E402
 
-
-def parse_size(s: str) -> int:
-    for u, m in {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * m)
-    return int(s)
-
-
-def hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from relay.clients.imap import ImapClient  # noqa: E402
+from relay.clients.smtp import send_message  # noqa: E402
+from relay.config import parse_size  # noqa: E402
 
 
-async def child(backend: str, data_dir: str, dsn: str, size: int) -> dict[str, float]:
-    from conftest import make_config
+def node_config(d: Path, dsn: str) -> Path:
+    """A node on PostgreSQL (dsn), or on a Maildir store of its own (dsn "")."""
+    d.mkdir(parents=True)
+    cfg = d / "relay.toml"
+    cfg.write_text(f'data_dir = "{d / "data"}"\nhostname = "relay.test"\n'
+                   '[smtp]\nlisten = ["127.0.0.1:0"]\nmax_message_size = "8GiB"\n'
+                   '[imap]\nlisten = ["127.0.0.1:0"]\n'
+                   '[pop3]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:0"\n'
+                   + (f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"\n' if dsn else ""))
+    return cfg
 
-    from relay.store.api import Envelope
-    from relay.store.backends import open_store
 
-    sections = {"quota": {"default_bytes": 2 * size + (1 << 20)}}
-    if backend == "postgresql":
-        sections["store"] = {"backend": "postgresql", "dsn": dsn}
-    store = open_store(make_config(Path(data_dir), **sections), backend)
-    await store.open()
-    await store.accounts.add("r@example.org")
-    block = bytearray(os.urandom(STEP))
-    t = time.perf_counter()
-    d = store.begin_delivery(Envelope("s@example.org"))
-    assert await d.add_recipient("r@example.org", size) is None
-    await d.start()
-    for i in range(size // STEP):
-        block[:8] = i.to_bytes(8, "big")              # no two blocks alike
-        d.write(block)
-        if not d.writable:
-            await d.wait_writable()
-    receipt = await d.commit()
-    ingest = time.perf_counter() - t
-    mb = store.mailbox("r@example.org")
-    (info,) = await mb.messages()
-    t = time.perf_counter()
-    got = 0
-    with await mb.body(info.uid) as body:
-        while got < body.size:
-            got += len(await body.read(got, STEP))
-    fetch = time.perf_counter() - t
-    assert got == receipt.size
-    await store.close()
-    return {"ingest": ingest, "fetch": fetch, "rss": hwm_mib()}
+def add_accounts(cfg: Path, addresses: list[str], password: str) -> None:
+    """Through the store api of the node's backend (as `relay user add` does)."""
+    from relay import config as configmod
+    from relay.store.backends import admin_store
+
+    async def main() -> None:
+        async with admin_store(configmod.load(cfg)) as store:
+            for a in addresses:
+                await store.accounts.add(a, password)
+    asyncio.run(main())
+
+
+def run_node(cfg: Path, message: Path, out: Path) -> dict[str, float]:
+    add_accounts(cfg, [BIG], PASSWORD)
+    proc, bound = start_relay(cfg, cfg.parent / "data", [])
+    try:
+        smtp, imap = bound["smtp"][0], bound["imap"][0]
+        with ImapClient(str(imap[0]), int(imap[1])) as c:      # the first login's argon2: not measured
+            c.login(BIG, PASSWORD)
+            c.logout()
+        reset_hwm(proc.pid)
+        t = time.perf_counter()
+        send_message(str(smtp[0]), int(smtp[1]), "ct@hospital.test", [BIG], message)
+        ingest = time.perf_counter() - t
+        with ImapClient(str(imap[0]), int(imap[1])) as c:
+            c.login(BIG, PASSWORD)
+            c.select()
+            [uid] = c.uid_search("ALL")
+            t = time.perf_counter()
+            n = c.fetch_to_file(uid, out)
+            fetch = time.perf_counter() - t
+            c.logout()
+        rss = vm_hwm(proc.pid) / 2**20
+        with open(message, "rb") as a, open(out, "rb") as b:      # byte-exact after the trace headers
+            b.seek(n - message.stat().st_size)
+            while block := a.read(1 << 20):
+                assert b.read(len(block)) == block, "fetched message differs"
+    finally:
+        stop_relay(proc)
+    return {"ingest": ingest, "fetch": fetch, "rss": rss, "stored": n}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=parse_size, default=1 << 30)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--dir", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--dsn", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=lambda s: parse_size(s, "--size"), default=1 << 30)
     args = ap.parse_args()
-    if args.child:
-        import uvloop
-        print(json.dumps(uvloop.run(child(args.child, args.dir, args.dsn, args.size))))
-        return
     from pgutil import PgServer
 
-    mb = args.size / 1e6
-    print(f"one {args.size / 2**20:.0f} MiB message through relay.store.api, ingest to commit, then fetch")
-    # docs/cluster.md, sizing: buffers and WAL room for big messages (no checkpoint mid-message)
     with PgServer.create(shared_buffers="256MB", wal_buffers="64MB", max_wal_size="8GB",
                          checkpoint_timeout="30min") as pg, \
             tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
+        message = Path(tmp) / "message.eml"
+        size = make_message(message, args.size)
+        print(f"one {size / 2**20:.0f} MiB message through a relay node: SMTP to the 250, IMAP FETCH")
         res = {}
         for backend in ("maildir", "postgresql"):
-            dsn = pg.create_database(f"bench_{backend}") if backend == "postgresql" else ""
-            out = subprocess.run([sys.executable, __file__, "--child", backend, "--dir", f"{tmp}/{backend}",
-                                  "--dsn", dsn, "--size", str(args.size)],
-                                 check=True, capture_output=True, text=True).stdout
-            res[backend] = json.loads(out.strip().splitlines()[-1])
-            r = res[backend]
+            dsn = pg.create_database("relay") if backend == "postgresql" else ""
+            r = res[backend] = run_node(node_config(Path(tmp) / backend, dsn), message, Path(tmp) / "out")
+            mb = r["stored"] / 1e6
             print(f"{backend:<11} ingest {mb / r['ingest']:7.0f} MB/s   fetch {mb / r['fetch']:7.0f} MB/s   "
-                  f"peak RSS {r['rss']:5.1f} MiB")
+                  f"node peak RSS {r['rss']:5.1f} MiB")
         m, p = res["maildir"], res["postgresql"]
         print(f"ratio postgresql/maildir: ingest {m['ingest'] / p['ingest']:.2f}x, fetch {m['fetch'] / p['fetch']:.2f}x"
-              f" (target >= 0.3x); node RSS {p['rss']:.1f} MiB (target <= 96)")
+              f" (target >= 0.3x); PostgreSQL node RSS {p['rss']:.1f} MiB (target <= 96)")
 
 
 if __name__ == "__main__":

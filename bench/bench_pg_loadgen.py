@@ -13,7 +13,6 @@ PostgreSQL is a real server started here (tests/pgutil.py, fsync on), the nodes 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import secrets
 import subprocess
@@ -24,30 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def node_config(d: Path, dsn: str) -> Path:
-    d.mkdir(parents=True)
-    cfg = d / "relay.toml"
-    cfg.write_text(f'data_dir = "{d / "data"}"\nhostname = "relay.test"\n'
-                   '[smtp]\nlisten = ["127.0.0.1:0"]\n[imap]\nlisten = ["127.0.0.1:0"]\n'
-                   '[pop3]\nlisten = ["127.0.0.1:0"]\n[metrics]\nlisten = "127.0.0.1:0"\n'
-                   f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"\n')
-    return cfg
-
-
-def start(cfg: Path) -> tuple[subprocess.Popen[bytes], dict[str, list[list[object]]]]:
-    log = open(cfg.parent / "relay.log", "wb")  # noqa: SIM115 (lives as long as the node)
-    proc = subprocess.Popen([sys.executable, "-m", "relay", "serve", "--config", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    listeners = cfg.parent / "data" / "run" / "listeners.json"
-    deadline = time.monotonic() + 60
-    while not listeners.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"node did not start: {(cfg.parent / 'relay.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    time.sleep(0.1)
-    return proc, json.loads(listeners.read_text())
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def hwm_mib(pid: int) -> float:
@@ -63,30 +39,28 @@ def main() -> int:
     ap.add_argument("--period", default="month")
     ap.add_argument("--scale", default="0.1")
     ap.add_argument("--speedup", default="1000000", help="default: as fast as the relay takes it")
+    ap.add_argument("--maildir", action="store_true",
+                    help="the peer for comparison: one node on the Maildir store (senders and receivers)")
     args = ap.parse_args()
 
-    from conftest import make_config
+    from _common import start_relay, stop_relay
+    from bench_pg import add_accounts, node_config
     from pgutil import PgServer
 
     from loadgen import model as modelmod
     from loadgen.profile import load_profile
-    from relay.store.postgresql.store import PgStore
 
     m = modelmod.build(load_profile(args.profile, None), None)
     password = secrets.token_urlsafe(12)
     with PgServer.create(shared_buffers="256MB", wal_buffers="64MB", max_wal_size="8GB",
                          checkpoint_timeout="30min") as pg, \
             tempfile.TemporaryDirectory(prefix="bench-pg-loadgen-") as tmp:
-        dsn = pg.create_database("relay")
+        dsn = "" if args.maildir else pg.create_database("relay")
+        cfgs = [node_config(Path(tmp) / f"node{i}", dsn) for i in ((1,) if args.maildir else (1, 2))]
 
-        async def accounts() -> None:
-            store = PgStore(make_config(Path(tmp)), dsn)
-            await store.open()
-            for p in m.participants:
-                await store.accounts.add(p.address, password)
-            await store.close()
-        asyncio.run(accounts())
-        nodes = [start(node_config(Path(tmp) / f"node{i}", dsn)) for i in (1, 2)]
+        add_accounts(cfgs[0], [p.address for p in m.participants], password)
+        nodes = [start_relay(c, c.parent / "data", []) for c in cfgs]
+        nodes = nodes * (3 - len(nodes))                  # Maildir: the one node plays both
         try:
             (p1, l1), (p2, l2) = nodes
             hp = lambda lst: f"{lst[0][0]}:{lst[0][1]}"  # noqa: E731
@@ -97,15 +71,15 @@ def main() -> int:
                                  "--password", password, "--report", f"{tmp}/report"]).returncode
             wall = time.monotonic() - t
             rep = json.loads(Path(f"{tmp}/report/report.json").read_text())
+            where = "one node on Maildir" if args.maildir else "node 1 and node 2 on one PostgreSQL"
             print(f"\n{args.profile} {args.period} x{args.scale}: senders -> node 1, receivers <- node 2, "
-                  f"one PostgreSQL; {wall:.0f} s")
+                  f"{where}; {wall:.0f} s")
             print("sent {sent}  delivered {delivered}  lost {lost}  duplicated {duplicated}  corrupted {corrupted}"
                   .format(**{k: rep.get(k) for k in ("sent", "delivered", "lost", "duplicated", "corrupted")}))
             print(f"peak RSS: node 1 {hwm_mib(p1.pid):.1f} MiB, node 2 {hwm_mib(p2.pid):.1f} MiB (target <= 96)")
         finally:
-            for p, _ in nodes:
-                p.terminate()
-                p.wait(60)
+            for p, _ in nodes[:len(cfgs)]:
+                stop_relay(p)
     return rc
 
 
