@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import imaplib
+import json
 import os
 import poplib
 import re
 import smtplib
+import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
 from conftest import make_config
 from opsutil import RELAY, loopback_config, serving
-from pgutil import PgServer, pg_dsn, pg_server  # noqa: F401  (fixtures)
+from pgutil import PgServer, cluster_dsn, pg_dsn, pg_pair, pg_server  # noqa: F401  (fixtures)
 
 from relay.store.postgresql.store import PgStore
 
@@ -129,3 +134,133 @@ def test_a_node_without_its_database_answers_4xx_and_recovers(tmp_path: Path) ->
             imap.login(ALICE, PASSWORD)
             assert imap.select("INBOX")[1] == [b"1"]
             imap.logout()
+
+
+def test_kill_9_of_a_node_mid_burst_the_other_node_has_every_acknowledged_message(
+        pg_dsn: str, tmp_path: Path) -> None:
+    add_account(pg_dsn, tmp_path, ALICE, PASSWORD)
+    cmd1, data1, log1 = node(tmp_path, "node1", pg_dsn)
+    cmd2, data2, log2 = node(tmp_path, "node2", pg_dsn)
+    victim = subprocess.Popen(cmd1, stdout=log1.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        listeners = data1 / "run" / "listeners.json"
+        deadline = time.monotonic() + 30
+        while not listeners.exists():
+            assert victim.poll() is None and time.monotonic() < deadline, log1.read_text()
+            time.sleep(0.1)
+        time.sleep(0.1)
+        smtp1 = json.loads(listeners.read_text())["smtp"][0]
+        with serving(cmd2, data2, log2) as n2:
+            acked: list[int] = []
+            sent: list[bytes] = []
+
+            def burst() -> None:
+                with contextlib.suppress(OSError, smtplib.SMTPException):
+                    for i in range(200):
+                        msg = b"X-Seq: %d\r\n" % i + study(1 << 20)
+                        sent.append(msg)
+                        with smtplib.SMTP(*smtp1, timeout=30) as smtp:
+                            smtp.sendmail("gw@hospital.test", [ALICE], msg)
+                        acked.append(i)
+            t = threading.Thread(target=burst)
+            t.start()
+            deadline = time.monotonic() + 60
+            while len(acked) < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)                                          # into the next message
+            victim.kill()                                             # kill -9
+            victim.wait(10)
+            t.join(60)
+            assert len(acked) >= 5
+            imap = imaplib.IMAP4(*n2["imap"][0])
+            imap.login(ALICE, PASSWORD)
+            imap.select("INBOX")
+            typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[])")
+            stored = {}
+            for item in data:
+                if isinstance(item, tuple):
+                    body = item[1]
+                    seq = int(body.split(b"X-Seq: ", 1)[1].split(b"\r\n", 1)[0])
+                    assert seq not in stored
+                    stored[seq] = body
+            imap.logout()
+            assert set(acked) <= set(stored)                          # nothing acknowledged lost
+            assert len(stored) - len(acked) <= 1                      # at most the interrupted commit
+            for seq, body in stored.items():
+                assert body.endswith(sent[seq]), f"message {seq} corrupted"
+            # the survivor removes what the dead node half-wrote (its session is gone)
+            host, port = n2["metrics"][0]
+            deadline = time.monotonic() + 30
+            while True:
+                text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+                if re.search(r"^relay_store_swept_nodes_total 1", text, re.M):
+                    break
+                assert time.monotonic() < deadline, "the dead node was not swept"
+                time.sleep(0.5)
+            with psycopg.connect(pg_dsn) as conn:
+                assert conn.execute("SELECT (SELECT count(*) FROM reservations),"
+                                    " (SELECT count(*) FROM bodies WHERE NOT complete)").fetchone() == (0, 0)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+
+
+def test_failover_the_nodes_carry_on_with_nothing_acknowledged_lost(
+        pg_pair: tuple[PgServer, PgServer], tmp_path: Path) -> None:
+    primary, standby = pg_pair
+    primary.create_database("relay")
+    dsn = cluster_dsn([primary, standby], "relay")
+    add_account(dsn, tmp_path, ALICE, PASSWORD)
+    cmd1, data1, log1 = node(tmp_path, "node1", dsn)
+    cmd2, data2, log2 = node(tmp_path, "node2", dsn)
+    with serving(cmd1, data1, log1) as n1, serving(cmd2, data2, log2) as n2:
+        acked: list[int] = []
+        sent: dict[int, bytes] = {}
+        deferred: list[str] = []
+
+        def send(i: int) -> None:
+            """An MTA's view: try again until the message is acknowledged."""
+            msg = sent[i] = b"X-Seq: %d\r\n" % i + study(300_000)
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    with smtplib.SMTP(*n1["smtp"][0], timeout=30) as smtp:
+                        smtp.sendmail("gw@hospital.test", [ALICE], msg)
+                    acked.append(i)
+                    return
+                except (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused) as e:
+                    code = e.smtp_code if isinstance(e, smtplib.SMTPResponseException) \
+                        else e.recipients[ALICE][0]
+                    assert 400 <= code < 500, e                      # never a permanent failure
+                    deferred.append(str(code))
+                assert time.monotonic() < deadline, "no 250 within 90 s of a failover"
+                time.sleep(0.2)
+
+        for i in range(5):
+            send(i)
+        primary.kill()                                               # the primary's machine dies
+        standby.promote()                                            # by hand, as Patroni would
+        for i in range(5, 12):
+            send(i)
+        assert acked == list(range(12))
+        deadline = time.monotonic() + 30                             # the other node, on the new primary:
+        while True:                                                  # a client retries NO [UNAVAILABLE]
+            imap = imaplib.IMAP4(*n2["imap"][0])
+            try:
+                imap.login(ALICE, PASSWORD)
+                break
+            except imaplib.IMAP4.error as e:
+                assert "UNAVAILABLE" in str(e) and time.monotonic() < deadline, e
+                imap.logout()
+                time.sleep(0.5)
+        imap.select("INBOX")
+        typ, data = imap.uid("FETCH", "1:*", "(BODY.PEEK[])")
+        stored: dict[int, bytes] = {}
+        for item in data:
+            if isinstance(item, tuple):
+                seq = int(item[1].split(b"X-Seq: ", 1)[1].split(b"\r\n", 1)[0])
+                stored.setdefault(seq, item[1])
+        imap.logout()
+        assert set(acked) <= set(stored)                             # committed on two machines
+        for seq in acked:
+            assert stored[seq].endswith(sent[seq]), f"message {seq} corrupted"

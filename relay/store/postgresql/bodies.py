@@ -34,7 +34,7 @@ class BodyStore(Protocol):
         """A new, empty, incomplete body owned by `node`; its id."""
         ...
 
-    async def put(self, conn: Conn, body: int, seq: int, data: bytes) -> None:
+    async def put(self, conn: Conn, body: int, seq: int, data: bytes | bytearray) -> None:
         """Chunk number seq (every chunk but the last is chunk_size bytes)."""
         ...
 
@@ -67,7 +67,7 @@ class PgBodyStore:
         assert row is not None
         return int(row[0])
 
-    async def put(self, conn: Conn, body: int, seq: int, data: bytes) -> None:
+    async def put(self, conn: Conn, body: int, seq: int, data: bytes | bytearray) -> None:
         # pipeline: BEGIN, SET LOCAL, INSERT and COMMIT in one round trip
         async with conn.pipeline(), conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit TO off")

@@ -604,7 +604,7 @@ class PgDelivery:
         self._rcpts: list[str] = []
         self._res: dict[str, PgReservation] = {}
         self._buf = bytearray()
-        self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()   # bounded by WRITE_BUFFER
+        self._queue: asyncio.Queue[tuple[int, bytes | bytearray] | None] = asyncio.Queue()   # bounded by WRITE_BUFFER
         self._queued = 0
         self._size = 0
         self._seq = 0
@@ -678,21 +678,32 @@ class PgDelivery:
         self._append(chunk)
 
     def _append(self, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
+        """Cut the stream into chunks of chunk_size, copying each byte once (the caller may
+        reuse `data` when this returns)."""
+        mv = memoryview(data).cast("B")
+        n = len(mv)
         if not n:
             return
-        self._buf += data
         self._size += n
         for r in self._res.values():
             self._store.ledger.note_streamed(r, n)
             if self._size - r.nbytes >= EXTEND_EVERY:
                 self._need_extend = True
         cs = self._store.bodies.chunk_size
-        while len(self._buf) >= cs:
-            self._push(bytes(self._buf[:cs]))
-            del self._buf[:cs]
+        pos = 0
+        if self._buf:
+            pos = min(n, cs - len(self._buf))
+            self._buf += mv[:pos]
+            if len(self._buf) == cs:
+                self._push(self._buf)               # the buffer itself goes: no copy
+                self._buf = bytearray()
+        while n - pos >= cs:
+            self._push(bytes(mv[pos:pos + cs]))
+            pos += cs
+        if pos < n:
+            self._buf += mv[pos:]
 
-    def _push(self, chunk: bytes) -> None:
+    def _push(self, chunk: bytes | bytearray) -> None:
         if not self._writers:
             loop = asyncio.get_running_loop()
             self._writers = [loop.create_task(self._write_loop()) for _ in range(WRITERS)]
@@ -750,8 +761,8 @@ class PgDelivery:
         self._state = "committing"
         try:
             if self._buf:
-                self._push(bytes(self._buf))
-                self._buf.clear()
+                self._push(self._buf)
+                self._buf = bytearray()
             if not self._writers:                        # an empty body still gets its row
                 self._push(b"")
             for _ in self._writers:
