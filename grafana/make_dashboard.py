@@ -161,6 +161,21 @@ def build() -> dict[str, Any]:
         (f"sum by (protocol) (rate(relay_login_failures_total{{{SEL}}}{r5}))", "failed {{protocol}}"),
     ], unit="ops", w=8, desc="Failed logins in numbers: a misconfigured gateway or password guessing.")
 
+    L.panel("Stress mode and evictions", [
+        (f"max by (protocol) (relay_sessions_stress{{{SEL}}})", "stress {{protocol}}"),
+        (f"sum by (protocol) (rate(relay_sessions_evicted_total{{{SEL}}}{r5}))", "evicted/s {{protocol}}"),
+    ], w=8, desc="Stress: sessions above stress_threshold of max_sessions; timeouts shrink and idle "
+       "sessions make room for new clients (docs/operations.md).")
+    L.panel("Failed and refused logins per second", [
+        (f"sum by (protocol) (rate(relay_auth_failures_total{{{SEL}}}{r5}))", "failed {{protocol}}"),
+        (f"sum by (protocol) (rate(relay_auth_refused_total{{{SEL}}}{r5}))", "refused {{protocol}}"),
+        (f"sum(rate(relay_auth_penalty_seconds_total{{{SEL}}}{r5}))", "penalty s/s"),
+    ], w=8, desc="SMTP AUTH, IMAP and POP3: failures delay the next attempt per client and account.")
+    L.panel("Disk reserve for deletions", [
+        (f"relay_disk_reserve_bytes{{{SEL}}}", "reserve {{instance}}"),
+        (f"increase(relay_disk_reserve_releases_total{{{SEL}}}[1h])", "released in 1 h"),
+    ], unit="bytes", w=8, desc="Released when the disk is full so that receivers can still delete.")
+
     L.row("Latency")
     for title, metric, unit in (
         ("SMTP ingest duration", "relay_ingest_duration_seconds", "s"),

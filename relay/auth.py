@@ -2,7 +2,7 @@
 
 - `plaintext_allowed`: the contract's `[auth] plaintext` setting.
 - SASL PLAIN (RFC 4616) and LOGIN decoding.
-Verification itself is `store.accounts.verify_async` (argon2id, with a credential cache).
+Verification itself is `store.accounts.verify` (argon2id, with a credential cache).
 """
 
 from __future__ import annotations

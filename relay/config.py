@@ -97,11 +97,23 @@ class SmtpConfig:
     listen: tuple[str, ...] = ("127.0.0.1:2525",)
     max_message_size: int = 4 * 1024**3
     max_recipients: int = 100                 # RFC 5321 4.5.3.1.8: at least 100
-    max_sessions: int = 200                   # in total; beyond: 421 4.7.0
+    # an idle session costs ~10 KiB (no receive buffer of its own: docs/decisions.md,
+    # bench/bench_flood.py), so 1000 idle sessions fit in ~10 MiB; Postfix's default of 50
+    # per client (half its process limit) keeps one address from taking them all
+    max_sessions: int = 1000                  # in total; beyond: 421 4.7.0
     max_sessions_per_client: int = 50         # per client IP; beyond: 421 4.7.0
-    command_timeout: float = 300.0            # RFC 5321 4.5.3.2.7: server waits >= 5 min
-    data_timeout: float = 300.0               # between two reads during DATA/BDAT (4.5.3.2.5/6)
+    command_timeout: float = 300.0            # RFC 5321 4.5.3.2.7: server waits >= 5 min for
+                                              # a whole command line (not reset by each byte)
+    data_timeout: float = 300.0               # DATA/BDAT: a stall this long ends the session
+    min_data_rate: int = 500                  # bytes/s during DATA/BDAT: each chunk extends the
+                                              # deadline by size/rate (Postfix smtpd_min_data_rate)
+    stress_threshold: float = 0.75            # stress mode above this share of max_sessions
+    stress_command_timeout: float = 10.0      # command timeout before MAIL under stress
+                                              # (Postfix: smtpd_timeout = ${stress?10}${stress:300})
     max_errors: int = 20                      # bad commands before 421 4.7.0 and close
+    postmaster: str = ""                      # RFC 5321 4.5.1: where <postmaster> and
+                                              # postmaster@<served domain> go; "" = the oldest
+                                              # account (the first one created: the admin's)
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,10 @@ class ImapConfig:
     max_sessions: int = 500                   # in total; beyond: * BYE [UNAVAILABLE]
     max_sessions_per_client: int = 200        # per client IP (loadgen/NAT: many users, one IP)
     max_line: int = 64 * 1024                 # command line bound (without literals)
+    login_timeout: float = 180.0              # from connect to login, not reset by each byte
+                                              # (Dovecot: 3 min for a login process client)
+    stress_threshold: float = 0.75            # stress mode above this share of max_sessions
+    stress_login_timeout: float = 10.0        # login timeout under stress
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,9 @@ class Pop3Config:
     idle_timeout: float = 600.0               # RFC 1939 3: autologout >= 10 min
     max_sessions: int = 500                   # in total; beyond: -ERR [SYS/TEMP]
     max_sessions_per_client: int = 200        # per client IP
+    login_timeout: float = 180.0              # from connect to login, not reset by each byte
+    stress_threshold: float = 0.75            # stress mode above this share of max_sessions
+    stress_login_timeout: float = 10.0        # login timeout under stress
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,11 @@ class TlsConfig:
 @dataclass(frozen=True)
 class AuthConfig:
     plaintext: str = "loopback"               # "loopback" | "never" | "always"
+    # failed logins (SMTP AUTH, IMAP, POP3) delay the next attempt from the same client
+    # address and for the same account: failure_delay, doubled per failure up to
+    # failure_delay_max (Dovecot auth_penalty: 2 s .. 15 s); forgotten after 15 min
+    failure_delay: float = 2.0
+    failure_delay_max: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +183,8 @@ class BackpressureConfig:
     pace_floor: int = 5 * 1024**2
     min_free_disk: int | None = None          # None = auto: 2 x max_message_size
     drain_halflife: float = 60.0              # seconds; smoothing of the drain-rate EWMA
+    disk_reserve: int = 8 * 1024**2           # kept in data_dir/run for deletions on a full
+                                              # disk (relay/policy/reserve.py); 0 = none
 
 
 @dataclass(frozen=True)
@@ -211,7 +237,7 @@ class Config:
 
 _SIZE_KEYS = {
     ("smtp", "max_message_size"), ("imap", "max_literal"), ("imap", "max_line"),
-    ("quota", "default_bytes"), ("backpressure", "pace_floor"),
+    ("quota", "default_bytes"), ("backpressure", "pace_floor"), ("backpressure", "disk_reserve"),
 }
 _LISTEN_LISTS = {("smtp", "listen"), ("imap", "listen"), ("imap", "listen_tls"),
                  ("pop3", "listen"), ("pop3", "listen_tls")}
@@ -309,6 +335,9 @@ def from_dict(raw: dict[str, Any], base: Path = Path(".")) -> Config:
     cfg = Config(**kwargs)
     if cfg.tls.cert is not None and cfg.tls.key is None or cfg.tls.key is not None and cfg.tls.cert is None:
         raise ConfigError("[tls]: cert and key go together")
+    for section in ("smtp", "imap", "pop3"):
+        if getattr(cfg, section).stress_threshold > 1:
+            raise ConfigError(f"{section}.stress_threshold: a share of max_sessions, 0..1 (0 = no stress mode)")
     if cfg.backpressure.pace_factor <= 0:
         raise ConfigError("backpressure.pace_factor: must be > 0")
     if cfg.store.backend == "postgresql" and not cfg.store.dsn:

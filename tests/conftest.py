@@ -32,6 +32,10 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
         "imap": {"listen": ["127.0.0.1:0"]},
         "pop3": {"listen": ["127.0.0.1:0"]},
         "metrics": {"listen": "127.0.0.1:0"},
+        # every test client comes from 127.0.0.1: a wrong password in one test must not
+        # delay the logins of the next by seconds (tests/test_login_penalty.py checks the
+        # real schedule)
+        "auth": {"failure_delay": 0.01, "failure_delay_max": 0.05},
     }
     for name, table in sections.items():
         if isinstance(table, dict):

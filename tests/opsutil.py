@@ -137,3 +137,20 @@ def add_user(cfg: Path, address: str, password: str = "secret") -> None:
     p = run([*RELAY, "user", "add", address, "--password-stdin", "--config", str(cfg)],
             input=password + "\n")
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+@contextlib.contextmanager
+def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` ("4m") mounted at `mnt` (root only: the test is skipped otherwise),
+    unmounted at the end. Enter it before starting a relay on it."""
+    import pytest
+
+    mnt.mkdir(parents=True, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                       capture_output=True, check=False)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

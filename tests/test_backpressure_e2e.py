@@ -283,15 +283,9 @@ def test_fast_sender_slow_imap_receiver(relay_factory: Any, tmp_path: Any) -> No
 def small_fs(tmp_path: Any) -> Any:
     """A 4 MiB tmpfs the test mounts (root only; skipped otherwise). Request it before
     relay_factory, so that the relay on it is stopped before it is unmounted."""
-    import subprocess
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                       capture_output=True, check=False)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    from tests import opsutil
+    with opsutil.tmpfs(tmp_path / "small", "4m") as mnt:
+        yield mnt
 
 
 def test_disk_full_while_streaming_gets_452_431(small_fs: Any, relay_factory: Any) -> None:

@@ -27,6 +27,8 @@ def test_contract_keys_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.split_size == 8 * 1024**2 and cfg.smtp_addr == ("127.0.0.1", 2525)
     assert cfg.directory_mailbox == "directory@hospital.test"
     assert cfg.compress_level == 0 and not cfg.accept_unsigned_mdn
+    assert cfg.unconfirmed_after == 4 * 3600.0
+    assert from_dict({**BASE, "unconfirmed_after": 600}, tmp_path).unconfirmed_after == 600.0
 
 
 def test_password_file_first_line(tmp_path: Path) -> None:
@@ -42,6 +44,7 @@ def test_password_file_first_line(tmp_path: Path) -> None:
     ({**BASE, "smtp": "nohostport"}, "smtp"),
     ({**BASE, "compress_level": 12}, "compress_level"),
     ({**BASE, "quiet_period": "soon"}, "quiet_period"),
+    ({**BASE, "unconfirmed_after": -1}, "unconfirmed_after"),
     ({**BASE, "keep_after_store": "yes"}, "keep_after_store"),
     ({k: v for k, v in BASE.items() if k != "secret_key"}, "secret_key"),
     ({k: v for k, v in BASE.items() if k != "directory_key"}, "directory_key"),

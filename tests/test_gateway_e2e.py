@@ -153,7 +153,9 @@ def test_send_receive_mdn_status_over_imap(net: Net) -> None:
     from relay.gateway.message import build_mdn
     first_id = out.split("message-id ")[1].split()[0]
     net.inject(CT, build_mdn(RAD, CT, first_id, "forged"))
-    assert "MDNs 0" in gw("receive", ct, "--once").stdout
+    r = gw("receive", ct, "--once", check=False)
+    assert r.returncode == 1 and "MDNs 0" in r.stdout and "quarantined 1" in r.stdout
+    assert list(_quarantine(ct).values()) == ["mdn-unverified"]
     assert gw("status", ct).stdout.count("UNCONFIRMED") == 2
 
     r = gw("receive", rad, "--once")
@@ -477,6 +479,10 @@ def test_pacs_down_keeps_the_imported_study_in_the_inbox(net: Net) -> None:
     assert len(list((rad.parent / "received" / uid).iterdir())) == 2      # kept for pacs-push
     r = gw("pacs-push", rad, str(rad.parent / "received" / uid), check=False)
     assert r.returncode == 1 and "association refused or not reachable" in r.stderr
+    # the receipt says so: imported, but not in the PACS (RFC 8098 `processed/error`)
+    assert "MDNs 1" in gw("receive", ct, "--once").stdout
+    r = gw("status", ct, "--all")
+    assert "confirmed" in r.stdout and "processed/error" in r.stdout and "PACS did not take it" in r.stdout
 
 
 def test_receive_loop_reconnects_after_the_connection_drops(net: Net) -> None:

@@ -158,6 +158,10 @@ def test_pgp_mime_split_reassemble_decrypt(tmp_path: Path, two_keys: dict[str, t
             assert len(body) <= 40_000
             head = email.message_from_bytes(body.split(b"\r\n\r\n")[0])
             assert M.partial_info(head) == M.PartialInfo(mid, r.number, len(ranges))
+            # RFC 5322 3.6: each part a message of its own; the receipt request in part 1 only
+            # (RFC 2046 5.2.2.1 keeps part 1's enclosing fields; RFC 8098 2.1)
+            assert head["Date"] and head["Message-ID"] and head["Message-ID"] != mid
+            assert (head["Disposition-Notification-To"] is not None) is (r.number == 1)
             p = tmp_path / f"part{r.number}"
             p.write_bytes(b"Return-Path: <a@example.test>\r\nReceived: from x by y\r\n" + body)
             stored.append(p)
@@ -165,6 +169,7 @@ def test_pgp_mime_split_reassemble_decrypt(tmp_path: Path, two_keys: dict[str, t
         whole = email.message_from_bytes((tmp_path / "whole").read_bytes(), policy=email.policy.compat32)
         assert whole["Message-ID"] == mid and whole.get_content_type() == "multipart/encrypted"
         assert whole["Return-Path"] == "<a@example.test>"
+        assert whole.get_all("Disposition-Notification-To") == ["a@example.test"]
 
         M.extract_encrypted(tmp_path / "whole", tmp_path / "asc")
         v = b.decrypt_verify(tmp_path / "asc", tmp_path / "plain")
@@ -208,6 +213,12 @@ def test_mdn_roundtrip_plain_and_signed(tmp_path: Path, two_keys: dict[str, tupl
                                                            b"<x3@example.test>\r\nDisposition"))
         mdn = M.parse_mdn(tmp_path / "tampered", a)
         assert mdn is not None and mdn.original_id == "<x3@example.test>" and mdn.signer == ""
+        # a refusal (RFC 8098: `deleted` with the `error` modifier, the reason in Error:)
+        (tmp_path / "neg").write_bytes(M.build_mdn("b@example.test", "a@example.test", "<x4@example.test>",
+                                                   "refused", b, "deleted/error", "not-dicom: IM1 is a PDF"))
+        mdn = M.parse_mdn(tmp_path / "neg", a)
+        assert mdn == M.Mdn("<x4@example.test>", "automatic-action/MDN-sent-automatically; deleted/error",
+                            "b@example.test", b.fingerprint, "not-dicom: IM1 is a PDF")
     finally:
         a.close()
         b.close()

@@ -44,12 +44,37 @@ def wait_for(cond: object, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def start_storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
+class StorescpExited(RuntimeError):
+    """storescp ended before it listened (its port was taken meanwhile: free_port() races)."""
+
+
+def start_storescp(out: Path, port: int, accept: tuple[str, ...] = ("+xa",)) -> subprocess.Popen[bytes]:
+    """dcmtk's storescp; `accept`: its transfer syntax options (+xa all; () uncompressed only)."""
     out.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen([STORESCP, "-aet", "PACS", "+xa", "+B", "-od", str(out), str(port)],
+    p = subprocess.Popen([STORESCP, "-aet", "PACS", *accept, "+B", "-od", str(out), str(port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for(lambda: _listening(port))
+    wait_for(lambda: p.poll() is not None or _listening(port))
+    if p.poll() is not None:
+        raise StorescpExited(p.communicate()[1].decode(errors="replace"))
     return p
+
+
+def push_to_storescp(tmp: Path, study: Path, accept: tuple[str, ...] = ("+xa",)) -> tuple[int, Path]:
+    """push_study() of `study` to a storescp started for it: (files pushed, its output folder)."""
+    for attempt in range(3):
+        port = free_port()
+        try:
+            scp = start_storescp(tmp / "pacs", port, accept)
+            break
+        except StorescpExited:
+            if attempt == 2:
+                raise
+    try:
+        cfg = gw_config(tmp, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
+        return push_study(cfg, study), tmp / "pacs"  # type: ignore[arg-type]
+    finally:
+        scp.terminate()
+        scp.wait(10)
 
 
 def _listening(port: int) -> bool:
@@ -109,14 +134,7 @@ def test_scp_keeps_a_study_whose_forwarding_failed(tmp_path: Path) -> None:
 
 def test_push_study_to_storescp_is_bit_preserving(tmp_path: Path) -> None:
     files = synthetic_study(tmp_path / "study", n=3)
-    port = free_port()
-    scp = start_storescp(tmp_path / "pacs", port)
-    try:
-        cfg = gw_config(tmp_path, pacs=f"127.0.0.1:{port}", pacs_ae="PACS")
-        assert push_study(cfg, tmp_path / "study") == 3  # type: ignore[arg-type]
-    finally:
-        scp.terminate()
-        scp.wait(10)
+    assert push_to_storescp(tmp_path, tmp_path / "study")[0] == 3
     received = sorted(read_dataset_bytes(p) for p in (tmp_path / "pacs").iterdir())
     assert received == sorted(read_dataset_bytes(f) for f in files)
 
@@ -169,3 +187,51 @@ def test_scp_answers_c_echo_from_dcmtk(tmp_path: Path) -> None:
     finally:
         scp.stop()
     assert r.returncode == 0, r.stderr
+
+
+# objects in compressed transfer syntaxes, as pydicom ships them: RLE, JPEG-LS lossless,
+# JPEG 2000, JPEG extended (lossy)
+COMPRESSED = ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm", "JPGExtended.dcm"]
+
+
+@pytest.mark.parametrize("only", ["", "+xi"], ids=["uncompressed", "implicit-only"])
+def test_push_falls_back_to_uncompressed_for_a_pacs_that_takes_nothing_else(tmp_path: Path, only: str) -> None:
+    """dcmtk's storescp accepts only uncompressed transfer syntaxes by default (`+xi`: only
+    implicit VR little endian): the compressed objects arrive decompressed, pixel for pixel."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ImplicitVRLittleEndian, UncompressedTransferSyntaxes, generate_uid
+
+    study = tmp_path / "study"
+    study.mkdir()
+    expected = {}
+    for name in COMPRESSED:
+        src = get_testdata_file(name)
+        assert src is not None, name
+        ds = pydicom.dcmread(src)
+        assert ds.file_meta.TransferSyntaxUID.is_compressed
+        # two of them are the same image: each gets its own SOP Instance UID (pixels untouched)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(study / f"{ds.SOPInstanceUID}.dcm")
+        expected[str(ds.SOPInstanceUID)] = ds.pixel_array
+    n, out = push_to_storescp(tmp_path, study, (only,) if only else ())
+    assert n == len(COMPRESSED)
+    got = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, out.iterdir())}
+    assert set(got) == set(expected)
+    for uid, ds in got.items():
+        ts = ds.file_meta.TransferSyntaxUID
+        assert ts in UncompressedTransferSyntaxes and (ts == ImplicitVRLittleEndian or not only)
+        assert (ds.pixel_array == expected[uid]).all(), uid
+
+
+def test_push_keeps_the_stored_syntax_where_the_pacs_accepts_it(tmp_path: Path) -> None:
+    """`+xa`: the PACS takes JPEG 2000 as it is; nothing is decompressed."""
+    from pydicom.data import get_testdata_file
+
+    src = get_testdata_file("JPEG2000.dcm")
+    assert src is not None
+    (tmp_path / "study").mkdir()
+    shutil.copy(src, tmp_path / "study" / "x.dcm")
+    n, out = push_to_storescp(tmp_path, tmp_path / "study")
+    [got] = list(out.iterdir())
+    assert n == 1
+    assert read_dataset_bytes(got) == read_dataset_bytes(Path(src))

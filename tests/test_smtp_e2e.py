@@ -544,9 +544,13 @@ class FakePolicy:
     def __init__(self) -> None:
         self.log: list[Any] = []
 
-    def check_rcpt(self, address: str, size: int | None) -> Reply | None:
+    def check_rcpt(self, address: str, size: int | None, claim: Any = None) -> Reply | None:
         self.log.append(("check_rcpt", address, size))
         return Reply(452, "4.3.1", "Insufficient system storage") if address == BOB else None
+
+    def claim_disk(self, declared: int) -> Any:
+        import types
+        return types.SimpleNamespace(wrote=lambda n: None, release=lambda: None, remaining=0)
 
     def pacer(self, recipients: list[str]) -> FakePacer:
         self.log.append(("pacer", tuple(recipients)))

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from relay.policy.penalty import LoginPenalty
 from relay.server.listener import SessionRegistry
+from relay.server.pressure import ReadBuffers
 from relay.server.smtp import SmtpCounters, SmtpSession
 from relay.store.maildir.backend import MaildirStore
 from tests.conftest import make_config
@@ -57,11 +59,19 @@ class FakeRelay:
         self.store.engine.accounts.add(ALICE, "secret")
         self.sessions = SessionRegistry()
         self.policy: Any = None
+        self.read_buffers = ReadBuffers()
+        self.logins = LoginPenalty(self.config, self.store.accounts.verify)
 
 
 def feed(s: SmtpSession, data: bytes) -> None:
-    s._buf[:len(data)] = data
-    s.buffer_updated(len(data))
+    """As the event loop does: get_buffer, bytes into it, buffer_updated (the buffer is lent
+    for that one read; what the session keeps must be copied out of it)."""
+    while data:
+        view = s.get_buffer(-1)
+        n = min(len(view), len(data))
+        view[:n] = data[:n]
+        s.buffer_updated(n)
+        data = data[n:]
 
 
 async def settle(t: FakeTransport, n: int) -> None:
@@ -125,8 +135,12 @@ def test_pacer_delay_pauses_reading(tmp_path: Path) -> None:
     class Policy:
         pacer_obj = Pacer()
 
-        def check_rcpt(self, a: str, size: int | None) -> None:
+        def check_rcpt(self, a: str, size: int | None, claim: Any = None) -> None:
             return None
+
+        def claim_disk(self, declared: int) -> Any:
+            import types
+            return types.SimpleNamespace(wrote=lambda n: None, release=lambda: None, remaining=0)
 
         def pacer(self, rcpts: list[str]) -> Pacer:
             return self.pacer_obj

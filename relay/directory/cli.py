@@ -54,6 +54,11 @@ def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             return _fail(str(e) or type(e).__name__)
         except OSError as e:
             return _fail(f"{e.filename or ''}: {e.strerror or e}")
+        except configmod.ConfigError:
+            raise                                   # relay.cli: one line, exit 2
+        except Exception as e:  # noqa: BLE001  (never a traceback for an admin command)
+            return _fail(f"unexpected {type(e).__name__}: {e} (nothing was changed unless the "
+                         "line above says so; report it with the command you ran)")
     return run
 
 
@@ -105,6 +110,10 @@ def _add(args: argparse.Namespace) -> int:
         p = d.add(args.address, key, password=password, quota_bytes=_size(args.quota_bytes),
                   adopt=args.adopt, push=not args.no_push, **_fields(args))
         print(f"added {p.address} ({p.fingerprint}); directory serial {d.registry.serial()}")
+    if password is None and not args.adopt:
+        # the account exists, but no password is set: its gateway cannot log in yet
+        print(f"relay: warning: {args.address} has no password and cannot log in; set one with "
+              f"`relay user passwd {args.address}` (or add with --password-stdin)", file=sys.stderr)
     return 0
 
 
@@ -197,10 +206,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def grouped(fpr: str) -> str:
+    """A fingerprint as read out on the phone: ten groups of four (gpg's layout)."""
+    groups = [fpr[i:i + 4] for i in range(0, len(fpr), 4)]
+    return " ".join(groups[:5]) + "  " + " ".join(groups[5:])
+
+
 @_command
 def _key(args: argparse.Namespace) -> int:
+    """The armored key on stdout (`> directory.asc`); its fingerprint on stderr for the phone
+    check (docs/gateway.md step 2), or alone on stdout with --fingerprint."""
     with _open(args) as d:
+        if args.fingerprint:
+            print(grouped(d.key.fingerprint))
+            return 0
         sys.stdout.write(d.key.public_armored().rstrip("\n") + "\n")
+        print(f"fingerprint: {grouped(d.key.fingerprint)} (read it to each gateway's "
+              "administrator on a second channel)", file=sys.stderr)
     return 0
 
 
@@ -263,5 +285,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q = ds.add_parser("export", help="write DIR/directory.json and DIR/directory.json.asc")
     q.add_argument("dir", metavar="DIR")
     q.set_defaults(func=_export)
-    q = ds.add_parser("key", help="print the directory's armored public key")
+    q = ds.add_parser("key", help="print the directory's armored public key (its fingerprint on stderr)")
+    q.add_argument("--fingerprint", action="store_true", help="print only the fingerprint")
     q.set_defaults(func=_key)

@@ -3,13 +3,70 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from relay import log as logmod
+
+
+class CliError(Exception):
+    """A one-line error for the administrator (printed as `relay gateway CMD: ...`, exit 1)."""
+
+
+def _hint(e: BaseException) -> str:
+    """What the administrator reads for an error no command caught itself: the message plus
+    what to do. Anything unexpected is still one line (never a traceback), with -v for the log."""
+    from relay.gateway.core import GatewayError
+    from relay.gateway.dicommime import NotDicom
+    from relay.gateway.mime import MimeError
+    from relay.gateway.peers import DirectoryError
+    from relay.gateway.pgp import PgpError
+    from relay.gateway.transport import TransportError
+
+    if isinstance(e, NotDicom):
+        return (str(e).replace(" Use force=True to force reading.", "")
+                + " (nothing was sent: name only DICOM files or folders)")
+    if isinstance(e, (CliError, GatewayError, DirectoryError)):
+        return str(e)
+    if isinstance(e, TransportError):
+        text = str(e)
+        if "STARTTLS" in text:
+            return (f"{text} (the relay offers no STARTTLS: ask its operator to set [tls] cert/key, "
+                    "or set starttls = false for a relay on this machine)")
+        if "uthenticat" in text or " 535" in text:
+            return f"{text} (check password / password_file; the relay operator sets it with relay user passwd)"
+        return f"{text} (is the relay up, and are smtp / imap / pop3 in the configuration right?)"
+    if isinstance(e, PgpError):
+        return f"{e} (check secret_key and passphrase_file; `gpg --list-packets` shows what a key file holds)"
+    if isinstance(e, MimeError):
+        return f"broken MIME: {e}"
+    if isinstance(e, OSError):
+        name = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return f"{name}{e.strerror or e} (check the path and its permissions)"
+    return (f"unexpected {type(e).__name__}: {e} (nothing accepted was lost; report it with the "
+            "command you ran)")
+
+
+def _one_line_errors(name: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Every `relay gateway` command: an error is one line on stderr and exit 1, never a
+    traceback (a configuration error is relay.cli's: exit 2)."""
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from relay.config import ConfigError
+        try:
+            return fn(args)
+        except (ConfigError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001  (the one place that turns errors into a line)
+            logmod.get_logger("gateway.cli").debug("command_failed", command=name, exc_info=e)
+            print(f"relay gateway {name}: {' '.join(_hint(e).split())}", file=sys.stderr)
+            return 1
+    return run
 
 
 def _gateway(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -43,7 +100,7 @@ def _send(args: argparse.Namespace) -> int:
         try:
             reports = send.send_paths(gw, args.to, args.paths)
         except (GatewayError, NotDicom, PgpError, TransportError, FileNotFoundError) as e:
-            print(f"relay gateway send: {e}", file=sys.stderr)
+            print(f"relay gateway send: {_hint(e)}", file=sys.stderr)
             return 1
         for r in reports:
             print(f"sent study {r.study_uid} to {args.to}: {r.files} files, {r.dicom_bytes} bytes, "
@@ -53,7 +110,7 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
-def _receiver(gw, pacs: bool = True):  # type: ignore[no-untyped-def]
+def _receiver(gw, pacs: bool = True, directory_only: bool = False):  # type: ignore[no-untyped-def]
     from relay.gateway import transport
     from relay.gateway.receive import Receiver
 
@@ -61,16 +118,17 @@ def _receiver(gw, pacs: bool = True):  # type: ignore[no-untyped-def]
     if pacs and gw.cfg.pacs:
         from relay.gateway.pacs import push_study
 
-        def push(folder: Path) -> None:
+        def push(folder: Path) -> str | None:
             try:
                 push_study(gw.cfg, folder)
             except Exception as e:  # noqa: BLE001  (imported already; the PACS push is retried by hand)
                 logmod.get_logger("gateway.pacs").error("pacs_push_failed", study=folder.name, error=str(e))
-                return
+                return str(e)
             if not gw.cfg.keep_after_store:
                 import shutil
                 shutil.rmtree(folder, ignore_errors=True)
-    return Receiver(gw, transport.open_source(gw.cfg), push)
+            return None
+    return Receiver(gw, transport.open_source(gw.cfg), push, directory_only=directory_only)
 
 
 def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
@@ -100,7 +158,7 @@ def _receive(args: argparse.Namespace) -> int:
         try:
             rc = _receiver(gw)
         except TransportError as e:
-            print(f"relay gateway receive: {e}", file=sys.stderr)
+            print(f"relay gateway receive: {_hint(e)}", file=sys.stderr)
             return 1
         try:
             if args.once:
@@ -108,7 +166,7 @@ def _receive(args: argparse.Namespace) -> int:
                     s = rc.run_once()
                 except (TransportError, OSError) as e:      # the relay went away mid-round
                     _print_summary(rc.summary)
-                    print(f"relay gateway receive: {e}", file=sys.stderr)
+                    print(f"relay gateway receive: {_hint(e)}", file=sys.stderr)
                     return 1
                 _print_summary(s)
                 return 1 if s.quarantined or s.failed else 0
@@ -132,21 +190,39 @@ def _receive(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    """Sent studies: UNCONFIRMED (no MDN yet), OVERDUE (none after `unconfirmed_after`),
+    REFUSED (a negative MDN), confirmed. Exit 1 when any is OVERDUE or REFUSED (for a check
+    script), else 0."""
     with _gateway(args) as gw:
-        rows = gw.state.sent(unconfirmed_only=not args.all)
+        now = time.time()
+        rows = [r for r in gw.state.sent() if args.all or r.confirmed_at is None or r.refused]
         if not rows:
             print("all sent studies are confirmed" if not args.all else "nothing sent yet")
+        attention = 0
         for r in rows:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.sent_at))
-            state = f"confirmed {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.confirmed_at))}" \
-                if r.confirmed_at else "UNCONFIRMED"
-            print(f"{when}  {state:<30} {r.recipient:<28} {r.files:>5} files  {r.study_uid}  {r.message_id}")
-    return 0
+            if r.refused:
+                state = "REFUSED"
+            elif r.confirmed_at:
+                state = f"confirmed {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.confirmed_at))}"
+            else:
+                state = "OVERDUE" if now - r.sent_at > gw.cfg.unconfirmed_after else "UNCONFIRMED"
+            attention += state in ("REFUSED", "OVERDUE")
+            print(f"{when}  {state:<30} {r.recipient:<28} {r.files:>5} files  {r.study_uid}  {r.message_id}"
+                  + (f"\n    {r.disposition}" if r.refused or (args.all and r.disposition
+                                                             and r.disposition != "processed"
+                                                             and r.confirmed_at) else ""))
+        if attention:
+            print(f"{attention} stud{'y needs' if attention == 1 else 'ies need'} attention: OVERDUE = no "
+                  f"receipt after {gw.cfg.unconfirmed_after / 3600:g} h (ask the receiving site; send it "
+                  "again), REFUSED = the receiver quarantined it (the line below it says why)")
+    return 1 if attention else 0
 
 
 def _directory(args: argparse.Namespace) -> int:
     from relay.gateway import transport
     from relay.gateway.peers import DirectoryError
+    from relay.gateway.receive import DIRECTORY_REFUSED
 
     with _gateway(args) as gw:
         before = gw.directory.serial
@@ -159,12 +235,26 @@ def _directory(args: argparse.Namespace) -> int:
                 print(f"relay gateway directory: refused: {e}", file=sys.stderr)
                 return 1
         else:
+            from relay.gateway.message import envelope_headers
+            from relay.gateway.mime import new_message_id
+
+            # the command in the Subject too: the directory reads the Subject first (docs/directory.md)
             cmd = f"GET SINCE {before}" if before >= 0 else "GET"
-            raw = (f"From: {gw.cfg.address}\r\nTo: {gw.cfg.directory_mailbox}\r\nSubject: GET\r\n"
-                   f"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n{cmd}\r\n").encode()
-            with transport.smtp_session(gw.cfg) as smtp:
-                smtp.send(gw.cfg.address, gw.cfg.directory_mailbox, [raw], size=len(raw))
-            rc = _receiver(gw, pacs=False)
+            mid = new_message_id(gw.cfg.domain)
+            raw = (envelope_headers(gw.cfg.address, gw.cfg.directory_mailbox, mid, cmd)
+                   + f"Content-Type: text/plain\r\n\r\n{cmd}\r\n".encode())
+            # studies and receipts waiting in the mailbox are left to `receive`
+            rc = _receiver(gw, pacs=False, directory_only=True)
+            rc.note_get(mid)
+            try:
+                with transport.smtp_session(gw.cfg) as smtp:
+                    smtp.send(gw.cfg.address, gw.cfg.directory_mailbox, [raw], size=len(raw))
+            except transport.TransportError as e:
+                rc.source.close()
+                if "RCPT" not in str(e):
+                    raise
+                raise CliError(f"{e} (is `{gw.cfg.directory_mailbox}` the directory's address on this "
+                               "relay? ask the relay operator and set directory_address)") from None
             try:
                 deadline = time.monotonic() + args.wait
                 while rc.summary.directory_replies == 0 and time.monotonic() < deadline:
@@ -177,6 +267,10 @@ def _directory(args: argparse.Namespace) -> int:
                 print(f"relay gateway directory: no answer from {gw.cfg.directory_mailbox} within "
                       f"{args.wait:g} s (is this gateway an active participant?)", file=sys.stderr)
                 return 1
+            refused = [folder for folder, reason in rc.summary.quarantined if reason == DIRECTORY_REFUSED]
+            if refused and gw.directory.serial <= before:
+                raise CliError(f"the answer was refused and quarantined ({refused[-1]}: reason.txt says "
+                               "why); compare directory_key with the operator's fingerprint")
         print(f"directory serial {gw.directory.serial} (was {before}), "
               f"{len(gw.directory.peers)} participants")
         for peer, left in gw.directory.expiring():
@@ -216,6 +310,10 @@ def _pacs_push(args: argparse.Namespace) -> int:
     from relay.gateway.pacs import push_study
 
     with _gateway(args) as gw:
+        if not Path(args.folder).is_dir():
+            raise CliError(f"{args.folder}: no such study folder (they are {gw.cfg.inbox}/<StudyInstanceUID>)")
+        if not gw.cfg.pacs:
+            raise CliError("no PACS configured: set pacs = \"HOST:PORT\" and pacs_ae in the configuration")
         try:
             n = push_study(gw.cfg, Path(args.folder))
         except GatewayError as e:
@@ -255,3 +353,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = gsub.add_parser("pacs-push", help="C-STORE a received study folder to the PACS")
     p.add_argument("folder", metavar="FOLDER")
     p.set_defaults(func=_pacs_push)
+
+    for name, parser in gsub.choices.items():
+        parser.set_defaults(func=_one_line_errors(name, parser.get_default("func")))

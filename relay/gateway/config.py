@@ -1,4 +1,4 @@
-"""The gateway's own TOML file (../shared/CONTRACT.md "Gateway") -> a frozen GatewayConfig.
+"""The gateway's own TOML file (docs/gateway.md, "All configuration keys") -> a frozen GatewayConfig.
 
 Relative paths resolve against the directory of the config file. Unknown keys are an error
 that names the key, like relay.config.
@@ -47,6 +47,10 @@ class GatewayConfig:
     pacs_ae: str = "PACS"                   # the PACS's AE title
     keep_after_store: bool = True           # keep inbox/<study> after a successful C-STORE
     accept_unsigned_mdn: bool = False       # our MDNs are signed; others' may not be (forgeable)
+    unconfirmed_after: float = 4 * 3600.0   # a sent study without MDN after this long: OVERDUE in
+                                            # `status`, `study_unconfirmed` in the log (a receiver
+                                            # polls within minutes; 4 h leaves room for a 1 GB study
+                                            # on a slow line and a receiver restarted once)
     source: Path | None = None
 
     @property

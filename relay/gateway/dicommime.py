@@ -62,18 +62,57 @@ def read_instance(path: Path) -> Instance:
     return Instance(path, study, str(ds.get("SeriesInstanceUID", "") or ""), sop, path.stat().st_size)
 
 
+DICOMDIR = "DICOMDIR"        # PS3.10 8.6: the media directory's fixed file ID, at the file-set root
+
+
 def find_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Files given, and every file below the folders given (sorted, hidden files skipped)."""
+    """Files given, and every file below the folders given (sorted, hidden files skipped).
+    A folder holding a DICOMDIR is a media file set (a CD export): only the files its records
+    reference are taken (a viewer, autorun.inf and the like beside them are not), and the
+    DICOMDIR itself is not (docs/gateway.md, "CD exports")."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if p.is_dir():
+        if p.is_file() and p.name.upper() == DICOMDIR:
+            out += dicomdir_files(p)
+        elif p.is_dir():
             for root, dirs, files in os.walk(p):
+                index = next((f for f in files if f.upper() == DICOMDIR), None)
+                if index is not None:
+                    out += dicomdir_files(Path(root) / index)
+                    dirs[:] = []                 # the file set below is the DICOMDIR's
+                    continue
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 out += [Path(root) / f for f in sorted(files) if not f.startswith(".")]
         elif p.is_file():
             out.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
+    return out
+
+
+def dicomdir_files(index: Path) -> list[Path]:
+    """The files a DICOMDIR references (ReferencedFileID, relative to its folder), in record
+    order. Media mounted with lower-case names (ISO 9660 `map=normal`) are found too."""
+    try:
+        ds = pydicom.dcmread(index, stop_before_pixels=True)
+        records = list(ds.DirectoryRecordSequence)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
+        raise NotDicom(f"{index}: not a readable DICOMDIR ({e.__class__.__name__}: {e})") from None
+    out: list[Path] = []
+    for rec in records:
+        ref = rec.get("ReferencedFileID")
+        if not ref:
+            continue
+        parts = [str(ref)] if isinstance(ref, str) else [str(c) for c in ref]
+        path = index.parent.joinpath(*parts)
+        if not path.is_file() and index.parent.joinpath(*(c.lower() for c in parts)).is_file():
+            path = index.parent.joinpath(*(c.lower() for c in parts))
+        if not path.is_file():
+            raise NotDicom(f"{index}: names {'/'.join(parts)}, which is not there (an incomplete copy "
+                           "of the medium?)")
+        out.append(path)
+    if not out:
+        raise NotDicom(f"{index}: references no files")
     return out
 
 

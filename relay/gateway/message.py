@@ -5,7 +5,7 @@
   encryption are combined in one OpenPGP message (RFC 3156 6.2).
 - message/partial (RFC 2046 5.2.2): split above a size at line boundaries; reassembly with the
   header merge of 5.2.2.1.
-- MDN (RFC 3798): multipart/report; report-type=disposition-notification.
+- MDN (RFC 8098): multipart/report; report-type=disposition-notification.
 """
 
 from __future__ import annotations
@@ -136,8 +136,10 @@ def plan_split(msg_path: Path, split_size: int, sender: str, to: str, orig_id: s
     total = len(cuts) - 1
     ranges = []
     for n in range(1, total + 1):
+        # RFC 2046 5.2.2.1: of the enclosing fields only part 1's survive reassembly, so the
+        # MDN request (RFC 8098 2.1) goes there, once, not into every part
         headers = (envelope_headers(sender, to, new_message_id(domain))
-                   + _hdr("Disposition-Notification-To", sender)
+                   + (_hdr("Disposition-Notification-To", sender) if n == 1 else b"")
                    + _hdr("Content-Type", f'message/partial; id="{orig_id}"; number={n}; total={total}')
                    + b"\r\n")
         ranges.append(PartRange(n, total, cuts[n - 1], cuts[n] - cuts[n - 1], headers))
@@ -216,16 +218,25 @@ def reassemble(parts: list[Path], out: Path) -> None:
                     o.write(data)
 
 
-# --- MDN (RFC 3798) --------------------------------------------------------------------------
+# --- MDN (RFC 8098) --------------------------------------------------------------------------
 
 MAX_MDN = 1024 * 1024        # an MDN is a few KiB; we read no more than this of one
 
 
+MDN_MODE = "automatic-action/MDN-sent-automatically"     # RFC 8098 3.2.6.1: no human involved
+MAX_ERROR_FIELD = 900        # the Error: text, so that its line stays within RFC 5322 2.1.1's 998
+
+
 def build_mdn(reporter: str, to: str, original_id: str, text: str, ring: Keyring | None = None,
-              disposition: str = "automatic-action/MDN-sent-automatically; processed") -> bytes:
-    """The MDN message. With `ring`, the report is signed as RFC 3156 multipart/signed, so the
+              disposition: str = "processed", error: str = "") -> bytes:
+    """The MDN message. `disposition` is the RFC 8098 3.2.6 type with its modifier:
+    `processed` (imported), `processed/error` (imported, but e.g. the PACS refused it),
+    `deleted/error` (refused and quarantined, never imported); `error` goes into the Error:
+    field (3.2.8). With `ring`, the report is signed as RFC 3156 multipart/signed, so the
     sender can tell a real receipt from a forged one (the relay does not bind From: to the
     authenticated account)."""
+    if ";" not in disposition:
+        disposition = f"{MDN_MODE}; {disposition}"
     boundary = new_boundary()
     domain = reporter.rpartition("@")[2]
     report = (_hdr("Content-Type", f"multipart/report; report-type=disposition-notification;"
@@ -239,6 +250,7 @@ def build_mdn(reporter: str, to: str, original_id: str, text: str, ring: Keyring
               + _hdr("Final-Recipient", f"rfc822;{reporter}")
               + _hdr("Original-Message-ID", original_id)
               + _hdr("Disposition", disposition)
+              + (_hdr("Error", " ".join(error.split())[:MAX_ERROR_FIELD]) if error else b"")
               + f"\r\n--{boundary}--\r\n".encode())
     head = (envelope_headers(reporter, to, new_message_id(domain), "Disposition notification")
             + _hdr("In-Reply-To", original_id) + _hdr("References", original_id)
@@ -262,6 +274,7 @@ class Mdn:
     disposition: str
     reporter: str
     signer: str = ""         # VALIDSIG fingerprint of a signed MDN, "" if unsigned/invalid
+    error: str = ""          # RFC 8098 3.2.8 Error: field (with the `error` modifier)
 
 
 def _signed_parts(raw: bytes, boundary: str) -> tuple[bytes, bytes]:
@@ -315,5 +328,6 @@ def parse_mdn(msg_path: Path, ring: Keyring | None = None) -> Mdn | None:
                 oid = (fields.get("Original-Message-ID") or "").strip()
                 if not oid:
                     raise MimeError("MDN without Original-Message-ID")
-                return Mdn(oid, (fields.get("Disposition") or "").strip(), reporter, signer)
+                return Mdn(oid, (fields.get("Disposition") or "").strip(), reporter, signer,
+                           " ".join(str(fields.get("Error") or "").split()))
     raise MimeError("multipart/report without a disposition-notification part")

@@ -8,7 +8,11 @@ between two images of one association does not get its study cut in two). An ass
 held open without new images holds its studies back for at most HOLD_OPEN x quiet_period.
 
 Storage SCU: pushes an imported study folder to the receiver's PACS (`pacs = "HOST:PORT"`),
-each file sent as stored, in its own transfer syntax (no re-encoding).
+each file sent as stored, in its own transfer syntax (no re-encoding) where the PACS accepts
+it. For every SOP class an uncompressed context (explicit, then implicit VR little endian) is
+proposed beside the file's own; a PACS that refuses the compressed syntax gets the object
+decompressed (pydicom's pixel handlers: RLE natively, JPEG/JPEG-LS through pylibjpeg-libjpeg,
+JPEG 2000 through pylibjpeg-openjpeg; docs/decisions.md "PACS fallback").
 """
 
 from __future__ import annotations
@@ -46,6 +50,16 @@ _ALL_TS = [
 
 
 HOLD_OPEN = 10       # x quiet_period: longest an idle open association delays its studies
+
+# the fallback every PACS must take (PS3.5 10.1: implicit VR little endian is the default
+# transfer syntax; explicit VR little endian is the one nearly all propose first)
+UNCOMPRESSED_TS = [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian]
+MAX_CONTEXTS = 128   # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
+# converting an object means holding its decoded pixels in memory: one bigger than this is
+# not converted (an error for the administrator) rather than taking the machine's memory
+MAX_CONVERT_BYTES = 2 * 1024**3
+# PS3.4 B.2.3: 0xB000, 0xB006, 0xB007 are warnings ("stored, with coercion"): stored
+STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 class StorageScp:
@@ -151,27 +165,77 @@ class StorageScp:
 
 
 def push_study(cfg: GatewayConfig, folder: Path) -> int:
-    """C-STORE every file of folder to cfg.pacs; returns the count. Raises GatewayError."""
+    """C-STORE every file of folder to cfg.pacs; returns the count. Raises GatewayError.
+    Files go in their own transfer syntax where the PACS accepted it, else converted to an
+    accepted uncompressed one (decompressed if need be)."""
     host, port = parse_hostport(cfg.pacs, "pacs")
     files = sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
-    contexts: dict[tuple[str, str], None] = {}
+    own: dict[tuple[str, str], None] = {}
     for f in files:
         meta = pydicom.filereader.read_file_meta_info(f)
-        contexts[(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))] = None
-    if len(contexts) > 128:
-        raise GatewayError(f"{folder.name}: more than 128 SOP class/transfer syntax pairs")
+        own[(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))] = None
+    classes = list(dict.fromkeys(c for c, _ in own))
+    fallback = [c for c in classes if any(ts not in UNCOMPRESSED_TS for cc, ts in own if cc == c)]
+    if len(own) + len(fallback) > MAX_CONTEXTS:
+        raise GatewayError(f"{folder.name}: more than {MAX_CONTEXTS} SOP class/transfer syntax pairs")
     ae = AE(ae_title=cfg.ae_title)
-    for sop_class, ts in contexts:
+    for sop_class, ts in own:
         ae.add_requested_context(sop_class, ts)
+    for sop_class in fallback:          # a second context: whichever uncompressed one it takes
+        ae.add_requested_context(sop_class, UNCOMPRESSED_TS)
     assoc = ae.associate(host, port, ae_title=cfg.pacs_ae)
     if not assoc.is_established:
         raise GatewayError(f"PACS {cfg.pacs_ae}@{cfg.pacs}: association refused or not reachable")
+    accepted: dict[str, set[str]] = {}
+    for cx in assoc.accepted_contexts:
+        accepted.setdefault(str(cx.abstract_syntax), set()).update(map(str, cx.transfer_syntax))
+    converted = 0
     try:
         for f in files:
-            status = assoc.send_c_store(f)
-            if not status or status.Status != 0x0000:
+            meta = pydicom.filereader.read_file_meta_info(f)
+            sop_class, ts = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+            took = accepted.get(sop_class, set())
+            if ts in took:
+                status = assoc.send_c_store(f)
+            else:
+                target = next((t for t in UNCOMPRESSED_TS if t in took), None)
+                if target is None:
+                    raise GatewayError(f"PACS {cfg.pacs_ae} accepts neither {_ts_name(ts)} nor an "
+                                       f"uncompressed transfer syntax for SOP class {sop_class} ({f.name})")
+                status = assoc.send_c_store(_converted(f, target))
+                converted += 1
+            if not status or status.Status not in STORED:
                 raise GatewayError(f"PACS refused {f.name}: status {getattr(status, 'Status', None)}")
     finally:
         assoc.release()
-    log.info("study_pushed", study=folder.name, files=len(files), pacs=cfg.pacs)
+    if converted:
+        log.info("pacs_fallback", study=folder.name, files=converted,
+                 reason="the PACS did not accept the stored transfer syntax")
+    log.info("study_pushed", study=folder.name, files=len(files), pacs=cfg.pacs, converted=converted)
     return len(files)
+
+
+def _ts_name(uid: str) -> str:
+    return pydicom.uid.UID(uid).name or uid
+
+
+def _converted(path: Path, target: str) -> pydicom.Dataset:
+    """The object in `target` (uncompressed): pixel data decoded if compressed."""
+    ds = pydicom.dcmread(path)
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts.is_compressed:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        size = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * frames * int(ds.BitsAllocated) // 8
+        if size > MAX_CONVERT_BYTES:
+            raise GatewayError(f"{path.name}: {size} bytes of pixels to decompress for the PACS, more "
+                               f"than {MAX_CONVERT_BYTES}; let the PACS accept {_ts_name(ts)}")
+        try:
+            # the same object in another transfer syntax keeps its SOP Instance UID (PS3.5
+            # 10: a transfer syntax is an encoding, not new content; pydicom would make a new one)
+            ds.decompress(generate_instance_uid=False)
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            raise GatewayError(f"{path.name}: cannot decompress {_ts_name(ts)} for the PACS ({e})") from None
+    uid = pydicom.uid.UID(target)
+    ds.file_meta.TransferSyntaxUID = uid
+    ds.set_original_encoding(uid.is_implicit_VR, uid.is_little_endian)     # encoded anew in `uid`
+    return ds

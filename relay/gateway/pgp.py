@@ -42,10 +42,71 @@ class Verdict:
     bad_signature: bool = False   # BADSIG: the content does not match its signature (gpg then
                                   # stops before DECRYPTION_OKAY, although decryption worked)
     key_expired: bool = False     # EXPKEYSIG/REVKEYSIG: signed by a key expired or revoked since
+                                  # (still `good` if it signed while valid: Keyring.judge)
 
 
 def _status_lines(stderr: str) -> list[list[str]]:
     return [line.split()[1:] for line in stderr.splitlines() if line.startswith("[GNUPG:] ")]
+
+
+# OpenPGP reason-for-revocation codes (RFC 4880 5.2.3.23) after which signatures made before
+# the revocation stay good: the key was replaced or retired, not compromised. "No reason"
+# (0) and "compromised" (2) void every signature (docs/decisions.md, "Gateway verdicts").
+REVOCATION_KEEPS_OLD_SIGNATURES = {1: "superseded", 3: "retired"}
+
+
+@dataclass(frozen=True)
+class SigStatus:
+    """What GnuPG's status lines say about the one signature of a message (pure parsing)."""
+    kinds: frozenset[str]
+    signer: str            # VALIDSIG primary key fingerprint
+    sig_id: str            # SIG_ID: names the signature (GnuPG DETAILS: for replay detection)
+    sig_time: float        # VALIDSIG sig-timestamp: when the signer says it signed
+    key_expired_at: float | None    # KEYEXPIRED (the earliest, if several)
+
+
+def parse_status(status: list[list[str]]) -> SigStatus:
+    kinds = frozenset(s[0] for s in status if s)
+    validsig = next((s for s in status if s and s[0] == "VALIDSIG"), [])
+    sig_id = next((s[1] for s in status if s and s[0] == "SIG_ID" and len(s) > 1), "")
+    expired = [float(s[1]) for s in status if len(s) > 1 and s[0] == "KEYEXPIRED" and s[1].isdigit()]
+    sig_time = float(validsig[3]) if len(validsig) > 3 and validsig[3].isdigit() else 0.0
+    return SigStatus(kinds, validsig[-1] if validsig else "", sig_id, sig_time,
+                     min(expired) if expired else None)
+
+
+def status_of(v: Verdict) -> SigStatus:
+    """The parsed status lines of a verdict (they are kept as text for reason.txt)."""
+    return parse_status([line.split() for line in v.status.splitlines()])
+
+
+def signature_still_good(st: SigStatus, revocation: tuple[float, int] | None) -> tuple[bool, str]:
+    """A valid signature (VALIDSIG) by a key that has expired or been revoked since: good if it
+    was made while the key was valid. (good, why) - `why` explains either way."""
+    if not st.signer or not st.sig_time or st.kinds & {"BADSIG", "ERRSIG"}:
+        return False, "no valid signature"
+    if "REVKEYSIG" in st.kinds:
+        if revocation is None:
+            return False, "the key is revoked (no revocation details found)"
+        when, code = revocation
+        kept = REVOCATION_KEEPS_OLD_SIGNATURES.get(code)
+        if kept is None:
+            return False, f"the key is revoked (reason code {code}: every signature of it is void)"
+        if st.sig_time >= when:
+            return False, f"signed at {_iso(st.sig_time)}, after the key was revoked ({kept}) at {_iso(when)}"
+        return True, f"signed at {_iso(st.sig_time)}, before the key was revoked ({kept}) at {_iso(when)}"
+    if "EXPKEYSIG" in st.kinds:
+        if st.key_expired_at is None:
+            return False, "the key has expired (no expiry time reported)"
+        if st.sig_time >= st.key_expired_at:
+            return False, f"signed at {_iso(st.sig_time)}, after the key expired at {_iso(st.key_expired_at)}"
+        return True, f"signed at {_iso(st.sig_time)}, before the key expired at {_iso(st.key_expired_at)}"
+    return False, "not an expired or revoked key"
+
+
+def _iso(t: float) -> str:
+    import time
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 class Keyring:
@@ -87,6 +148,37 @@ class Keyring:
     def export_public(self) -> str:
         return str(self.gpg.export_keys(self.fingerprint))
 
+    def judge(self, st: SigStatus) -> tuple[bool, str]:
+        """A signature by an expired (EXPKEYSIG) or revoked (REVKEYSIG) key: (good, why)."""
+        if not st.kinds & {"EXPKEYSIG", "REVKEYSIG"}:
+            return False, "not an expired or revoked key"
+        revocation = self.revocation(st.signer) if "REVKEYSIG" in st.kinds else None
+        return signature_still_good(st, revocation)
+
+    def revocation(self, fpr: str) -> tuple[float, int] | None:
+        """(time, reason code) of the primary key's revocation, from `gpg --list-sigs
+        --with-colons` (a `rev` record: field 6 the time, field 11 "20x,<code>")."""
+        if not fpr:
+            return None
+        res = subprocess.run(["gpg", "--homedir", str(self.home), "--batch", "--with-colons",
+                              "--list-sigs", fpr], capture_output=True, text=True, timeout=60, check=False)
+        for line in res.stdout.splitlines():
+            f = line.split(":")
+            if f[0] == "sub":
+                break                       # a subkey's revocation is not the key's
+            if f[0] == "rev" and len(f) > 10 and f[10].startswith("20") and f[5].isdigit():
+                code = f[10].partition(",")[2]
+                return float(f[5]), int(code, 16) if code else 0
+        return None
+
+    def own_key_expiry(self) -> float | None:
+        """When this gateway's own key expires (Unix time), None if never; 0 if revoked."""
+        for k in self.gpg.list_keys(secret=False, keys=[self.fingerprint]):
+            if k.get("trust") == "r":
+                return 0.0
+            return float(k["expires"]) if k.get("expires") else None
+        return None
+
     def encrypt_sign(self, src: Path, dst: Path, recipient_fpr: str) -> None:
         """Sign with our key and encrypt to recipient_fpr, armored, src file -> dst file."""
         res = self.gpg.encrypt_file(str(src), recipients=[recipient_fpr], sign=self.fingerprint,
@@ -125,7 +217,8 @@ class Keyring:
         key_id = next((s[1] for s in status if s and s[0] in ("ERRSIG", "NO_PUBKEY") and len(s) > 1), "")
         decrypted = "DECRYPTION_OKAY" in kinds and "DECRYPTION_FAILED" not in kinds
         signed = bool(kinds & {"GOODSIG", "BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "VALIDSIG"})
-        good = "GOODSIG" in kinds and bool(signer) and not kinds & {"BADSIG", "ERRSIG"}
+        good = ("GOODSIG" in kinds and bool(signer) and not kinds & {"BADSIG", "ERRSIG"}
+                or self.judge(parse_status(status))[0])       # signed while the key was valid
         v = Verdict(decrypted, signed, good, signer, key_id,
                     "\n".join(" ".join(s) for s in status), "BADSIG" in kinds,
                     bool(kinds & {"EXPKEYSIG", "REVKEYSIG"}))
@@ -137,10 +230,15 @@ class Keyring:
 def generate_key(home: Path, uid: str) -> tuple[str, str]:
     """Test/bench helper: a fresh ed25519/cv25519 key without passphrase in `home`.
     Returns (armored secret key, armored public key)."""
+    return generate_key_expiring(home, uid, "never")
+
+
+def generate_key_expiring(home: Path, uid: str, expire: str) -> tuple[str, str]:
+    """generate_key whose signing (primary) key expires per gpg's `expire` ("1d", "seconds=30")."""
     ring = Keyring(home)
     try:
         subprocess.run(["gpg", "--homedir", str(ring.home), "--batch", "--passphrase", "",
-                        "--quick-gen-key", uid, "ed25519", "sign", "never"],
+                        "--quick-gen-key", uid, "ed25519", "sign", expire],
                        check=True, capture_output=True, timeout=60)
         fpr = ring.gpg.list_keys(secret=True)[0]["fingerprint"]
         subprocess.run(["gpg", "--homedir", str(ring.home), "--batch", "--passphrase", "",

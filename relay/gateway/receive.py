@@ -17,12 +17,15 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 
 from relay.gateway import dicommime, message, transport
 from relay.gateway.core import Gateway, remove_tree
 from relay.gateway.mime import MimeError, read_headers
 from relay.gateway.peers import DirectoryError
+from relay.gateway.pgp import status_of
+from relay.gateway.state import is_negative
 from relay.log import get_logger
 
 log = get_logger("gateway.receive")
@@ -39,8 +42,17 @@ INCOMPLETE = "incomplete"
 NOT_DICOM = "not-dicom"
 MALFORMED = "malformed"
 EXPIRED_KEY = "expired-key"
+REPLAY = "replay"
+DIRECTORY_REFUSED = "directory-refused"
+MDN_UNVERIFIED = "mdn-unverified"
+
+# No negative MDN for these: a replay's original was answered already (and the replayer chose
+# the new Message-ID); the others never get one as the message asked for none we can trust
+NO_NEGATIVE_MDN = {REPLAY, DIRECTORY_REFUSED, MDN_UNVERIFIED}
 
 MDN_GIVE_UP = 7 * 24 * 3600.0   # a receipt the relay refused for a week is dropped (logged)
+MAX_DIRECTORY_MESSAGE = 64 * 1024**2   # a directory document is far smaller (take_directory's bound)
+MAX_GET_IDS = 16                # Message-IDs of our latest directory GETs (replies name one)
 
 
 @dataclass
@@ -92,13 +104,18 @@ def _addr(value: str | None) -> str:
 
 class Receiver:
     def __init__(self, gw: Gateway, source: transport.MailSource,
-                 pacs_push: Callable[[Path], None] | None = None) -> None:
+                 pacs_push: Callable[[Path], str | None] | None = None,
+                 directory_only: bool = False) -> None:
+        """`pacs_push(folder)` returns None when the PACS took the study, else why not.
+        `directory_only`: handle only the directory's replies (`relay gateway directory`);
+        studies and receipts stay in the mailbox for `receive`."""
         self.gw = gw
         self.cfg = gw.cfg
         self.source = source
         self.pacs_push = pacs_push
         self.summary = Summary()
         self.waiting = False
+        self.directory_only = directory_only
         self.downloads = self.cfg.state_dir / "downloads"
         self.downloads.mkdir(parents=True, exist_ok=True)
 
@@ -110,7 +127,7 @@ class Receiver:
         waiting = self.source.messages()
         self.drop_stale_downloads({key for key, _ in waiting})
         for key, size in waiting:
-            if key in held:
+            if key in held or (self.directory_only and size > MAX_DIRECTORY_MESSAGE):
                 continue
             try:
                 self.handle(key, size)
@@ -122,8 +139,19 @@ class Receiver:
                 # not quarantined (handle() quarantines what it can): never fatal for the loop
                 self.summary.failed += 1
                 log.error("receive_failed", key=key, error=f"{type(e).__name__}: {e}", exc_info=e)
-        self.expire_partials()
+        if not self.directory_only:
+            self.expire_partials()
+            self.warn_unconfirmed()
+            self.send_mdns()            # the negative ones of messages quarantined this round
         return self.summary
+
+    def warn_unconfirmed(self) -> None:
+        """Log each sent study still without an MDN after `unconfirmed_after` seconds, once
+        (`relay gateway status` lists them as OVERDUE)."""
+        for s in self.gw.state.overdue(self.cfg.unconfirmed_after):
+            log.warning("study_unconfirmed", study=s.study_uid, to=s.recipient, message_id=s.message_id,
+                        hours=round((time.time() - s.sent_at) / 3600, 1))
+            self.gw.state.mark_warned(s.message_id)
 
     def run_forever(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Handle mail as it comes: IMAP IDLE (re-issued every idle_timeout, RFC 2177: before
@@ -193,12 +221,18 @@ class Receiver:
             # stopped on it would stop on it again at every start)
             if not path.exists():
                 raise
+            if self.directory_only:
+                return          # `receive` quarantines it; `directory` only looks for answers
             self.quarantine([path], [key], MALFORMED, f"{type(e).__name__}: {e}")
 
     def _handle(self, key: str, path: Path) -> None:
         with open(path, "rb") as fp:
             head, _ = read_headers(fp)
         sender = _addr(head.get("From"))
+        from_directory = (sender == self.cfg.directory_mailbox.lower()
+                          and head.get_content_type() != "multipart/encrypted")
+        if self.directory_only and not from_directory:
+            return          # left in the mailbox (and its download on disk) for `receive`
         try:
             info = message.partial_info(head)
         except MimeError as e:
@@ -214,19 +248,46 @@ class Receiver:
             self.quarantine([path], [key], MALFORMED, str(e))
             return
         if mdn is not None:
-            self.take_mdn(mdn, sender)
+            refused = self.take_mdn(mdn, sender)
+            if refused:
+                self.quarantine([path], [key], MDN_UNVERIFIED, refused, sender=sender,
+                                message_id=(head.get("Message-ID") or "").strip())
+                return
             self.finish([key], [path])
             return
-        if sender == self.cfg.directory_mailbox.lower() and head.get_content_type() != "multipart/encrypted":
+        if from_directory:
             # a service reply (signed document, "unchanged", a key): never a study. (An
             # encrypted message From: the directory is no reply: it is checked as a study and
-            # quarantined, not dropped.)
-            self.summary.directory_replies += 1
-            if not self.take_directory(path):
+            # quarantined, not dropped.) From: is not authenticated: a plain message that is
+            # neither a signed document nor a reply to one of our GETs is quarantined.
+            try:
+                taken = self.take_directory(path)
+            except DirectoryError as e:
+                self.summary.directory_replies += 1
+                self.quarantine([path], [key], DIRECTORY_REFUSED, str(e), sender=sender,
+                                message_id=(head.get("Message-ID") or "").strip())
+                return
+            if not taken:
+                if not self.answers_our_get(head):
+                    self.quarantine([path], [key], NOT_ENCRYPTED,
+                                    f"a plain message From: {sender} that is neither a signed "
+                                    "directory document nor a reply to this gateway's GET",
+                                    sender=sender, message_id=(head.get("Message-ID") or "").strip())
+                    return
                 log.info("directory_reply", subject=head.get("Subject", ""))
+            self.summary.directory_replies += 1
             self.finish([key], [path])
             return
         self.process(path, [key], [path])
+
+    def answers_our_get(self, head: Message) -> bool:
+        refs = f"{head.get('In-Reply-To', '')} {head.get('References', '')}".split()
+        return bool(set(refs) & set(self.gw.state.get_meta("directory_get_ids").split()))
+
+    def note_get(self, message_id: str) -> None:
+        """Remember a GET we sent: its replies name it in In-Reply-To."""
+        ids = self.gw.state.get_meta("directory_get_ids").split() + [message_id]
+        self.gw.state.set_meta("directory_get_ids", " ".join(ids[-MAX_GET_IDS:]))
 
     def finish(self, keys: list[str], files: list[Path]) -> None:
         """Done with these mailbox messages: delete them there, then forget the local copies."""
@@ -238,21 +299,33 @@ class Receiver:
 
     # --- MDNs and directory documents ------------------------------------------------------
 
-    def take_mdn(self, mdn: message.Mdn, sender: str) -> None:
+    def take_mdn(self, mdn: message.Mdn, sender: str) -> str:
+        """Confirm the sent study an MDN names. Returns why it is refused ("" if taken): a
+        receipt not signed by its sender's directory key confirms nothing (forgeable)."""
         peer = self.gw.directory.peer(sender)
         signed_ok = peer is not None and mdn.signer == peer.fingerprint
         if not signed_ok and not self.cfg.accept_unsigned_mdn:
             log.warning("mdn_unverified", original_id=mdn.original_id, sender=sender,
                         signer=mdn.signer or "none")
-            return
-        if not self.gw.state.confirm(mdn.original_id, sender, mdn.disposition):
+            return (f"a receipt for {mdn.original_id} that is not signed by {sender}'s key in the "
+                    f"directory (signer: {mdn.signer or 'none'}); it confirmed nothing")
+        disposition = mdn.disposition + (f" (Error: {mdn.error})" if mdn.error else "")
+        if not self.gw.state.confirm(mdn.original_id, sender, disposition):
+            # a second receipt, or one for a study this gateway did not send: nothing to do
             log.warning("mdn_unmatched", original_id=mdn.original_id, sender=sender)
-            return
+            return ""
         self.summary.mdns += 1
-        log.info("mdn_received", original_id=mdn.original_id, sender=sender, disposition=mdn.disposition)
+        if is_negative(mdn.disposition):
+            log.warning("study_refused_by_receiver", original_id=mdn.original_id, sender=sender,
+                        disposition=mdn.disposition, error=mdn.error)
+        else:
+            log.info("mdn_received", original_id=mdn.original_id, sender=sender, disposition=mdn.disposition)
+        return ""
 
     def take_directory(self, path: Path) -> bool:
-        """A signed directory document from the directory address (a GET reply or a push)."""
+        """A signed directory document from the directory address (a GET reply or a push):
+        True if it was one (adopted, or not newer than ours); raises DirectoryError if it is
+        refused (bad signature, older serial)."""
         from relay.gateway.mime import MultipartReader, param
         found: dict[str, bytes] = {}
         with open(path, "rb") as fp:
@@ -260,7 +333,7 @@ class Receiver:
             boundary = param(head, "boundary")
             if head.get_content_type() != "multipart/mixed" or not boundary:
                 return False
-            if os.fstat(fp.fileno()).st_size > 64 * 1024**2:
+            if os.fstat(fp.fileno()).st_size > MAX_DIRECTORY_MESSAGE:
                 return False
             for h, chunks in MultipartReader(fp, boundary).parts():
                 name = param(h, "filename", "content-disposition") or param(h, "name") or ""
@@ -276,6 +349,7 @@ class Receiver:
             self.summary.directory_updates += 1
         except DirectoryError as e:
             log.warning("directory_refused", reason=str(e))
+            raise
         return True
 
     # --- message/partial -------------------------------------------------------------------
@@ -329,10 +403,16 @@ class Receiver:
             parts = self.gw.state.partial_set(pid)
             if parts and now - min(at for *_, at in parts) > self.cfg.reassembly_timeout:
                 total = next((t for _, t, *_ in parts if t), None)
+                sender, _, orig_id = pid.partition(" ")
+                # the MDN request is in part 1's enclosing header (RFC 2046 5.2.2.1)
+                asked = False
+                if parts[0][0] == 1:
+                    with contextlib.suppress(OSError, MimeError), open(parts[0][2], "rb") as fp:
+                        asked = bool(read_headers(fp)[0].get("Disposition-Notification-To"))
+                detail = (f"message/partial id {orig_id}: have parts {[n for n, *_ in parts]} of "
+                          f"{total or '?'} after {self.cfg.reassembly_timeout:.0f} s")
                 self.quarantine([p for _, _, p, *_ in parts], [k for _, _, _, k, _, _ in parts],
-                                INCOMPLETE, f"message/partial id {pid}: have parts "
-                                f"{[n for n, *_ in parts]} of {total or '?'} after "
-                                f"{self.cfg.reassembly_timeout:.0f} s")
+                                INCOMPLETE, detail, sender=sender, message_id=orig_id, mdn_asked=asked)
                 self.gw.state.drop_partials(pid)
 
     # --- the study message ------------------------------------------------------------------
@@ -350,21 +430,25 @@ class Receiver:
             log.info("duplicate_dropped", message_id=mid, sender=sender)
             self.finish(keys, files)
             return
+        asked = bool(head.get("Disposition-Notification-To"))
         work = self.gw.workdir("incoming")
         try:
-            study_uid, count = self.verify_and_import(path, head, sender, work)
+            study_uid, count, sig_id, signer, pacs_error = self.verify_and_import(path, head, sender, work)
         except Quarantined as q:
-            self.quarantine(files, keys, q.reason, q.detail, sender=sender, message_id=mid)
+            self.quarantine(files, keys, q.reason, q.detail, sender=sender, message_id=mid, mdn_asked=asked)
             return
         except (MimeError, ValueError) as e:           # anything the checks did not name
             self.quarantine(files, keys, MALFORMED, f"{type(e).__name__}: {e}", sender=sender,
-                            message_id=mid)
+                            message_id=mid, mdn_asked=asked)
             return
         finally:
             remove_tree(work)
-        self.gw.state.add_received(mid, study_uid, sender, count)
-        if head.get("Disposition-Notification-To") and mid:
-            self.gw.state.add_pending_mdn(mid, sender, count)     # owed from now on
+        self.gw.state.add_received(mid, study_uid, sender, count, sig_id, signer)
+        if asked and mid:
+            # owed from now on; the disposition says whether the PACS has it too
+            self.gw.state.add_pending_mdn(mid, sender, count, "processed/error" if pacs_error else None,
+                                          f"imported, but the PACS did not take it: {pacs_error}"
+                                          if pacs_error else None)
         self.finish(keys, files)
         self.summary.imported.append(study_uid)
         log.info("study_imported", study=study_uid, sender=sender, files=count, message_id=mid)
@@ -378,22 +462,31 @@ class Receiver:
             return
         try:
             with transport.smtp_session(self.cfg) as smtp:
-                for mid, to, count, since in owed:
-                    if time.time() - since > MDN_GIVE_UP:
-                        log.error("mdn_given_up", message_id=mid, to=to)
-                        self.gw.state.drop_pending_mdn(mid)
+                for m in owed:
+                    if time.time() - m.since > MDN_GIVE_UP:
+                        log.error("mdn_given_up", message_id=m.message_id, to=m.recipient)
+                        self.gw.state.drop_pending_mdn(m.message_id)
                         continue
-                    mdn = message.build_mdn(self.cfg.address, to, mid,
-                                            f"{count} DICOM objects of one study were verified and imported.",
-                                            self.gw.ring)
-                    smtp.send(self.cfg.address, to, [mdn], size=len(mdn))
-                    self.gw.state.drop_pending_mdn(mid)
+                    if m.disposition.startswith("deleted"):
+                        text = ("The study was refused and quarantined, not imported: "
+                                f"{m.error}\r\nSend it again once the cause is fixed.")
+                    else:
+                        text = f"{m.files} DICOM objects of one study were verified and imported."
+                        if m.error:
+                            text += f"\r\n{m.error}"
+                    mdn = message.build_mdn(self.cfg.address, m.recipient, m.message_id, text,
+                                            self.gw.ring, m.disposition, m.error)
+                    smtp.send(self.cfg.address, m.recipient, [mdn], size=len(mdn))
+                    self.gw.state.drop_pending_mdn(m.message_id)
                     self.summary.mdns_sent += 1
         except transport.TransportError as e:
             # the studies are imported either way; the senders' status keeps them unconfirmed
             log.error("mdn_send_failed", owed=len(owed), error=str(e))
 
-    def verify_and_import(self, path: Path, head: object, sender: str, work: Path) -> tuple[str, int]:
+    def verify_and_import(self, path: Path, head: object, sender: str,
+                          work: Path) -> tuple[str, int, str, str, str | None]:
+        """Check, then import into the inbox and push to the PACS: (study, files, signature id,
+        signer, why the PACS did not take it or None)."""
         peer = self.gw.directory.peer(sender)
         t = time.monotonic()
         try:
@@ -411,8 +504,9 @@ class Receiver:
             raise Quarantined(UNSIGNED, "encrypted but not signed\n" + v.status)
         if not v.good:
             if v.key_expired:
-                raise Quarantined(EXPIRED_KEY, "signed with a key that has expired or been revoked "
-                                               "(the sender needs a new key in the directory)\n" + v.status)
+                why = self.gw.ring.judge(status_of(v))[1]
+                raise Quarantined(EXPIRED_KEY, f"{why} (the sender needs a new key in the "
+                                               "directory)\n" + v.status)
             if v.key_id and "BADSIG" not in v.status:
                 raise Quarantined(UNKNOWN_KEY, f"signed by key {v.key_id}, not in the directory\n" + v.status)
             raise Quarantined(BAD_SIGNATURE, "the signature does not verify\n" + v.status)
@@ -425,6 +519,13 @@ class Receiver:
             raise Quarantined(WRONG_KEY, f"From: {sender} but signed by {v.signer}"
                                          f" ({signer.address if signer else 'not in the directory'});"
                                          f" {sender}'s key is {peer.fingerprint}")
+        st = status_of(v)
+        if v.key_expired:
+            log.info("signature_predates_key_end", sender=sender, note=self.gw.ring.judge(st)[1])
+        seen = self.gw.state.signature_seen(st.sig_id, v.signer) if st.sig_id else None
+        if seen is not None:
+            raise Quarantined(REPLAY, f"the same signed content (signature {st.sig_id}) was imported "
+                                      f"already as {seen[0]} (study {seen[1]})")
         t = time.monotonic()
         try:
             files = dicommime.extract_study(work / "plain.mime", work / "files")
@@ -442,14 +543,17 @@ class Receiver:
             _move_durably(f.path, dest / f"{f.instance.sop_uid}.dcm")
         _fsync_dir(dest)
         self.summary.add_time("import", t)
-        if self.pacs_push is not None:
-            self.pacs_push(dest)
-        return study_uid, len(files)
+        pacs_error = self.pacs_push(dest) if self.pacs_push is not None else None
+        return study_uid, len(files), st.sig_id, v.signer, pacs_error
 
     # --- quarantine --------------------------------------------------------------------------
 
     def quarantine(self, files: list[Path], keys: list[str], reason: str, detail: str,
-                   sender: str = "", message_id: str = "") -> None:
+                   sender: str = "", message_id: str = "", mdn_asked: bool = False) -> None:
+        """Move the message(s) to quarantine/<time>-<id>/ with reason.txt, delete them from the
+        mailbox. With `mdn_asked`, a negative MDN (RFC 8098 `deleted/error`) is owed to the
+        sender if it is an active participant of the directory (never to a stranger: no
+        backscatter to a forged From:)."""
         qdir = self.cfg.quarantine / f"{time.strftime('%Y%m%dT%H%M%S')}-{hashlib.sha256(repr(keys).encode()).hexdigest()[:10]}"
         qdir.mkdir(parents=True, exist_ok=True)
         names = ["message.eml"] if len(files) == 1 else [f.name for f in files]
@@ -460,6 +564,10 @@ class Receiver:
             f"{reason}\n{detail}\nfrom: {sender}\nmessage-id: {message_id}\nmailbox: {' '.join(keys)}\n"
             f"time: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n", encoding="utf-8")
         _fsync_dir(qdir)
+        if (mdn_asked and message_id and reason not in NO_NEGATIVE_MDN and sender
+                and self.gw.directory.peer(sender) is not None):
+            self.gw.state.add_pending_mdn(message_id, sender, 0, "deleted/error",
+                                          f"{reason}: {detail.splitlines()[0] if detail else ''}")
         self.finish(keys, [])
         self.summary.quarantined.append((qdir.name, reason))
         log.warning("quarantined", reason=reason, folder=str(qdir), sender=sender, message_id=message_id,

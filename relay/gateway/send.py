@@ -31,7 +31,20 @@ class SendReport:
     method: str = ""                                           # BDAT or DATA
 
 
+def check_own_key(gw: Gateway) -> None:
+    """gpg cannot sign with an expired or revoked key (python-gnupg then dies writing to it):
+    say so before any work, with what to do."""
+    ends = gw.ring.own_key_expiry()
+    if ends is not None and ends <= time.time():
+        what = "has been revoked" if ends == 0 else \
+            f"expired on {time.strftime('%Y-%m-%d %H:%M', time.gmtime(ends))} UTC"
+        raise GatewayError(f"this gateway's own key {gw.ring.fingerprint} {what}: nothing can be "
+                           "signed with it; make a new key (docs/gateway.md, step 1), have the relay "
+                           "operator register it (relay participant update --key) and set secret_key")
+
+
 def send_study(gw: Gateway, to: str, instances: list[dicommime.Instance]) -> SendReport:
+    check_own_key(gw)
     peer = gw.directory.peer(to)
     if peer is None:
         raise GatewayError(f"{to} is not an active participant in the directory "

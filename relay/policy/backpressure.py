@@ -3,7 +3,8 @@ each congested receiver drains its mailbox (issue 4).
 
 The SMTP server calls (docs/architecture.md, "Policy hooks"):
 
-    policy.check_rcpt(address, declared_size) -> Reply | None       # free disk
+    policy.check_rcpt(address, declared_size, claim) -> Reply | None   # free disk
+    claim = policy.claim_disk(declared_size); claim.wrote(n); claim.release()
     pacer = policy.pacer(recipients); delay = pacer.on_data(nbytes); pacer.close()
 
 Quotas are not the policy's: the store's ledger refuses a recipient at
@@ -123,6 +124,26 @@ class Pacer:
             self.policy._update_congestion(r, now)
 
 
+class DiskClaim:
+    """The part of a message's declared SIZE not yet written (issue 12): free disk space that
+    is already promised. One per message (its file is stored once, however many recipients);
+    `wrote(n)` as bytes reach the disk, `release()` on every terminal outcome."""
+
+    def __init__(self, policy: Backpressure, declared: int) -> None:
+        self.policy = policy
+        self.remaining = declared
+        policy._claimed += declared
+
+    def wrote(self, nbytes: int) -> None:
+        n = min(nbytes, self.remaining)
+        self.remaining -= n
+        self.policy._claimed -= n
+
+    def release(self) -> None:
+        self.policy._claimed -= self.remaining
+        self.remaining = 0
+
+
 def statvfs_free(path: str | os.PathLike[str]) -> Callable[[], int]:
     def probe() -> int:
         st = os.statvfs(path)
@@ -142,6 +163,7 @@ class Backpressure:
         self._recipients: dict[str, _Recipient] = {}
         self._started = clock()        # the change feed covers every mailbox from here
         self._paced_seconds = 0.0
+        self._claimed = 0                             # declared bytes of open messages not yet written
         self._deferrals = {"quota": 0, "quota_end_of_data": 0, "disk": 0}
         self._unsubscribe: Callable[[], None] | None = store.changes.subscribe(None, self._on_change)
 
@@ -199,19 +221,27 @@ class Backpressure:
 
     # --- the hooks -------------------------------------------------------------------------
 
-    def check_rcpt(self, address: str, declared_size: int | None) -> Reply | None:
-        """None = accept; 452 4.3.1 when free disk would fall below min_free_disk. (Quotas:
-        the ledger, at Delivery.add_recipient.)"""
+    def check_rcpt(self, address: str, declared_size: int | None,
+                   claim: DiskClaim | None = None) -> Reply | None:
+        """None = accept. 452 4.3.1 when free disk, less what messages in progress declared
+        and have not written yet, would fall below min_free_disk. `claim`: this message's own
+        claim (a second recipient of the same message is not counted twice). (Quotas: the
+        store's ledger, at Delivery.add_recipient.)"""
         size = declared_size or 0
         try:
             free = self.free_disk()
         except OSError as e:
             log.warning("statvfs-failed", error=e.strerror)
             free = None
-        if free is not None and free - size < self.config.min_free_disk:
-            self.deferred("disk", address, free=free, size=size)
+        promised = self._claimed - (claim.remaining if claim is not None else 0)
+        if free is not None and free - promised - (0 if claim is not None else size) < self.config.min_free_disk:
+            self.deferred("disk", address, free=free, size=size, promised=promised)
             return R_DISK_LOW
         return None
+
+    def claim_disk(self, declared: int) -> DiskClaim:
+        """Count a message's declared SIZE as promised disk space until it is written."""
+        return DiskClaim(self, declared)
 
     def pacer(self, recipients: list[str]) -> Pacer:
         return Pacer(self, [self._recipient(normalize_address(a)) for a in dict.fromkeys(recipients)])

@@ -91,7 +91,6 @@ R_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and atte
 R_TLS_GO = Reply(220, "2.0.0", "Ready to start TLS")
 R_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 R_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-R_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")      # RFC 4954 6
 R_AUTH_B64 = Reply(501, "5.5.2", "Cannot decode response")
 R_AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 R_AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
 from relay.log import get_logger
-from relay.policy.backpressure import Backpressure
+from relay.policy.backpressure import Backpressure, statvfs_free
+from relay.policy.penalty import LoginPenalty
+from relay.policy.reserve import DiskReserve
 from relay.server.imap import ImapCounters
 from relay.server.listener import (
     SessionRegistry,
@@ -23,6 +25,7 @@ from relay.server.listener import (
     make_server_ssl_context,
 )
 from relay.server.pop3 import Pop3Service
+from relay.server.pressure import ReadBuffers
 from relay.server.smtp import SmtpCounters
 from relay.store import passwords
 from relay.store.api import MessageStore
@@ -43,6 +46,12 @@ class Relay:
         self.sessions = SessionRegistry()
         self.ssl_ctx = make_server_ssl_context(config)
         self.policy: Any = Backpressure(config, self.store)   # disk, pacing (quotas: the ledger)
+        # the one login throttle of SMTP AUTH, IMAP and POP3; argon2 on its own pool (issue 12)
+        self.logins = LoginPenalty(config, self.store.accounts.verify)
+        self.read_buffers = ReadBuffers()         # SMTP receive buffers, lent per read
+        # room for deletions on a full disk (receivers must be able to drain it)
+        self.reserve = DiskReserve(config.data_dir, config.backpressure.disk_reserve,
+                                   config.min_free_disk, statvfs_free(config.data_dir))
         self.smtp_stats = SmtpCounters()                     # the SMTP listeners' figures
         self.imap_stats = ImapCounters()
         self.pop3 = Pop3Service()                            # POP3 figures and maildrop locks
@@ -60,6 +69,7 @@ class Relay:
         from relay.server import imap, pop3, smtp
 
         await self.store.open()                    # the backend's crash recovery
+        self.reserve.start()
         from relay.directory import (
             DirectoryService,  # answers directory@, pushes changes, HTTP
         )

@@ -45,8 +45,10 @@ from relay.protocol.imap import (
     tagged,
     untagged,
 )
+from relay.policy.penalty import MAX_FAILURES_PER_SESSION, Verdict
 from relay.server.listener import Session, create_stream_servers
-from relay.store.api import Body, Change, Flag, MessageInfo, StoreError, StoreUnavailable, normalize_address
+from relay.server.pressure import RECHECK_SECONDS
+from relay.store.api import Body, Change, Flag, MessageInfo, StoreError, normalize_address
 
 log = get_logger("imap")
 
@@ -56,7 +58,6 @@ INLINE_SCAN = 1024 * 1024         # MIME structure of files up to this size is p
 WAKE_CHUNK = 64 * 1024            # sent through the transport when sendfile finds the socket full
 READ_SIZE = 64 * 1024
 WRITE_HIGH_WATER = 2 * CHUNK      # transport buffer bound before drain() waits
-MAX_AUTH_FAILURES = 5             # then BYE (slows password guessing)
 IDLE_POLL = 30.0                  # IDLE also re-reads the index this often (changes by other processes)
 PERMANENT = proto.SYSTEM_FLAGS
 # The store's flags as IMAP names, and the protocol module's encoding of every combination
@@ -137,6 +138,10 @@ class _Bye(Exception):
         self.outcome = outcome
 
 
+# exceptions that end the session by design (not bugs in one command)
+_SESSION_ENDS = (_Closed, _Bye, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError)
+
+
 def _is_inbox(name: str) -> bool:
     return name.upper() == "INBOX"
 
@@ -172,6 +177,9 @@ class ImapSession:
         self.sent = 0
         self._pending_read: asyncio.Task[bytes] | None = None
         self._idling = False                  # waiting in IDLE: nothing to finish at shutdown
+        self._started = time.monotonic()      # the login deadline counts from here
+        self._line_open = False               # the last bytes written did not end a line
+        self._in_response = False             # a FETCH response with literals is being sent
 
     def _new_parser(self) -> proto.ImapParser:
         return proto.ImapParser(self.config.imap.max_line, self.config.imap.max_literal)
@@ -182,6 +190,7 @@ class ImapSession:
         self._check_open()
         self.sent += len(data)
         self.writer.write(data)
+        self._line_open = not data.endswith(b"\r\n")
 
     def _check_open(self) -> None:
         """A transport closed by the peer (RST) or by shutdown refuses writes with
@@ -198,17 +207,42 @@ class ImapSession:
             await self.writer.drain()
 
     async def read_more(self) -> None:
-        """Feed the parser the next bytes from the client (autologout on idle_timeout)."""
+        """Feed the parser the next bytes from the client (autologout on idle_timeout; before
+        login, the login deadline: relay/server/pressure.py)."""
         if self._pending_read is None:
             self._pending_read = asyncio.ensure_future(self.reader.read(READ_SIZE))
-        try:
-            data = await asyncio.wait_for(asyncio.shield(self._pending_read), self.config.imap.idle_timeout)
-        except TimeoutError:
-            raise _Bye("Autologout; idle for too long") from None
+        t0 = time.monotonic()
+        while True:
+            timeout, why = self._read_timeout(t0)
+            if timeout <= 0:
+                raise _Bye(why)
+            try:
+                data = await asyncio.wait_for(asyncio.shield(self._pending_read), timeout)
+                break
+            except TimeoutError:
+                continue
         self._pending_read = None
         if not data:
             raise _Closed
         self.parser.receive_data(data)
+
+    def _read_timeout(self, t0: float) -> tuple[float, str]:
+        """(seconds to wait for the read begun at t0, why the session ends when they run
+        out). imap.idle_timeout per read (RFC 9051 5.4); before login also what is left of
+        the login timeout, counted from connect and not reset by each byte, shorter under
+        stress, and looked at again every RECHECK_SECONDS (stress may begin meanwhile)."""
+        c = self.config.imap
+        now = time.monotonic()
+        idle_left = t0 + c.idle_timeout - now
+        if self.state != NOT_AUTH:
+            return idle_left, "Autologout; idle for too long"
+        limit = c.login_timeout
+        if self.relay.sessions.stressed("imap"):
+            limit = min(limit, c.stress_login_timeout)
+        login_left = self._started + limit - now
+        if idle_left <= login_left:
+            return min(idle_left, RECHECK_SECONDS), "Autologout; idle for too long"
+        return min(login_left, RECHECK_SECONDS), "Login timeout"
 
     async def next_event(self) -> proto.Event:
         while True:
@@ -221,14 +255,17 @@ class ImapSession:
     # --- session -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.session = self.relay.sessions.open("imap", self.peer_ip, self.config.imap.max_sessions,
-                                                self.config.imap.max_sessions_per_client)
+        c = self.config.imap
+        self.session = self.relay.sessions.open("imap", self.peer_ip, c.max_sessions,
+                                                c.max_sessions_per_client, c.stress_threshold)
         if self.session is None:
             self.writer.write(b"* BYE [UNAVAILABLE] Too many connections or shutting down\r\n")
             await self._close()
             return
         self.session.closer = self._shutdown
         self.session.on_shutdown = self._on_shutdown
+        self.session.evict = self._evict
+        self.session.idle_since = self._started       # evictable under stress until login
         outcome = "dropped"
         try:
             self.writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
@@ -243,9 +280,12 @@ class ImapSession:
                 await asyncio.wait_for(self.flush(), 5)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as e:
             log.info("connection_lost", sid=self.session.sid, error=type(e).__name__)
-        except Exception as e:  # one session's bug must not kill the listener
+        except Exception as e:  # the parser or the glue failed: the state is not to be trusted
             outcome = "error"
-            log.error("session_failed", sid=self.session.sid, exc_info=e)
+            log.error("session_failed", sid=self.session.sid, error=type(e).__name__)
+            with contextlib.suppress(Exception):
+                self.write(untagged("BYE Internal error, closing"))
+                await asyncio.wait_for(self.flush(), 5)
         finally:
             self._deselect()
             if self._pending_read is not None:
@@ -254,6 +294,12 @@ class ImapSession:
                      outcome=outcome, bytes_out=self.sent)
             self.session.close(outcome)
             await self._close()
+
+    def _evict(self) -> None:
+        """Under stress with every slot taken: this session, not logged in, makes room."""
+        with contextlib.suppress(Exception):
+            self.writer.write(untagged("BYE [UNAVAILABLE] Server busy, closing idle session"))
+        self.writer.close()
 
     def _shutdown(self) -> None:
         """Called by Relay.stop() after the grace period: say BYE (RFC 9051 7.1.5), close."""
@@ -290,17 +336,37 @@ class ImapSession:
             # per 64 KiB read
             if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
                 await self.flush()
+            sent = self.sent
             try:
-                await handler(ev)
+                try:
+                    await handler(ev)
+                except StoreError as e:       # a full disk: the reserve makes room, once
+                    if self.sent != sent or not self.relay.reserve.release_for(e):
+                        raise
+                    await handler(ev)
             except ImapSyntaxError as e:
                 self.write(tagged(ev.tag, "BAD", str(e) if str(e).startswith("[") else f"Syntax error: {e}"))
             except StoreError as e:            # I/O trouble, account removed meanwhile: temporary
                 log.error("store_error", sid=self.session.sid if self.session else "", command=ev.name,
                           error=str(e))
+                self._after_failure()
                 self.write(tagged(ev.tag, "NO", "[UNAVAILABLE] Temporary failure, try again later"))
+            except _SESSION_ENDS:
+                raise
+            except Exception as e:             # a bug in one command: one line, NO, go on
+                log.error("command_failed", sid=self.session.sid if self.session else "",
+                          command=ev.name, error=type(e).__name__)
+                self._after_failure()
+                self.write(tagged(ev.tag, "NO", "[SERVERBUG] Internal error, try again later"))
             if self.state == proto.LOGOUT:
                 await self.flush()
                 return "ok"
+
+    def _after_failure(self) -> None:
+        """A command failed: when its response was cut inside a line or a literal, the
+        client cannot parse what follows; the session ends with BYE instead."""
+        if self._line_open or self._in_response:
+            raise _Bye("Internal error, closing", "error")
 
     # --- any state -----------------------------------------------------------------------
 
@@ -355,28 +421,27 @@ class ImapSession:
         self.parser = self._new_parser()
 
     async def _login(self, tag: str, user: str, password: str) -> None:
-        ok = False
-        try:
-            ok = await self.store.accounts.verify(user, password)
-        except StoreUnavailable:  # the store's database is away: not the client's fault
-            self.write(tagged(tag, "NO", "[UNAVAILABLE] Temporary failure, try again later"))
-            return
-        except StoreError as e:  # malformed address, unknown account: the same answer
-            log.info("login_error", sid=self.session.sid if self.session else "", error=type(e).__name__)
-        if not ok:
-            self.stats.login_failures += 1
+        sid = self.session.sid if self.session else ""
+        verdict = await self.relay.logins.verify("imap", self.peer_ip, user, password, sid)
+        if verdict is not Verdict.OK:
             self.auth_failures += 1
-            log.info("login_failed", sid=self.session.sid if self.session else "", user=user[:100])
-            if self.auth_failures >= MAX_AUTH_FAILURES:
+            if verdict is Verdict.FAILED:
+                self.stats.login_failures += 1
                 self.write(tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed"))
+            else:
+                self.write(tagged(tag, "NO", "[UNAVAILABLE] Too many attempts, try again later"))
+            if self.auth_failures >= MAX_FAILURES_PER_SESSION:
                 raise _Bye("Too many authentication failures", "auth_failures")
-            await asyncio.sleep(0.2 * self.auth_failures)
-            self.write(tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed"))
             return
         self.address = normalize_address(user)
         self.state = AUTH
+        if self.session is not None:
+            self.session.idle_since = None
         self.stats.logins += 1
-        await self.store.mailbox(self.address).note_poll()
+        try:                                   # bookkeeping: best effort (a full disk must
+            await self.store.mailbox(self.address).note_poll()   # not keep a receiver from draining)
+        except Exception as e:  # noqa: BLE001
+            log.warning("note_poll_failed", sid=sid, error=type(e).__name__)
         self.write(tagged(tag, "OK", f"[CAPABILITY {self.capabilities()}] Logged in"))
 
     def _plaintext_refused(self, tag: str) -> bool:
@@ -691,6 +756,7 @@ class ImapSession:
         if not self.readonly:
             deleted = await self._deleted_now()
             if deleted:
+                self.relay.reserve.before_deletion()
                 await self.mailbox.expunge(deleted)
         self._deselect()
         self.state = AUTH
@@ -712,6 +778,8 @@ class ImapSession:
             proto.want_args(cmd, 0, 0)
             named = {m.uid for m in self.view}
         deleted = await self._deleted_now(named)
+        if deleted:
+            self.relay.reserve.before_deletion()
         gone = set(await self.mailbox.expunge(deleted)) if deleted else set()
         for seq in range(len(self.view), 0, -1):
             if self.view[seq - 1].uid in gone:
@@ -835,6 +903,7 @@ class ImapSession:
                 whole |= self._render_att(resp, a, m, fd, size, root)
             resp.finish()
             t0 = time.monotonic()
+            self._in_response = True                   # cut inside: the client cannot recover
             for piece in resp.parts:
                 if isinstance(piece, bytes):
                     self.write(piece)
@@ -842,6 +911,7 @@ class ImapSession:
                     assert body is not None
                     _, off, count = piece
                     await self.send_body(body, fd, off, count)
+            self._in_response = False
             if whole:
                 self.stats.messages_fetched += 1
                 self.stats.fetch_duration.observe(time.monotonic() - t0)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.config import Config, parse_hostport
+from relay.server.pressure import MIN_IDLE_TO_EVICT, stress_level
 
 _sid_counter = itertools.count(1)
 _sid_prefix = os.urandom(3).hex()
@@ -48,6 +49,11 @@ class Session:
     # set by a server whose idle sessions should not hold a shutdown: called when shutdown
     # starts; closes the session now if it is between messages, else after its message
     on_shutdown: Callable[[], Any] | None = None
+    # set by the server while the session waits without a transaction (SMTP before MAIL) or
+    # a login (IMAP, POP3): when it began waiting. None = busy or logged in. Under stress, a
+    # full registry closes the session that has waited longest (`evict`) to admit a new one.
+    idle_since: float | None = None
+    evict: Callable[[], Any] | None = None        # say 421 / BYE / -ERR and close
     _done: bool = False
 
     def close(self, outcome: str = "ok") -> None:
@@ -62,6 +68,8 @@ class SessionStats:
     current: dict[str, int]                       # protocol -> live sessions
     total: dict[tuple[str, str], int]             # (protocol, outcome) -> ended sessions
     refused: dict[str, int]                       # protocol -> refused for limits
+    stressed: dict[str, int]                      # protocol -> 1 while in stress mode
+    evicted: dict[str, int]                       # protocol -> idle sessions closed under stress
 
 
 class SessionRegistry:
@@ -71,15 +79,21 @@ class SessionRegistry:
         self._per_proto: Counter[str] = Counter()
         self._total: Counter[tuple[str, str]] = Counter()
         self._refused: Counter[str] = Counter()
+        self._evicted: Counter[str] = Counter()
+        self._stress: dict[str, tuple[int, float]] = {}   # protocol -> (limit, threshold)
         self._empty = asyncio.Event()
         self._empty.set()
         self.accepting = True
 
-    def open(self, protocol: str, peer: str, max_total: int = 0, max_per_peer: int = 0) -> Session | None:
-        """A new session, or None when a limit (0 = none) or shutdown forbids it."""
+    def open(self, protocol: str, peer: str, max_total: int = 0, max_per_peer: int = 0,
+             stress_threshold: float = 0.0) -> Session | None:
+        """A new session, or None when a limit (0 = none) or shutdown forbids it. With a
+        stress threshold, a full protocol first closes its longest-waiting idle session."""
+        self._stress[protocol] = (max_total, stress_threshold)
         if (not self.accepting
-                or (max_total and self._per_proto[protocol] >= max_total)
-                or (max_per_peer and self._per_peer[(protocol, peer)] >= max_per_peer)):
+                or (max_per_peer and self._per_peer[(protocol, peer)] >= max_per_peer)
+                or (max_total and self._per_proto[protocol] >= max_total
+                    and not (stress_threshold and self._evict_one(protocol)))):
             self._refused[protocol] += 1
             return None
         s = Session(self, protocol, peer)
@@ -88,6 +102,27 @@ class SessionRegistry:
         self._per_proto[protocol] += 1
         self._empty.clear()
         return s
+
+    def stressed(self, protocol: str) -> bool:
+        """More live sessions than the stress threshold's share of the limit."""
+        limit, threshold = self._stress.get(protocol, (0, 0.0))
+        return stress_level(self._per_proto[protocol], limit, threshold)
+
+    def _evict_one(self, protocol: str) -> bool:
+        """Close the session of `protocol` that has waited longest without a transaction or
+        login (at least MIN_IDLE_TO_EVICT); False when there is none."""
+        cutoff = time.monotonic() - MIN_IDLE_TO_EVICT
+        victim: Session | None = None
+        for s in self._live.values():
+            if (s.protocol == protocol and s.idle_since is not None and s.idle_since <= cutoff
+                    and s.evict is not None and (victim is None or s.idle_since < victim.idle_since)):  # type: ignore[operator]
+                victim = s
+        if victim is None or victim.evict is None:
+            return False
+        self._evicted[protocol] += 1
+        victim.evict()
+        victim.close("evicted")
+        return True
 
     def _closed(self, s: Session, outcome: str) -> None:
         self._live.pop(s.sid, None)
@@ -111,7 +146,9 @@ class SessionRegistry:
 
     def statistics(self) -> SessionStats:
         return SessionStats(current={p: n for p, n in self._per_proto.items() if n},
-                            total=dict(self._total), refused=dict(self._refused))
+                            total=dict(self._total), refused=dict(self._refused),
+                            stressed={p: int(self.stressed(p)) for p in self._stress},
+                            evicted=dict(self._evicted))
 
 
 async def create_servers(factory: Callable[[], asyncio.BaseProtocol], addrs: tuple[str, ...] | list[str],

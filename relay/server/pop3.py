@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import ssl
 import time
@@ -26,7 +27,9 @@ from relay.auth import plaintext_allowed
 from relay.log import get_logger
 from relay.stats import TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.protocol import pop3 as proto
+from relay.policy.penalty import MAX_FAILURES_PER_SESSION, Verdict
 from relay.server.listener import Session, create_stream_servers
+from relay.server.pressure import RECHECK_SECONDS
 from relay.store.api import Body, StoreError
 
 log = get_logger("pop3")
@@ -35,8 +38,6 @@ RETR_CHUNK = 1024 * 1024          # pread size for RETR (FACTS: big chunks, few 
 TOP_CHUNK = 64 * 1024             # TOP reads only as far as the header and n lines reach
 READ_SIZE = 4096                  # commands are short (255 octets, RFC 2449 4)
 WRITE_HIGH_WATER = 2 * RETR_CHUNK  # transport buffer bound before drain() waits
-LOGIN_FAILURE_DELAY = 0.5         # slows password guessing; RFC 1939 8 suggests a delay
-MAX_AUTH_FAILURES = 5             # then the connection is closed (as IMAP says BYE)
 
 
 @dataclass(frozen=True)
@@ -110,17 +111,21 @@ class Pop3Session:
         self.session: Session | None = None
         self.sent = 0
         self.auth_failures = 0
+        self._started = time.monotonic()      # the login deadline counts from here
+        self._in_response = False             # a multi-line RETR/TOP answer is being sent
 
     async def run(self) -> None:
         c = self.relay.config.pop3
         self.session = self.relay.sessions.open("pop3", self.peer_ip, c.max_sessions,
-                                                c.max_sessions_per_client)
+                                                c.max_sessions_per_client, c.stress_threshold)
         if self.session is None:
             self.writer.write(proto.err("Too many connections or shutting down, try later",
                                         "SYS/TEMP"))
             await self._close()
             return
         self.session.closer = self.writer.close
+        self.session.evict = self._evict
+        self.session.idle_since = self._started       # evictable under stress until login
         outcome = "dropped"
         try:
             self.writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
@@ -128,15 +133,50 @@ class Pop3Session:
             outcome = await self._loop()
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as e:
             log.info("connection_lost", sid=self.session.sid, error=type(e).__name__)
-        except Exception as e:  # one session's bug must not kill the listener
+        except Exception as e:  # the protocol or the glue failed: the state is not to be trusted
             outcome = "error"
-            log.error("session_failed", sid=self.session.sid, exc_info=e)
+            log.error("session_failed", sid=self.session.sid, error=type(e).__name__)
+            with contextlib.suppress(Exception):
+                self._out(proto.err("Internal error, closing", "SYS/TEMP"))
         finally:
             self._unlock()
             await self._close()
             log.info("session", sid=self.session.sid, peer=self.peer_ip, user=self.address or "",
                      outcome=outcome, bytes=self.sent)
             self.session.close(outcome)
+
+    def _evict(self) -> None:
+        """Under stress with every slot taken: this session, not logged in, makes room."""
+        with contextlib.suppress(Exception):
+            self.writer.write(proto.err("Server busy, closing idle session", "SYS/TEMP"))
+        self.writer.close()
+
+    def _read_timeout(self, t0: float) -> float:
+        """Seconds to wait for the read begun at t0: pop3.idle_timeout per read (RFC 1939 3);
+        before login also what is left of the login timeout (from connect, not reset by
+        each byte; shorter under stress), looked at again every RECHECK_SECONDS."""
+        c = self.relay.config.pop3
+        now = time.monotonic()
+        idle_left = t0 + c.idle_timeout - now
+        if self.address is not None:
+            return float(idle_left)
+        limit = c.login_timeout
+        if self.relay.sessions.stressed("pop3"):
+            limit = min(limit, c.stress_login_timeout)
+        return float(min(idle_left, self._started + limit - now, RECHECK_SECONDS))
+
+    async def _read(self) -> bytes | None:
+        """The next bytes from the client, or None on a timeout."""
+        t0 = time.monotonic()
+        while True:
+            timeout = self._read_timeout(t0)
+            if timeout <= 0:
+                return None
+            try:
+                async with asyncio.timeout(timeout):     # no task per read, unlike wait_for
+                    return await self.reader.read(READ_SIZE)
+            except TimeoutError:
+                continue
 
     async def _close(self) -> None:
         try:
@@ -165,59 +205,89 @@ class Pop3Session:
 
     async def _loop(self) -> str:
         conn = self.conn
-        idle = self.relay.config.pop3.idle_timeout
         while True:
             ev = conn.next_event()
             if ev is proto.NEED_DATA:
                 await self._drain()
-                try:
-                    async with asyncio.timeout(idle):     # no task per read, unlike wait_for
-                        data = await self.reader.read(READ_SIZE)
-                except TimeoutError:
+                data = await self._read()
+                if data is None:
                     # RFC 1939 3: autologout; nothing is deleted.
                     self._out(proto.err("Idle timeout, closing the connection"))
                     return "timeout"
                 if not data:
                     return "dropped"
                 conn.receive_data(data)
-            elif isinstance(ev, proto.Respond):
-                self._out(ev.data)
-                if ev.close:
-                    return "ok"
-                # pipelined LIST/UIDL from a client that reads nothing: a 6-byte command can
-                # make a long reply, so the write buffer is bounded per reply, not per read
-                await self._drain()
-            elif isinstance(ev, proto.Authenticate):
-                self._out(await self._authenticate(ev))
-                if self.auth_failures >= MAX_AUTH_FAILURES:
-                    return "auth_failures"          # RFC 1939 8: guessing ends here
-            elif isinstance(ev, proto.Retrieve):
-                await self._retrieve(ev)
-            elif isinstance(ev, proto.StartTls):
-                # No await between the reply and start_tls: the client's ClientHello must not
-                # reach the plaintext reader (start_tls pauses reading before it yields).
-                assert self.ssl_ctx is not None
-                self.writer.write(ev.reply)
-                await self.writer.start_tls(self.ssl_ctx)
-                conn.tls_started()
-            elif isinstance(ev, proto.Quit):
-                await self._write(await self._update(ev))
+                continue
+            try:
+                outcome = await self._handle(ev)
+            except _SESSION_ENDS:
+                raise
+            except Exception as e:             # a bug in one command: one line, -ERR, go on
+                log.error("command_failed", sid=self.sid, command=_VERBS.get(type(ev), type(ev).__name__),
+                          error=type(e).__name__)
+                outcome = self._recover(ev)
+            if outcome is not None:
+                return outcome
+
+    def _recover(self, ev: object) -> str | None:
+        """After a failed command: -ERR [SYS/TEMP] when the client can still parse what
+        follows; the session ends when a multi-line answer was cut."""
+        if isinstance(ev, proto.Authenticate):
+            self._unlock()
+            self.address = None
+            try:
+                self._out(self.conn.auth_failed("temp"))
+            except proto.ProtocolError:
+                return "error"
+            return None
+        if isinstance(ev, proto.Retrieve) and not self._in_response:
+            self._out(proto.err("Temporary failure, try again later", "SYS/TEMP"))
+            return None
+        return "error"
+
+    async def _handle(self, ev: object) -> str | None:
+        """One event; a session outcome when the session ends."""
+        conn = self.conn
+        if isinstance(ev, proto.Respond):
+            self._out(ev.data)
+            if ev.close:
                 return "ok"
+            # pipelined LIST/UIDL from a client that reads nothing: a 6-byte command can
+            # make a long reply, so the write buffer is bounded per reply, not per read
+            await self._drain()
+        elif isinstance(ev, proto.Authenticate):
+            self._out(await self._authenticate(ev))
+            if self.auth_failures >= MAX_FAILURES_PER_SESSION:
+                return "auth_failures"          # RFC 1939 8: guessing ends here
+        elif isinstance(ev, proto.Retrieve):
+            await self._retrieve(ev)
+        elif isinstance(ev, proto.StartTls):
+            # No await between the reply and start_tls: the client's ClientHello must not
+            # reach the plaintext reader (start_tls pauses reading before it yields).
+            assert self.ssl_ctx is not None
+            self.writer.write(ev.reply)
+            await self.writer.start_tls(self.ssl_ctx)
+            conn.tls_started()
+        elif isinstance(ev, proto.Quit):
+            await self._write(await self._update(ev))
+            return "ok"
+        return None
 
     # --- AUTHORIZATION -> TRANSACTION ---------------------------------------------------
     async def _authenticate(self, ev: proto.Authenticate) -> bytes:
         store = self.store
+        verdict = await self.relay.logins.verify("pop3", self.peer_ip, ev.user, ev.password, self.sid)
+        if verdict is Verdict.BUSY:
+            self.auth_failures += 1
+            return self.conn.auth_failed("temp")
         try:
-            ok = await store.accounts.verify(ev.user, ev.password)
-            account = await store.accounts.get(ev.user) if ok else None
-        except Exception as e:  # store failure: temporary
-            log.error("auth_store_error", sid=self.sid, exc_info=e)
+            account = await store.accounts.get(ev.user) if verdict is Verdict.OK else None
+        except StoreError as e:  # store failure: temporary
+            log.error("auth_store_error", sid=self.sid, error=str(e))
             return self.conn.auth_failed("temp")
         if account is None:
             self.stats.login_failures += 1
             self.auth_failures += 1
-            log.info("auth_failed", sid=self.sid, user=ev.user[:64], mechanism=ev.mechanism)
-            await asyncio.sleep(LOGIN_FAILURE_DELAY)
             return self.conn.auth_failed("auth")
         address = account.address
         locks = self.stats.locks
@@ -227,15 +297,25 @@ class Pop3Session:
         locks.add(address)
         self.locked = self.address = address
         try:
-            mb = store.mailbox(address)
-            snapshot = [proto.Message(m.uid, m.size) for m in await mb.messages()]
+            try:
+                mb = store.mailbox(address)
+                snapshot = [proto.Message(m.uid, m.size) for m in await mb.messages()]
+            except StoreError as e:           # a full disk: the reserve makes room, once
+                if not self.relay.reserve.release_for(e):
+                    raise
+                snapshot = [proto.Message(m.uid, m.size) for m in await mb.messages()]
             uidvalidity = await mb.uidvalidity()
-            await mb.note_poll()
         except Exception as e:
-            log.error("maildrop_error", sid=self.sid, exc_info=e)
+            log.error("maildrop_error", sid=self.sid, error=f"{type(e).__name__}: {e}")
             self._unlock()
             self.address = None
             return self.conn.auth_failed("temp")
+        try:                                   # bookkeeping: best effort (a full disk must
+            await mb.note_poll()               # not keep a receiver from draining)
+        except Exception as e:  # noqa: BLE001
+            log.warning("note_poll_failed", sid=self.sid, error=type(e).__name__)
+        if self.session is not None:
+            self.session.idle_since = None
         self.mailbox = mb
         self.stats.logins += 1
         log.info("login", sid=self.sid, user=address, mechanism=ev.mechanism,
@@ -264,6 +344,7 @@ class Pop3Session:
         reader = _Prefetcher(body, RETR_CHUNK if top is None else TOP_CHUNK)
         try:
             self._out(ev.head)
+            self._in_response = True
             while True:
                 data = await reader.next()
                 if not data:
@@ -277,6 +358,7 @@ class Pop3Session:
                 if top is not None and top.done:
                     break
             self._out(stuffer.finish())
+            self._in_response = False
         finally:
             reader.close()
         if top is None:
@@ -291,13 +373,26 @@ class Pop3Session:
     async def _update(self, ev: proto.Quit) -> bytes:
         failed = 0
         if ev.expunge:
+            self.relay.reserve.before_deletion()
             try:
                 # only what was removed here (an IMAP session may have expunged some already)
-                self.stats.messages_deleted += len(await self.mailbox.expunge(list(ev.expunge)))
+                try:
+                    removed = await self.mailbox.expunge(list(ev.expunge))
+                except StoreError as e:       # a full disk: the reserve makes room, once
+                    if not self.relay.reserve.release_for(e):
+                        raise
+                    removed = await self.mailbox.expunge(list(ev.expunge))
+                self.stats.messages_deleted += len(removed)
             except Exception as e:  # report, keep the messages
                 log.error("expunge_failed", sid=self.sid, uids=len(ev.expunge), exc_info=e)
                 failed = len(ev.expunge)
         return self.conn.update_done(failed)
+
+
+# exceptions that end the session by design (not bugs in one command)
+_SESSION_ENDS = (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError)
+_VERBS = {proto.Authenticate: "AUTH", proto.Retrieve: "RETR", proto.Quit: "QUIT",
+          proto.StartTls: "STLS", proto.Respond: "-"}
 
 
 class _Prefetcher:

@@ -1,8 +1,9 @@
 """SMTP server: asyncio glue around relay.protocol.smtp (read, feed, act, write).
 
-Bytes go from the socket into one 1 MiB receive buffer (BufferedProtocol, no per-read
-allocation), the protocol cuts them into dot-unstuffed memoryviews, and each view is written
-to the delivery's tmp file with os.write on the loop. At the end of the message reading is
+Bytes go from the socket into a 1 MiB receive buffer lent for the one read by
+`relay.read_buffers` (BufferedProtocol, no per-read allocation, no buffer per idle session:
+relay/server/pressure.py), the protocol cuts them into dot-unstuffed memoryviews, and each
+view is written to the delivery's tmp file with os.write on the loop. At the end of the message reading is
 paused, `delivery.commit()` fsyncs in a thread, and only then is 250 sent; reading resumes
 and pipelined commands already in the buffer are answered in order.
 """
@@ -10,6 +11,7 @@ and pipelined commands already in the buffer are answered in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import Counter
@@ -18,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from relay import auth as authmod
 from relay.log import get_logger
-from relay.stats import SIZE_BYTES, TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.policy.backpressure import R_DISK_LOW, R_OVER_QUOTA
+from relay.policy.penalty import MAX_FAILURES_PER_SESSION, Verdict
 from relay.protocol import smtp as P
 from relay.protocol.smtp import NEED_DATA, PAUSED, Reply
 from relay.server.listener import Session, create_servers
+from relay.server.pressure import RECHECK_SECONDS, Deadline
+from relay.stats import SIZE_BYTES, TRANSFER_SECONDS, Histogram, HistogramSnapshot
 from relay.store.api import (
     AddressError,
     Delivery,
@@ -31,7 +35,6 @@ from relay.store.api import (
     Refusal,
     StorageFull,
     StoreError,
-    StoreUnavailable,
     normalize_address,
 )
 
@@ -40,7 +43,10 @@ if TYPE_CHECKING:
 
 log = get_logger("smtp")
 
-BUFFER_SIZE = 1024 * 1024            # one receive buffer per session (FACTS: large reads)
+# Reads between messages take at most this much of the lent buffer: commands are short (RFC
+# 5321 4.5.3.1.4: 512 octets a line), and what a read brings beyond a command that waits for
+# a commit is copied out of the buffer, so this bounds that copy (pipelining, RFC 2920).
+COMMAND_READ = 64 * 1024
 
 R_MAIL_OK = Reply(250, "2.1.0", "Sender OK")
 R_RCPT_OK = Reply(250, "2.1.5", "Recipient OK")
@@ -49,6 +55,11 @@ R_NO_RELAY = Reply(550, "5.7.1", "Relaying denied")
 R_STORE = Reply(451, "4.3.0", "Temporary local problem, try again later")
 R_BUSY = Reply(421, "4.7.0", "Too many connections, try again later")
 R_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down")
+R_SERVER_BUG = Reply(451, "4.3.0", "Internal error, try again later")
+R_UNTRUSTED = Reply(421, "4.3.0", "Internal error, closing")
+R_EVICTED = Reply(421, "4.7.0", "Server busy, closing idle session")
+R_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure, try again later")  # RFC 4954 6
+R_AUTH_CLOSE = Reply(421, "4.7.0", "Too many authentication failures, closing")
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -97,6 +108,7 @@ class _Message:
         self.recipients: list[str] = []
         self.delivery: Delivery | None = delivery
         self.pacer: Any = None
+        self.claim: Any = None               # declared SIZE not yet written (free disk)
         self.started = 0.0                    # DATA / first BDAT: the message is being written
         self.size = 0
 
@@ -106,6 +118,9 @@ class _Message:
         if self.delivery is not None:
             self.delivery.abort()
             self.delivery = None
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
         if self.pacer is not None:
             self.pacer.close()
             self.pacer = None
@@ -125,12 +140,13 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.conn: P.SmtpConnection | None = None
         self.peer = ""
         self.msg: _Message | None = None
-        self._buf = bytearray(BUFFER_SIZE)
-        self._view = memoryview(self._buf)
+        self._lent: tuple[bytearray, memoryview] | None = None   # the read buffer, during a read
         self._paused: set[str] = set()        # reasons reading is paused: "task", "pace", "write"
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._last = 0.0
+        self._deadline = Deadline(self.loop.time)
+        self._request_t = 0.0                 # when the current request's deadline started
+        self._auth_failures = 0
         self._bytes = 0
         self._messages = 0
         self._outcome = "ok"
@@ -143,7 +159,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.peer = peer[0] if peer else ""
         c = self.config.smtp
         self.session = self.relay.sessions.open("smtp", self.peer, c.max_sessions,
-                                                c.max_sessions_per_client)
+                                                c.max_sessions_per_client, c.stress_threshold)
         if self.session is None:
             reply = R_BUSY if self.relay.sessions.accepting else R_SHUTDOWN
             self.counters.reply(reply)
@@ -153,6 +169,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.counters.sessions += 1
         self.session.closer = self._shutdown
         self.session.on_shutdown = self._on_shutdown
+        self.session.evict = self._evict
         self.conn = P.SmtpConnection(
             self.config.hostname, c.max_message_size, max_recipients=c.max_recipients,
             max_errors=c.max_errors, tls_available=self.ssl_ctx is not None and not self.implicit_tls,
@@ -160,12 +177,12 @@ class SmtpSession(asyncio.BufferedProtocol):
             auth_allowed=authmod.plaintext_allowed(self.config, self.peer, self.implicit_tls),
             on_reply=self.counters.reply)
         self._flush()
-        self._last = self.loop.time()
-        self._arm_timer()
+        self._request_started()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self._return_buffer()
         if self.session is None:
             return
         if self.msg is not None and self._task is None:
@@ -202,6 +219,15 @@ class SmtpSession(asyncio.BufferedProtocol):
         self._shutting_down = True
         self._close_if_idle()
 
+    def _evict(self) -> None:
+        """Under stress with every slot taken, a new client needs this idle session's slot."""
+        self._outcome = "evicted"
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close_with(R_EVICTED)
+            self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
     def _close_if_idle(self) -> None:
         if (self._shutting_down and self.msg is None and self._task is None
                 and self.conn is not None and not self.conn.closed):
@@ -218,7 +244,7 @@ class SmtpSession(asyncio.BufferedProtocol):
             return
         self._paused.discard(reason)
         if not self._paused and self.transport is not None and not self.transport.is_closing():
-            self._last = self.loop.time()
+            self._request_started()           # our pause is not the client's time
             self.transport.resume_reading()
 
     def pause_writing(self) -> None:
@@ -229,27 +255,49 @@ class SmtpSession(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._resume("write")
 
-    def _arm_timer(self) -> None:
-        """RFC 5321 4.5.3.2: command timeout between commands; data timeout between reads
-        of a message (reset by every read, unlike aiosmtpd)."""
-        if self._timer is not None:
-            self._timer.cancel()
+    def _request_started(self) -> None:
+        """The client's turn begins (a command was answered, reading resumed): the deadline of
+        the next request starts. Between messages it is a whole command line's; during
+        DATA/BDAT the data timeout, moved on by each chunk at min_data_rate (pressure.py)."""
         assert self.conn is not None
         c = self.config.smtp
-        timeout = c.data_timeout if self.conn.in_message else c.command_timeout
-        self._timer = self.loop.call_at(self._last + timeout, self._on_timer)
+        self._request_t = self.loop.time()
+        if self.conn.in_message:
+            self._deadline.start(c.data_timeout, c.min_data_rate)
+        else:
+            self._deadline.start(self._command_timeout())
+        if self.session is not None:          # evictable under stress: idle, no transaction
+            self.session.idle_since = (time.monotonic() if self.msg is None and self._task is None
+                                       and not self.conn.in_message else None)
+        self._arm_timer()
+
+    def _command_timeout(self) -> float:
+        c = self.config.smtp
+        if self.relay.sessions.stressed("smtp"):
+            return min(c.command_timeout, c.stress_command_timeout)
+        return c.command_timeout
+
+    def _arm_timer(self) -> None:
+        """One timer per session, at the deadline or RECHECK_SECONDS from now, whichever is
+        first (stress may begin meanwhile and shorten the deadline). A later deadline does not
+        touch the timer (it looks again when it fires); only an earlier one re-arms it."""
+        at = min(self._deadline.expires, self.loop.time() + RECHECK_SECONDS)
+        if self._timer is not None:
+            if self._timer.when() <= at:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self.conn is None or self.conn.closed:
             return
         if self._paused - {"write"} or self._task is not None:   # our turn (commit, pacing)
-            self._last = self.loop.time()
-            self._arm_timer()
+            self._request_started()
             return
-        c = self.config.smtp
-        timeout = c.data_timeout if self.conn.in_message else c.command_timeout
-        if self.loop.time() - self._last < timeout:
+        if not self.conn.in_message:
+            self._deadline.shorten(self._request_t, self._command_timeout())
+        if self._deadline.remaining() > 0:
             self._arm_timer()
             return
         self._outcome = "timeout"
@@ -261,18 +309,67 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     # --- reading ---------------------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+        if self._lent is None:
+            self._lent = self.relay.read_buffers.acquire()
+        view = self._lent[1]
+        return view if self.conn is not None and self.conn.in_message else view[:COMMAND_READ]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.conn is None:                 # refused session, closing
+        if self.conn is None or self._lent is None:   # refused session, closing
+            self._return_buffer()
             return
-        self._last = self.loop.time()
         self._bytes += nbytes
-        self.conn.receive_data(self._buf, nbytes)
-        self._process()
+        try:
+            self.conn.receive_data(self._lent[0], nbytes)
+            self._process()
+        except Exception as e:                # the protocol object itself failed: its state
+            self._untrusted(e)                # cannot be trusted, end the session cleanly
+        finally:
+            self._return_buffer()
+
+    def _return_buffer(self) -> None:
+        """Give the read buffer back; input the protocol has not consumed yet (pipelined
+        commands behind a commit) is copied out of it first."""
+        pair, self._lent = self._lent, None
+        if pair is None:
+            return
+        if self.conn is not None:
+            self.conn.receive_data(b"")       # joins (copies) what is left unread, if anything
+        self.relay.read_buffers.release(pair)
 
     def eof_received(self) -> bool | None:
+        self._return_buffer()
         return None
+
+    # --- unexpected exceptions -----------------------------------------------------------
+    def _command_failed(self, verb: str, e: BaseException) -> None:
+        """A bug while handling one command: one log line, 451 4.3.0, the session goes on.
+        A message in progress is given up (its data is drained, then 451)."""
+        log.error("command-failed", sid=self._sid, command=verb, error=type(e).__name__)
+        conn = self.conn
+        assert conn is not None
+        if conn.closed:
+            return
+        try:
+            conn.reply(R_SERVER_BUG)          # the command that awaited its reply gets 451
+        except RuntimeError:                  # it had its reply already, or it is message data
+            if conn.in_message and self.msg is not None:
+                self._fail_message(R_SERVER_BUG, "failed")
+            return
+        if self.msg is not None and self.msg.started:     # DATA/BDAT had begun the message
+            self._end_message(R_SERVER_BUG, "failed")
+
+    def _untrusted(self, e: BaseException) -> None:
+        log.error("session-failed", sid=self._sid, error=type(e).__name__)
+        self._outcome = "error"
+        if self.msg is not None:
+            self._end_message(None, "failed")
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close_with(R_UNTRUSTED)
+        with contextlib.suppress(Exception):
+            self._flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def _flush(self) -> None:
         assert self.conn is not None
@@ -287,17 +384,25 @@ class SmtpSession(asyncio.BufferedProtocol):
         conn = self.conn
         assert conn is not None
         written = 0
+        commands = 0
         while self._task is None:
             ev = conn.next_event()
             if ev is NEED_DATA or ev is PAUSED:
                 break
             if isinstance(ev, P.DataChunk):
                 written += len(ev.data)
-                self._write_chunk(ev.data)
+                try:
+                    self._write_chunk(ev.data)
+                except Exception as e:
+                    self._command_failed("DATA", e)
                 continue
+            commands += 1
             handler = _HANDLERS.get(type(ev))
             if handler is not None:
-                handler(self, ev)
+                try:
+                    handler(self, ev)
+                except Exception as e:
+                    self._command_failed(_VERBS.get(type(ev), type(ev).__name__), e)
         self._flush()
         if written and self.msg is not None and self.msg.pacer is not None:
             delay = self.msg.pacer.on_data(written)
@@ -305,30 +410,36 @@ class SmtpSession(asyncio.BufferedProtocol):
                 self._pause("pace")
                 self.loop.call_later(delay, self._resume, "pace")
         if self._task is None and not conn.closed:
-            self._arm_timer()
+            if commands:
+                self._request_started()
+            elif written:
+                self._deadline.progress(written)
         self._close_if_idle()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any, verb: str) -> None:
         """Run an awaitable step with reading paused; then go on with buffered input. The
         step is never cancelled: a commit that started completes (nothing half-stored)."""
         self._pause("task")
-        self._task = self.loop.create_task(self._run(coro))
+        if self.session is not None:
+            self.session.idle_since = None
+        self._task = self.loop.create_task(self._run(coro, verb))
 
-    async def _run(self, coro: Any) -> None:
+    async def _run(self, coro: Any, verb: str) -> None:
         try:
             await coro
         except Exception as e:
-            log.error("session-error", exc_info=e, sid=self.session.sid if self.session else "")
-            self._outcome = "error"
-            if self.conn is not None and not self.conn.closed:
-                self.conn.close_with(Reply(421, "4.3.0", "Internal error, closing"))
+            self._command_failed(verb, e)
         finally:
             self._task = None
         if self.transport is None or self.transport.is_closing():
             if self.msg is not None:          # the step (RCPT, DATA) ran past the close
                 self._end_message(None, "connection lost")
             return
-        self._process()                       # may start the next step (pipelined input)
+        try:
+            self._process()                   # may start the next step (pipelined input)
+        except Exception as e:
+            self._untrusted(e)
+            return
         if self._task is None:
             self._resume("task")
         self._close_if_idle()
@@ -347,7 +458,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         self.conn.reply(R_MAIL_OK)
 
     def _on_rcpt(self, ev: P.RcptTo) -> None:
-        self._spawn(self._rcpt(ev.address))       # the store may wait on its database
+        self._spawn(self._rcpt(ev.address), "RCPT")   # the store may wait on its database
 
     async def _rcpt(self, address: str) -> None:
         reply = await self._check_rcpt(address)
@@ -358,24 +469,31 @@ class SmtpSession(asyncio.BufferedProtocol):
         """The recipient joins the delivery, which reserves the declared size in the ledger."""
         msg = self.msg
         assert msg is not None and msg.delivery is not None
-        if address.lower() == "postmaster":       # RFC 5321 4.5.1
-            address = f"postmaster@{self.config.hostname}"
         try:
-            addr = normalize_address(address)
+            addr = normalize_address(f"postmaster@{self.config.hostname}"
+                                     if address.lower() == "postmaster" else address)
         except AddressError:
             return P.R_BAD_RCPT
+        local, _, domain = addr.rpartition("@")
         if addr in msg.recipients:
             return R_RCPT_OK
         policy = self.relay.policy
         try:
             if policy is not None:
-                refusal = policy.check_rcpt(addr, msg.mail.size)
+                refusal = policy.check_rcpt(addr, msg.mail.size, msg.claim)
                 if refusal is not None:
                     return refusal  # type: ignore[no-any-return]
             taken = await msg.delivery.add_recipient(addr, msg.mail.size or 0)
+            if taken is Refusal.NO_SUCH_ACCOUNT and local.lower() == "postmaster":
+                target = await self._postmaster(domain)       # RFC 5321 4.5.1
+                if target is not None:
+                    addr = target
+                    if addr in msg.recipients:
+                        return R_RCPT_OK
+                    taken = await msg.delivery.add_recipient(addr, msg.mail.size or 0)
             if taken is Refusal.NO_SUCH_ACCOUNT:
-                local = await self.relay.store.accounts.is_local_domain(addr.rpartition("@")[2])
-                return R_UNKNOWN_USER if local else R_NO_RELAY
+                local_domain = await self.relay.store.accounts.is_local_domain(domain)
+                return R_UNKNOWN_USER if local_domain else R_NO_RELAY
         except StoreError as e:
             log.warning("rcpt-store-error", sid=self._sid, error=str(e))
             return R_STORE
@@ -384,7 +502,23 @@ class SmtpSession(asyncio.BufferedProtocol):
                 policy.deferred("quota", addr, size=msg.mail.size or 0, limit=taken.value, sid=self._sid)
             return R_OVER_QUOTA
         msg.recipients.append(addr)
+        if msg.claim is None and msg.mail.size and policy is not None:
+            msg.claim = policy.claim_disk(msg.mail.size)
         return R_RCPT_OK
+
+    async def _postmaster(self, domain: str) -> str | None:
+        """The account postmaster@<hostname or a served domain> goes to, when no account has
+        that address: [smtp] postmaster, or (empty) the oldest account."""
+        accounts = self.relay.store.accounts
+        if domain != self.config.hostname.lower() and not await accounts.is_local_domain(domain):
+            return None
+        if self.config.smtp.postmaster:
+            try:
+                return normalize_address(self.config.smtp.postmaster)
+            except AddressError:
+                return None
+        every = await accounts.list()
+        return min(every, key=lambda a: a.created).address if every else None
 
     async def _begin(self) -> Reply | None:
         """The message follows (DATA / first BDAT): the store gets ready for its bytes; a
@@ -412,7 +546,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         return name
 
     def _on_data_start(self, ev: P.DataStart) -> None:
-        self._spawn(self._data_start())
+        self._spawn(self._data_start(), "DATA")
 
     async def _data_start(self) -> None:
         reply = await self._begin()
@@ -421,7 +555,7 @@ class SmtpSession(asyncio.BufferedProtocol):
 
     def _on_bdat_start(self, ev: P.BdatStart) -> None:
         if ev.first:
-            self._spawn(self._bdat_start())
+            self._spawn(self._bdat_start(), "BDAT")
 
     async def _bdat_start(self) -> None:
         failure = await self._begin()
@@ -433,6 +567,8 @@ class SmtpSession(asyncio.BufferedProtocol):
         if msg is None or msg.delivery is None:
             return
         msg.size += len(data)
+        if msg.claim is not None:
+            msg.claim.wrote(len(data))
         try:
             msg.delivery.write(data)
         except StoreError as e:
@@ -440,7 +576,7 @@ class SmtpSession(asyncio.BufferedProtocol):
                                if isinstance(e, QuotaExceeded) else "failed")
             return
         if not msg.delivery.writable:          # a slow store pushes back: reading pauses
-            self._spawn(self._wait_writable(msg))
+            self._spawn(self._wait_writable(msg), "DATA")
 
     async def _wait_writable(self, msg: _Message) -> None:
         if msg.delivery is None:
@@ -489,10 +625,10 @@ class SmtpSession(asyncio.BufferedProtocol):
         if not ev.last:
             self.conn.reply(Reply(250, "2.0.0", f"{ev.size} octets received"))
             return
-        self._spawn(self._finish(ev.total))
+        self._spawn(self._finish(ev.total), "BDAT")
 
     def _on_data_end(self, ev: P.DataEnd) -> None:
-        self._spawn(self._finish(ev.size))
+        self._spawn(self._finish(ev.size), "DATA")
 
     async def _finish(self, size: int) -> None:
         """End of the message: policy and quota checks, fsync and link, then the reply."""
@@ -540,7 +676,7 @@ class SmtpSession(asyncio.BufferedProtocol):
         msg.abort()
 
     def _on_auth(self, ev: P.AuthPlain | P.AuthLogin) -> None:
-        self._spawn(self._auth(ev))
+        self._spawn(self._auth(ev), "AUTH")
 
     async def _auth(self, ev: P.AuthPlain | P.AuthLogin) -> None:
         conn = self.conn
@@ -554,23 +690,20 @@ class SmtpSession(asyncio.BufferedProtocol):
         except authmod.AuthError:
             conn.reply(P.R_AUTH_B64)
             return
-        try:
-            ok = await self.relay.store.accounts.verify(user, password)
-        except StoreUnavailable:           # the store's database is away: try again later
-            conn.reply(P.R_AUTH_TEMP)
-            return
-        except StoreError:
-            ok = False
-        if ok:
+        verdict = await self.relay.logins.verify("smtp", self.peer, user, password, self._sid)
+        if verdict is Verdict.OK:
             conn.authenticated = user
             conn.reply(P.R_AUTH_OK)
-        else:
-            log.info("auth-failed", sid=self._sid, user=user, peer=self.peer)
-            conn.reply(P.R_AUTH_FAILED)
+            return
+        conn.reply(P.R_AUTH_FAILED if verdict is Verdict.FAILED else R_AUTH_TEMP)
+        self._auth_failures += 1
+        if self._auth_failures >= MAX_FAILURES_PER_SESSION:
+            self._outcome = "auth_failures"
+            conn.close_with(R_AUTH_CLOSE)
 
     def _on_starttls(self, ev: P.StartTls) -> None:
         self._flush()                         # the 220 goes out in clear
-        self._spawn(self._starttls())
+        self._spawn(self._starttls(), "STARTTLS")
 
     async def _starttls(self) -> None:
         assert self.conn is not None and self.ssl_ctx is not None
@@ -590,6 +723,13 @@ class SmtpSession(asyncio.BufferedProtocol):
     def _sid(self) -> str:
         return self.session.sid if self.session is not None else ""
 
+
+_VERBS: dict[type, str] = {
+    P.MailFrom: "MAIL", P.RcptTo: "RCPT", P.DataStart: "DATA", P.BdatStart: "BDAT",
+    P.DataEnd: "DATA", P.BdatEnd: "BDAT", P.DataAborted: "DATA", P.AuthPlain: "AUTH",
+    P.AuthLogin: "AUTH", P.StartTls: "STARTTLS", P.Rset: "RSET", P.Ehlo: "EHLO", P.Helo: "HELO",
+    P.Quit: "QUIT",
+}
 
 _HANDLERS: dict[type, Any] = {
     P.MailFrom: SmtpSession._on_mail,

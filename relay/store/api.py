@@ -50,6 +50,7 @@ from relay.store.address import normalize_address, normalize_domain
 from relay.store.errors import (
     AccountExists,
     AddressError,
+    KdfBusy,
     NoSuchAccount,
     NoSuchMessage,
     QuotaExceeded,
@@ -60,7 +61,7 @@ from relay.store.errors import (
 
 __all__ = [
     "Account", "AccountExists", "Accounts", "AddressError", "Body", "Change", "ChangeFeed",
-    "ChangeKind", "Delivery", "DeliveryReceipt", "EXTEND_STEP", "Envelope", "Flag", "Ledger", "LedgerEntry",
+    "ChangeKind", "Delivery", "DeliveryReceipt", "EXTEND_STEP", "Envelope", "Flag", "KdfBusy", "Ledger", "LedgerEntry",
     "LedgerStats", "Mailbox", "MailboxStats", "MessageInfo", "MessageStore", "NO_FLAGS", "NoSuchAccount",
     "NoSuchMessage", "QuotaExceeded", "Refusal", "Reservation", "StorageFull", "StoreError",
     "StoreStats", "StoreUnavailable", "Usage", "normalize_address", "normalize_domain",
@@ -296,7 +297,7 @@ class Accounts(Protocol):
 
     async def verify(self, address: str, password: str) -> bool:
         """argon2 runs on an executor (and only when no recent success is cached); False for
-        no account, no password, a wrong one."""
+        no account, no password, a wrong one; KdfBusy when too many checks wait already."""
         ...
 
     async def is_local_domain(self, domain: str) -> bool:

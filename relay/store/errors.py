@@ -12,6 +12,10 @@ class StoreUnavailable(StoreError):
     temporary, SMTP answers 451 4.3.0, IMAP NO [UNAVAILABLE]; the node recovers by itself."""
 
 
+class KdfBusy(StoreError):
+    """Too many password checks waiting: answer "try again later" without checking."""
+
+
 class StorageFull(StoreError):
     """The file system has no room (ENOSPC, EDQUOT): temporary, SMTP answers 452 4.3.1."""
 

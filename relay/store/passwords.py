@@ -19,12 +19,20 @@ from typing import TypeVar
 
 import argon2
 
-from relay.store.errors import StoreError
+from relay.store.errors import KdfBusy, StoreError
 
-# argon2 runs on its own threads, never on the loop nor on the loop's default executor (which
-# file I/O shares): two, the cores of this machine; more logins at once queue (docs/store.md).
-HASH_THREADS = 2
-_executor: ThreadPoolExecutor | None = None
+# Password hashing runs on a small pool of its own, never on the loop's default executor, where
+# delivery commits fsync (issue 12: 48 guessing connections slowed a delivery from 4 ms to
+# 4.2 s and took RSS to 450 MiB with argon2 on the default pool). Two threads: argon2 already
+# computes its 4 lanes in parallel, and each hash holds 64 MiB while it runs.
+KDF_THREADS = 2
+# Checks waiting for a thread at most (~0.06 s each on two threads: half a second of hashing
+# that competes with deliveries for the CPU): beyond, a login is answered "try again later"
+# unchecked (KdfBusy) rather than queueing without bound. Receivers that poll hit the
+# credential cache and never queue here.
+KDF_QUEUE = 8
+_kdf_pool: ThreadPoolExecutor | None = None
+_kdf_pending = 0
 _T = TypeVar("_T")
 
 # argon2-cffi defaults = RFC 9106 "second recommended" (low memory) profile: argon2id,
@@ -102,19 +110,26 @@ def check_hash(stored: str, password: str) -> bool:
         return False
 
 
-def _hash_executor() -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="argon2")
-    return _executor
+def _kdf_executor() -> ThreadPoolExecutor:
+    global _kdf_pool
+    if _kdf_pool is None:
+        _kdf_pool = ThreadPoolExecutor(KDF_THREADS, thread_name_prefix="argon2")
+    return _kdf_pool
 
 
 async def check_hash_async(stored: str, password: str) -> bool:
-    """check_hash on the argon2 threads."""
-    return await asyncio.get_running_loop().run_in_executor(_hash_executor(), check_hash, stored, password)
+    """check_hash on the KDF pool; KdfBusy when KDF_QUEUE checks already wait."""
+    global _kdf_pending
+    if _kdf_pending >= KDF_QUEUE + KDF_THREADS:
+        raise KdfBusy("too many password checks in progress")
+    _kdf_pending += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_kdf_executor(), check_hash, stored, password)
+    finally:
+        _kdf_pending -= 1
 
 
 async def run_hashing(fn: Callable[..., _T], *args: object) -> _T:
-    """fn(*args) on the argon2 threads: a call that hashes a new password (and then writes
-    it) without holding the loop for the ~0.1 s of argon2."""
-    return await asyncio.get_running_loop().run_in_executor(_hash_executor(), fn, *args)
+    """fn(*args) on the KDF pool: a call that hashes a new password (and then writes it)
+    without holding the loop for the ~0.1 s of argon2 (admin operations: not queue-limited)."""
+    return await asyncio.get_running_loop().run_in_executor(_kdf_executor(), fn, *args)
