@@ -78,8 +78,10 @@ def main() -> int:
                   .format(**{k: rep.get(k) for k in ("sent", "delivered", "lost", "duplicated", "corrupted")}))
             print(f"peak RSS: node 1 {hwm_mib(p1.pid):.1f} MiB, node 2 {hwm_mib(p2.pid):.1f} MiB (target <= 96)")
         finally:
-            for p, _ in nodes[:len(cfgs)]:
-                stop_relay(p)
+            logs = [stop_relay(p) for p, _ in nodes[:len(cfgs)]]
+            if rc:                                          # what the nodes said about it
+                print("\n".join(line for log in logs for line in log.splitlines()
+                                if " warning " in line or " error " in line)[-4000:])
     return rc
 
 

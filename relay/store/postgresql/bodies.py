@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 import psycopg
 
-# Rows of 256 KiB: bench/bench_pg_driver.py wrote 1 GiB as fast with 256 KiB rows as with
-# 1 MiB (docs/decisions.md), and a node's memory is a few chunks per delivery and per reader
-# plus libpq's buffers (each pooled connection keeps one chunk's worth): with 1 MiB rows a node
-# under bench/bench_pg_loadgen.py peaked at 165 MiB.
-BODY_CHUNK = 256 << 10
+# Rows of 1 MiB: `python3 bench/bench_pg.py` (1 GiB through a node, quiet machine) ingested at
+# 282 MB/s with 1 MiB rows, 258 with 512 KiB, 194 with 256 KiB (fetch ~300-314 MB/s for all),
+# node peak RSS 78.9 / 73.3 / 70.0 MiB. Per delivery a node holds at most WRITE_BUFFER, per
+# reader 1 + READ_AHEAD chunks, and each pooled connection keeps about one chunk in libpq.
+BODY_CHUNK = 1 << 20
 
 Conn = psycopg.AsyncConnection[Any]
 

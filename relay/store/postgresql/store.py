@@ -87,7 +87,7 @@ WRITE_BUFFER = 4 * BODY_CHUNK        # bytes a delivery buffers before write() a
                                      # wait: 4 chunks queued keep both writers busy, bound memory
 EXTEND_EVERY = EXTEND_STEP // 4      # a message streaming past its reservations extends them by what
                                      # it wrote past, this often (one round trip per MiB, as per chunk)
-READ_AHEAD = 2                       # chunks fetched ahead of a reader going forward (512 KiB per
+READ_AHEAD = 2                       # chunks fetched ahead of a reader going forward (2 MiB per
                                      # open body: the database works while the client is sent one)
 CHECK_IDLE_SECONDS = 1.0             # a pooled connection idle longer is pinged before use
 REFRESH_SECONDS = 1.0                # Ledger.snapshot()/statistics() figures: at most this old
