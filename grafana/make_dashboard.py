@@ -193,6 +193,33 @@ def build() -> dict[str, Any]:
          "{{protocol}}"),
     ], unit="s", w=24)
 
+    L.row("Store on PostgreSQL (nodes of a cluster; empty with the Maildir store)")
+    L.panel("Database connections per node", [
+        (f"relay_store_pool_connections{{{SEL}}}", "open {{instance}}"),
+        (f"relay_store_pool_idle_connections{{{SEL}}}", "idle {{instance}}"),
+        (f"relay_store_pool_max_connections{{{SEL}}}", "limit {{instance}}"),
+        (f"relay_store_pool_waiting_requests{{{SEL}}}", "waiting {{instance}}"),
+    ])
+    L.panel("Pool requests per second", [
+        (f"rate(relay_store_pool_requests_total{{{SEL}}}{r5})", "requests {{instance}}"),
+        (f"rate(relay_store_pool_request_errors_total{{{SEL}}}{r5})", "no connection in time {{instance}}"),
+    ])
+    L.panel("Database trouble per second", [
+        (f"rate(relay_store_unavailable_total{{{SEL}}}{r5})", "answered unavailable {{instance}}"),
+        (f"rate(relay_store_connection_errors_total{{{SEL}}}{r5})", "connect failed {{instance}}"),
+        (f"rate(relay_store_connections_lost_total{{{SEL}}}{r5})", "connection lost {{instance}}"),
+        (f"rate(relay_store_connections_total{{{SEL}}}{r5})", "connections made {{instance}}"),
+    ])
+    L.panel("Change feed", [
+        (f"relay_store_change_feed_connected{{{SEL}}}", "listening {{instance}}"),
+        (f"increase(relay_store_change_feed_reconnects_total{{{SEL}}}[1h])", "reconnects/h {{instance}}"),
+        (f"rate(relay_store_change_feed_received_total{{{SEL}}}{r5})", "changes from other nodes/s {{instance}}"),
+    ])
+    L.panel("Dead nodes cleaned up after", [
+        (f"increase(relay_store_swept_nodes_total{{{SEL}}}[1h])", "nodes/h {{instance}}"),
+        (f"increase(relay_store_swept_bodies_total{{{SEL}}}[1h])", "bodies/h {{instance}}"),
+    ], w=16)
+
     L.row("Host and disk")
     L.panel("Data disk", [
         (f"relay_disk_free_bytes{{{SEL}}}", "free {{instance}}"),

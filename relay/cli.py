@@ -2,6 +2,7 @@
 
     relay.server.cli     serve, status
     relay.store.cli      user ..., quota ...
+    relay.store.postgresql.cli  store migrate ...
     relay.directory.cli  participant ..., directory ...
     relay.gateway.cli    gateway ...
 
@@ -20,7 +21,8 @@ from typing import Any
 from relay import __version__
 from relay.config import ConfigError, parse_hostport, parse_size
 
-AREAS = ("relay.server.cli", "relay.store.cli", "relay.directory.cli", "relay.gateway.cli")
+AREAS = ("relay.server.cli", "relay.store.cli", "relay.store.postgresql.cli", "relay.directory.cli",
+         "relay.gateway.cli")
 
 
 def size_type(value: str) -> int:

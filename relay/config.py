@@ -200,6 +200,13 @@ class DirectoryConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    backend: str = "maildir"                  # "maildir" (embedded default) | "postgresql" (nodes share it)
+    dsn: str = ""                             # postgresql: a libpq connection string; several hosts
+                                              # with target_session_attrs=read-write find the primary
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path = Path("var/relay")
     hostname: str = "relay.example.org"
@@ -214,6 +221,7 @@ class Config:
     backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)
     log: LogConfig = field(default_factory=LogConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     source: Path | None = None                # the file this came from, if any
 
     @property
@@ -236,7 +244,8 @@ _LISTEN_LISTS = {("smtp", "listen"), ("imap", "listen"), ("imap", "listen_tls"),
 _LISTEN_ONE = {("metrics", "listen"),
                ("directory", "http_listen")}   # directory: checked like metrics.listen
 _CHOICES = {("auth", "plaintext"): ("loopback", "never", "always"),
-            ("log", "format"): ("text", "json")}
+            ("log", "format"): ("text", "json"),
+            ("store", "backend"): ("maildir", "postgresql")}
 
 
 def _convert(section: str, key: str, value: Any, default: Any, base: Path) -> Any:
@@ -299,6 +308,7 @@ _SECTIONS: dict[str, type] = {
     "smtp": SmtpConfig, "imap": ImapConfig, "pop3": Pop3Config, "metrics": MetricsConfig,
     "tls": TlsConfig, "auth": AuthConfig, "quota": QuotaConfig,
     "backpressure": BackpressureConfig, "log": LogConfig, "directory": DirectoryConfig,
+    "store": StoreConfig,
 }
 
 
@@ -330,6 +340,9 @@ def from_dict(raw: dict[str, Any], base: Path = Path(".")) -> Config:
             raise ConfigError(f"{section}.stress_threshold: a share of max_sessions, 0..1 (0 = no stress mode)")
     if cfg.backpressure.pace_factor <= 0:
         raise ConfigError("backpressure.pace_factor: must be > 0")
+    if cfg.store.backend == "postgresql" and not cfg.store.dsn:
+        raise ConfigError('[store]: backend = "postgresql" needs dsn = "postgresql://USER@HOST1,HOST2/DB'
+                          '?target_session_attrs=read-write"')
     return cfg
 
 

@@ -141,6 +141,34 @@ SPECS: tuple[Spec, ...] = (
          "Unix time of the receiver's last IMAP/POP3 login (0 = never).", "store", _MB),
     Spec("relay_mailbox_drain_rate_bytes_per_second", "gauge",
          "Measured drain rate of the mailbox (EWMA) used for pacing.", "policy", _MB),
+    # store backend "postgresql" (relay/store/postgresql/store.py PgStats; docs/cluster.md)
+    Spec("relay_store_pool_connections", "gauge", "Database connections open in this node's pool.",
+         "store backend"),
+    Spec("relay_store_pool_idle_connections", "gauge", "Of those, idle.", "store backend"),
+    Spec("relay_store_pool_max_connections", "gauge", "The pool's size limit.", "store backend"),
+    Spec("relay_store_pool_waiting_requests", "gauge", "Requests waiting for a pooled connection.",
+         "store backend"),
+    Spec("relay_store_pool_requests", "counter", "Requests for a pooled connection.", "store backend"),
+    Spec("relay_store_pool_request_errors", "counter",
+         "Requests that got no connection in time.", "store backend"),
+    Spec("relay_store_connections", "counter", "Database connections made (reconnects included).",
+         "store backend"),
+    Spec("relay_store_connection_errors", "counter", "Failed attempts to connect to the database.",
+         "store backend"),
+    Spec("relay_store_connections_lost", "counter", "Pooled connections found broken.",
+         "store backend"),
+    Spec("relay_store_unavailable", "counter",
+         "Store operations answered 'unavailable' (4xx / NO [UNAVAILABLE]).", "store backend"),
+    Spec("relay_store_change_feed_connected", "gauge",
+         "1 while this node listens to the other nodes' changes.", "store backend"),
+    Spec("relay_store_change_feed_reconnects", "counter", "Change feed reconnections.",
+         "store backend"),
+    Spec("relay_store_change_feed_received", "counter", "Changes received from other nodes.",
+         "store backend"),
+    Spec("relay_store_swept_nodes", "counter", "Dead nodes this node cleaned up after.",
+         "store backend"),
+    Spec("relay_store_swept_bodies", "counter",
+         "Unsealed (dead node) or expunged message bodies this node removed.", "store backend"),
     # IMAP / POP3
     Spec("relay_messages_fetched", "counter", "Messages fetched completely, by protocol.",
          "imap, pop3", ("protocol",)),
@@ -198,6 +226,18 @@ FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "directory": (("relay_directory_serial", "serial"), ("relay_directory_requests", "requests"),
                   ("relay_directory_pushes", "pushes")),
 }
+# The store backend's own figures (Relay.store.backend_statistics(), when the backend has them).
+BACKEND_FIELDS = (
+    ("relay_store_pool_connections", "pool_connections"), ("relay_store_pool_idle_connections", "pool_idle"),
+    ("relay_store_pool_max_connections", "pool_max"), ("relay_store_pool_waiting_requests", "pool_waiting"),
+    ("relay_store_pool_requests", "pool_requests"), ("relay_store_pool_request_errors", "pool_request_errors"),
+    ("relay_store_connections", "connections_made"), ("relay_store_connection_errors", "connection_errors"),
+    ("relay_store_connections_lost", "connections_lost"), ("relay_store_unavailable", "unavailable_errors"),
+    ("relay_store_change_feed_connected", "change_feed_connected"),
+    ("relay_store_change_feed_reconnects", "change_feed_reconnects"),
+    ("relay_store_change_feed_received", "change_feed_received"),
+    ("relay_store_swept_nodes", "swept_nodes"), ("relay_store_swept_bodies", "swept_bodies"),
+)
 # IMAP and POP3 keep the same figures; they become one metric with a `protocol` label.
 FETCH_SOURCES = (("imap", "imap_stats"), ("pop3", "pop3"))
 FETCH_FIELDS = (("relay_messages_fetched", "messages_fetched"),
@@ -238,10 +278,10 @@ def reply_reason(cls: str, code: str) -> str:
     return _REASONS.get(rest, _SUBJECTS.get(subject, "other"))
 
 
-def _statistics(component: Any) -> Any:
+def _statistics(component: Any, method: str = "statistics") -> Any:
     """component.statistics(), or None when the component or its statistics do not exist
     (yet) or fail: a scrape must not fail because one component does."""
-    fn = getattr(component, "statistics", None)
+    fn = getattr(component, method, None)
     if fn is None:
         return None
     try:
@@ -324,6 +364,9 @@ class RelayCollector(Collector):
         for attr, fields in FIELDS.items():
             for name, fld in fields:
                 v[name] = _field(stats[attr], fld)
+        backend = _statistics(getattr(r, "store", None), "backend_statistics")
+        for name, fld in BACKEND_FIELDS:
+            v[name] = _field(backend, fld)
         for proto, attr in FETCH_SOURCES:
             for name, fld in FETCH_FIELDS:
                 _merge(v, name, proto, _field(stats[attr], fld))

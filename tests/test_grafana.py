@@ -23,7 +23,7 @@ from opsutil import (
 from relay.metrics import SPECS
 
 ROWS = ["Traffic", "Receivers and backlog", "Quotas", "Rejections and deferrals", "Latency",
-        "Host and disk"]
+        "Store on PostgreSQL (nodes of a cluster; empty with the Maildir store)", "Host and disk"]
 
 
 def test_dashboard_rows_and_panels() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 from relay.config import Config
 from relay.log import get_logger
 from relay.store.api import KdfBusy
-from relay.store.errors import StoreError
+from relay.store.errors import StoreError, StoreUnavailable
 
 log = get_logger("auth")
 
@@ -134,6 +134,8 @@ class LoginPenalty:
         except KdfBusy:                       # as above: not answered sooner than a penalty
             await self.sleep(self.maximum)
             return self._refuse(protocol, peer, user, sid, "kdf-busy")
+        except StoreUnavailable:              # the store's database is away: "try later", not a failure
+            return self._refuse(protocol, peer, user, sid, "store-unavailable")
         except StoreError as e:      # malformed address, account removed meanwhile: a failure
             log.info("login-error", protocol=protocol, sid=sid, error=type(e).__name__)
             ok = False

@@ -1,21 +1,22 @@
-"""`relay user ...` and `relay quota ...` (see relay/cli.py). Admin commands open the store
-directly; they work while the server runs (sqlite WAL + busy timeout)."""
+"""`relay user ...` and `relay quota ...` (see relay/cli.py). Admin commands act on the
+configured backend ([store] backend) through relay.store.api; they work while the server runs
+(Maildir: sqlite WAL + busy timeout; PostgreSQL: like any other node)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from relay import config as configmod
 from relay.cli import size_type
 from relay.config import format_size
-from relay.store.api import Usage
+from relay.store.api import MessageStore, NoSuchAccount, Usage
+from relay.store.backends import admin_store, never_fetched, recalc
 from relay.store.errors import StoreError
-from relay.store.maildir import admin
-from relay.store.maildir.core import Store
 
 
 def _count(value: str) -> int:
@@ -33,19 +34,21 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def _with_store(fn: Callable[[argparse.Namespace, Store], int]) -> Callable[[argparse.Namespace], int]:
+StoreCommand = Callable[[argparse.Namespace, MessageStore], Awaitable[int]]
+
+
+def _with_store(fn: StoreCommand) -> Callable[[argparse.Namespace], int]:
+    """Run fn on the configured backend ([store] backend), through relay.store.api."""
     def run(args: argparse.Namespace) -> int:
         cfg = configmod.load(args.config)
-        try:
-            store = Store.open(cfg)
-        except StoreError as e:
-            return _fail(str(e))
-        try:
-            return fn(args, store)
-        except StoreError as e:
-            return _fail(str(e))
-        finally:
-            store.close()
+
+        async def main() -> int:
+            try:
+                async with admin_store(cfg) as store:
+                    return await fn(args, store)
+            except StoreError as e:
+                return _fail(str(e))
+        return asyncio.run(main())
     return run
 
 
@@ -68,38 +71,45 @@ def _limits(u: Usage) -> tuple[str, str]:
             str(u.quota_messages) if u.quota_messages else "unlimited")
 
 
-def _quota_text(store: Store, address: str) -> tuple[str, str]:
-    return _limits(store.usage(address))
+async def _quota_text(store: MessageStore, address: str) -> tuple[str, str]:
+    return _limits(await store.ledger.usage(address))
 
 
-def _user_add(args: argparse.Namespace, store: Store) -> int:
+async def _require(store: MessageStore, address: str) -> str:
+    acct = await store.accounts.get(address)
+    if acct is None:
+        raise NoSuchAccount(f"{address}: no such account")
+    return acct.address
+
+
+async def _user_add(args: argparse.Namespace, store: MessageStore) -> int:
     password = _read_password(True) if args.password_stdin else None
-    acct = store.accounts.add(args.address, password, quota_bytes=args.quota_bytes,
-                              quota_messages=args.quota_messages)
-    qb, qm = _quota_text(store, acct.address)
+    acct = await store.accounts.add(args.address, password, quota_bytes=args.quota_bytes,
+                                    quota_messages=args.quota_messages)
+    qb, qm = await _quota_text(store, acct.address)
     note = "" if password else " (no password: receives mail, cannot log in; set one with `relay user passwd`)"
     print(f"added {acct.address} quota {qb}, {qm} messages{note}")
     return 0
 
 
-def _user_list(args: argparse.Namespace, store: Store) -> int:
-    for a in store.accounts.list():
-        u = store.usage(a.address)
+async def _user_list(args: argparse.Namespace, store: MessageStore) -> int:
+    for a in await store.accounts.list():
+        u = await store.ledger.usage(a.address)
         qb, qm = _limits(u)
         pw = "" if a.has_password else "  (no password)"
         print(f"{a.address}  {format_size(u.bytes)} / {qb}  {u.messages} / {qm} messages{pw}")
     return 0
 
 
-def _user_del(args: argparse.Namespace, store: Store) -> int:
-    store.accounts.delete(args.address)
+async def _user_del(args: argparse.Namespace, store: MessageStore) -> int:
+    await store.accounts.delete(args.address)
     print(f"deleted {args.address}")
     return 0
 
 
-def _user_passwd(args: argparse.Namespace, store: Store) -> int:
-    addr = store.accounts.require(args.address)
-    store.accounts.set_password(addr, _read_password(args.password_stdin))
+async def _user_passwd(args: argparse.Namespace, store: MessageStore) -> int:
+    addr = await _require(store, args.address)
+    await store.accounts.set_password(addr, _read_password(args.password_stdin))
     print(f"password changed for {addr}")
     return 0
 
@@ -119,42 +129,43 @@ def _percent(used: int, quota: int) -> str:
     return f" ({100 * used / quota:.0f}%)" if quota else ""
 
 
-def _user_show(args: argparse.Namespace, store: Store) -> int:
-    addr = store.accounts.require(args.address)
-    acct = store.accounts.get(addr)
+async def _user_show(args: argparse.Namespace, store: MessageStore) -> int:
+    addr = await _require(store, args.address)
+    acct = await store.accounts.get(addr)
     assert acct is not None
-    store.mailbox(addr).refresh()
-    u = store.usage(addr)
-    mb = store.statistics().mailboxes[addr]
-    unfetched = store.db.one("SELECT COUNT(*) FROM messages WHERE address=? AND first_fetch IS NULL", (addr,))
+    messages = await store.mailbox(addr).messages()      # a Maildir changed behind our back is read again
+    u = await store.ledger.usage(addr)
+    unfetched = await never_fetched(store, addr)
+    oldest = min((m.internaldate for m in messages), default=None)
+    mb = store.statistics().mailboxes.get(addr)
     qb, qm = _limits(u)
     print(f"address:   {addr}{'' if acct.has_password else '  (no password: cannot log in)'}")
     print(f"quota:     {qb}, {qm} messages"
           f"{'' if acct.quota_bytes is None and acct.quota_messages is None else '  (account override)'}")
     print(f"usage:     {format_size(u.bytes)}{_percent(u.bytes, u.quota_bytes)}, "
           f"{u.messages} messages{_percent(u.messages, u.quota_messages)}")
-    print(f"backlog:   {u.messages} messages waiting, {unfetched[0] if unfetched else 0} never fetched, "
-          f"oldest {_age(mb.oldest_age_seconds) if u.messages else '-'}")
-    last = f"{_age(time.time() - mb.last_poll)} ago" if mb.last_poll else "never"
+    print(f"backlog:   {u.messages} messages waiting, {unfetched} never fetched, "
+          f"oldest {_age(time.time() - oldest) if oldest is not None else '-'}")
+    last = f"{_age(time.time() - mb.last_poll)} ago" if mb is not None and mb.last_poll else "never"
     print(f"last poll: {last}")
     return 0
 
 
-def _user_quota(args: argparse.Namespace, store: Store) -> int:
+async def _user_quota(args: argparse.Namespace, store: MessageStore) -> int:
     if args.quota_bytes is None and args.quota_messages is None:
         return _fail("give --quota-bytes and/or --quota-messages")
-    acct = store.accounts.set_quota(args.address, args.quota_bytes, args.quota_messages)
-    qb, qm = _quota_text(store, acct.address)
+    acct = await store.accounts.set_quota(args.address, args.quota_bytes, args.quota_messages)
+    qb, qm = await _quota_text(store, acct.address)
     print(f"{acct.address} quota {qb}, {qm} messages")
     return 0
 
 
-def _quota_recalc(args: argparse.Namespace, store: Store) -> int:
-    changed = admin.recalc(store, args.address)
+async def _quota_recalc(args: argparse.Namespace, store: MessageStore) -> int:
+    changed = await recalc(store, args.address)
     for addr, old, new in changed:
         print(f"{addr}: {format_size(old[0])}, {old[1]} messages -> {format_size(new[0])}, {new[1]} messages")
     if not changed:
-        print("ledger matches the Maildirs")
+        print("ledger matches the stored messages")
     return 0
 
 
@@ -195,6 +206,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     quota = sub.add_parser("quota", help="the quota ledger")
     qs = quota.add_subparsers(dest="quota_command", metavar="ACTION", parser_class=type(quota))
     qs.required = True
-    p = qs.add_parser("recalc", help="rebuild index and ledger from the Maildirs (safe while the server runs)")
+    p = qs.add_parser("recalc", help="rebuild the ledger from the stored messages (Maildir: and the index from the Maildirs; safe while the server runs)")
     p.add_argument("address", nargs="?")
     p.set_defaults(func=_with_store(_quota_recalc))
