@@ -124,7 +124,10 @@ def test_failover_to_the_synchronous_standby_loses_nothing_acknowledged(
         await asyncio.to_thread(primary.kill)              # the primary's machine dies
         await asyncio.to_thread(standby.promote)           # by hand (Patroni would do this)
         await asyncio.wait_for(task, 120)
-        assert failures, "the failover should have been noticed"
+        # the node really went through the failover: attempts failed, or the store had to ask
+        # whether a commit happened, or at least its change feed reconnected to the new primary
+        st = store.pool_statistics()
+        assert failures or st["unavailable_errors"] or st["change_feed_reconnects"], "no failover seen"
         stored = await stored_messages(store, ADDRESS)
         assert set(acked) <= set(stored)
         for i in acked:

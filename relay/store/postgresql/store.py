@@ -96,6 +96,9 @@ NODE_STALE_SECONDS = 30.0            # a node silent this long is dead (15 misse
 ORPHAN_GRACE_SECONDS = 600.0         # an expunged body stays readable this long (FETCHes in progress)
 ORPHAN_SCAN_SECONDS = 300.0          # full scan for bodies no message references (a rare race)
 MESSAGES_CACHE = 1024                # mailboxes whose message list is kept between changes
+COMMIT_OUTCOME_SECONDS = 60.0        # a commit cut off by a lost connection: how long to keep asking
+                                     # whether it happened before replying 4xx (RFC 5321 4.5.3.2: the
+                                     # client waits 10 min for the reply to the final dot)
 RECONNECT_MAX_SECONDS = 5.0          # the change feed's reconnect backoff ceiling
 
 # Errors that mean "the database is not there (now)": 4xx, the node recovers by itself.
@@ -1019,6 +1022,40 @@ class PgStore:
         if body is None:
             raise StoreError("the message body was not written")
         now = time.time()
+        committing: list[bool] = []                # set once COMMIT is on its way
+        try:
+            await self._commit_tx(body, size, rcpts, res, now, committing)
+        except StoreUnavailable:
+            # The connection broke: before, during or after COMMIT (a failover). Replying 4xx
+            # when the commit did happen would make the client send the message again, so find
+            # out first: the body's rows exist exactly when the transaction committed.
+            if not committing or not await self._committed(body):
+                raise
+            log.warning("commit-outcome-recovered", body=body)
+            for r in res.values():
+                self._ledger._settled(r)
+        self._counts["stored"] += len(rcpts)
+        self._counts["stored_bytes"] += size * len(rcpts)
+        for addr in rcpts:
+            self._changes._dispatch(Change(addr, ChangeKind.NEW, size, 1))
+        return DeliveryReceipt(f"B{body:x}", size, tuple(rcpts))
+
+    async def _committed(self, body: int) -> bool:
+        """Did the delivery of `body` commit? Asked again until the database answers, for at
+        most COMMIT_OUTCOME_SECONDS; False when it never does (the caller then replies 4xx)."""
+        deadline = time.monotonic() + COMMIT_OUTCOME_SECONDS
+        while True:
+            try:
+                async with self._conn() as conn:
+                    cur = await conn.execute("SELECT 1 FROM messages WHERE body = %s LIMIT 1", (body,))
+                    return await cur.fetchone() is not None
+            except StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.2)
+
+    async def _commit_tx(self, body: int, size: int, rcpts: list[str],
+                         res: dict[str, PgReservation], now: float, committing: list[bool]) -> None:
         async with self._conn() as conn:
             async with conn.transaction():
                 if not await self.bodies.seal(conn, body, size):
@@ -1036,15 +1073,11 @@ class PgStore:
                     await conn.execute("SELECT pg_notify(%s, %s)",
                                        (CHANNEL, self._payload(addr, ChangeKind.NEW, size, 1)))
                 await conn.execute("DELETE FROM reservations WHERE id = ANY(%s)", ([r.id for r in res.values()],))
+                committing.append(True)                # leaving the block sends COMMIT
             for r in res.values():
                 self._ledger._settled(r)
             with contextlib.suppress(psycopg.Error):      # stored already: figures can wait
                 await self._refresh(rcpts, conn)
-        self._counts["stored"] += len(rcpts)
-        self._counts["stored_bytes"] += size * len(rcpts)
-        for addr in rcpts:
-            self._changes._dispatch(Change(addr, ChangeKind.NEW, size, 1))
-        return DeliveryReceipt(f"B{body:x}", size, tuple(rcpts))
 
     async def _drop_body(self, writers: list[asyncio.Task[None]], body: int | None) -> None:
         for w in writers:
