@@ -24,6 +24,8 @@ from relay.protocol import pop3 as P3
 from relay.protocol import smtp as S
 from relay.protocol.imap import Command, ImapParser, ImapSyntaxError, Reject
 
+from poison import nested_multipart, nested_rfc822
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "fuzz" / "corpus"
 
@@ -270,22 +272,6 @@ def test_pop3_numbers_are_ascii_with_bounded_digits(line: bytes, reply: str) -> 
 
 
 # --- MIME scanner ----------------------------------------------------------------------------
-
-def nested_rfc822(depth: int) -> bytes:
-    m = b"From: leaf@x.test\r\nSubject: leaf\r\n\r\nleaf\r\n"
-    for _ in range(depth):
-        m = b"From: (c) a@b.test\r\nContent-Type: message/rfc822\r\n\r\n" + m
-    return m
-
-
-def nested_multipart(depth: int) -> bytes:
-    m = b"leaf\r\n"
-    for i in range(depth):
-        b = b"b%d" % i
-        m = (b"Content-Type: multipart/mixed; boundary=" + b + b"\r\n\r\n--" + b + b"\r\n" + m
-             + b"\r\n--" + b + b"--\r\n")
-    return m
-
 
 def many_parts(n: int) -> bytes:
     return (b"Content-Type: multipart/mixed; boundary=z\r\n\r\n"

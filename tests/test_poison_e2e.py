@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from relay import mimetree
+
+from poison import nested_multipart, nested_rfc822
 from tests.test_imap_session import Raw
 
 pytestmark = pytest.mark.e2e
@@ -25,19 +27,11 @@ ALICE = "alice@example.test"
 
 
 def rfc822_chain(depth: int) -> bytes:
-    m = b"From: leaf@x.test\r\nSubject: leaf\r\n\r\nleaf\r\n"
-    for i in range(depth):
-        m = b"From: (c%d) a@b.test\r\nContent-Type: message/rfc822\r\n\r\n" % i + m
-    return m
+    return nested_rfc822(depth, numbered=True)
 
 
 def multipart_chain(depth: int) -> bytes:
-    m = b"leaf\r\n"
-    for i in range(depth):
-        b = b"b%d" % i
-        m = (b"Content-Type: multipart/mixed; boundary=" + b + b"\r\n\r\n--" + b + b"\r\n" + m
-             + b"\r\n--" + b + b"--\r\n")
-    return b"Subject: deep multipart\r\n" + m
+    return b"Subject: deep multipart\r\n" + nested_multipart(depth)
 
 
 POISON = {
